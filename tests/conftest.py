@@ -1,0 +1,72 @@
+"""Shared fixtures: offline guard, small generated image folders, tiny configs."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # never reach for GCS from a test
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Any attempt to download (keras.applications weights, datasets) fails loudly."""
+    import keras.src.utils.file_utils as fu
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"test tried to download: {args[:2]} {kwargs.get('origin', '')}")
+
+    # keras.applications calls it as file_utils.get_file, so patching the module attribute is enough
+    monkeypatch.setattr(fu, "get_file", refuse)
+    yield
+
+
+def write_image(path: Path, rng: np.random.Generator, size=(40, 48), mode="RGB", fmt=None,
+                base_color=None) -> Path:
+    """A small image whose colour depends on ``base_color`` (so classes are learnable)."""
+    h, w = size
+    base = np.array(base_color if base_color is not None else rng.integers(0, 256, 3), np.float32)
+    arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+CLASS_COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (220, 220, 40), (200, 40, 200)]
+
+
+def make_folder(root: Path, layout: str = "single", classes=("cat", "dog", "fox"), per_class=10,
+                seed: int = 0) -> Path:
+    """Write a tiny image folder in one of the reference layouts.
+
+    single: root/<class>/; inat: root/{train,val}/<class>/; sketch: root/{train_set,val_set,test_set}/<class>/
+    """
+    rng = np.random.default_rng(seed)
+    splits = {"single": [""], "inat": ["train", "val"], "sketch": ["train_set", "val_set", "test_set"]}[layout]
+    for split in splits:
+        n = per_class if split in ("", "train", "train_set") else max(2, per_class // 3)
+        for ci, cls in enumerate(classes):
+            for i in range(n):
+                write_image(root / split / cls / f"{i:03d}.png", rng, base_color=CLASS_COLORS[ci % 5])
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_folder(tmp_path / "data", "single")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides that make any config run in seconds on the CPU, offline."""
+    return [f"runs_dir={tmp_path / 'runs'}", "data.image_size=[32,32]", "data.batch_size=8",
+            "model.weights=null", "train.verbose=0", "data.augment.enabled=false"]
