@@ -1,0 +1,229 @@
+"""Models: a keras.applications backbone (or the 5-block CNN) + the backbone's own preprocessing
++ a configurable head, as one functional ``keras.Model`` that takes raw RGB in 0..255.
+
+    image (H, W, 3) float 0..255
+      -> preprocess (layer "preprocess": the backbone's own normalisation, in float32)
+      -> backbone   (nested model "backbone": pooled features)
+      -> head       (layers "head_*": Dropout / Dense / activation blocks)
+      -> probs      (float32 softmax, even under mixed precision)
+
+Model code uses keras.ops only, so it runs on the TensorFlow and the JAX backend.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import keras
+from keras import layers, ops
+
+from kfine.config import HeadConfig, ModelConfig, ScratchConfig
+
+
+class ModelError(ValueError):
+    """A model setting that cannot work; the message names it and the fix."""
+
+
+# ----------------------------------------------------------------------------- preprocessing
+_CAFFE_MEAN = (103.939, 116.779, 123.68)  # BGR means of keras.applications' "caffe" mode
+_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@keras.saving.register_keras_serializable(package="kfine")
+class Preprocess(layers.Layer):
+    """The backbone's ``preprocess_input`` as a layer, so the saved model takes raw 0..255 RGB.
+
+    modes (as in keras.applications.imagenet_utils): caffe = RGB->BGR minus the ImageNet mean
+    (ResNet, VGG); torch = /255 then ImageNet mean/std (DenseNet); tf = scale to -1..1
+    (MobileNetV2, ResNetV2, Xception, Inception); unit = /255 (the CNN from scratch);
+    none = identity (EfficientNet and ConvNeXt normalise inside the backbone).
+    """
+
+    def __init__(self, mode: str = "caffe", **kwargs):
+        kwargs.setdefault("dtype", "float32")   # normalisation in float32 under mixed precision
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "torch", "tf", "unit", "none"):
+            raise ModelError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        if self.mode == "caffe":
+            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN, "float32")
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_TORCH_MEAN, "float32")
+            std = ops.convert_to_tensor(_TORCH_STD, "float32")
+            return (x / 255.0 - mean) / std
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "unit":
+            return x / 255.0
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+# ----------------------------------------------------------------------------- backbones
+def _resnet_stage(name: str) -> str:
+    m = re.match(r"(conv[1-5]|pool1)_", name)
+    return ("conv1" if m.group(1) == "pool1" else m.group(1)) if m else "input"
+
+
+def _efficientnet_stage(name: str) -> str:
+    m = re.match(r"block(\d)", name)
+    if m:
+        return f"block{m.group(1)}"
+    return "top" if name.startswith("top") else "stem"
+
+
+def _mobilenetv2_stage(name: str) -> str:
+    m = re.match(r"block_(\d+)_", name)
+    if m:
+        return f"block{int(m.group(1))}"
+    if name.startswith("expanded_conv"):
+        return "block0"
+    return "top" if name.startswith(("Conv_1", "out_relu")) else "stem"
+
+
+def _scratch_stage(name: str) -> str:
+    m = re.match(r"(block\d)_", name)
+    return m.group(1) if m else "stem"
+
+
+def _application(fn_name: str, preprocess: str, stage_of):
+    """A BACKBONES entry for ``keras.applications.<fn_name>``."""
+    return {"app": fn_name, "preprocess": preprocess, "stage_of": stage_of}
+
+
+# name -> keras.applications constructor, its preprocessing mode, and how layer names map to stages
+BACKBONES = {
+    "resnet50": _application("ResNet50", "caffe", _resnet_stage),
+    "resnet101": _application("ResNet101", "caffe", _resnet_stage),
+    "resnet152": _application("ResNet152", "caffe", _resnet_stage),
+    "resnet50v2": _application("ResNet50V2", "tf", _resnet_stage),
+    "efficientnetb0": _application("EfficientNetB0", "none", _efficientnet_stage),
+    "efficientnetb1": _application("EfficientNetB1", "none", _efficientnet_stage),
+    "efficientnetb3": _application("EfficientNetB3", "none", _efficientnet_stage),
+    "mobilenetv2": _application("MobileNetV2", "tf", _mobilenetv2_stage),
+    "scratch_cnn": {"app": None, "preprocess": "unit", "stage_of": _scratch_stage},
+}
+
+# PyTorch's ResNet names for the same stages (the reference projects use them).
+STAGE_ALIASES = {"layer1": "conv2", "layer2": "conv3", "layer3": "conv4", "layer4": "conv5",
+                 "stem": "conv1", "fc": "head"}
+
+
+def stage_of(backbone_name: str, layer_name: str) -> str:
+    return BACKBONES[backbone_name]["stage_of"](layer_name)
+
+
+def build_scratch_cnn(cfg: ScratchConfig, input_shape) -> keras.Model:
+    """The iNaturalist project's CNN: 5 x (conv -> [BN] -> activation -> maxpool), flattened."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    if len(cfg.filters) < 1:
+        raise ModelError("model.scratch.filters: give at least one filter count, e.g. [32, 64, 128, 128, 256]")
+    for i, f in enumerate(cfg.filters, start=1):
+        x = layers.Conv2D(f, cfg.kernel_size, padding="same", name=f"block{i}_conv")(x)
+        if cfg.batchnorm:
+            x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.Activation(cfg.activation, name=f"block{i}_act")(x)
+        if min(x.shape[1], x.shape[2]) >= 2:
+            x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    return keras.Model(inputs, x, name="backbone")
+
+
+def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Model:
+    entry = BACKBONES[cfg.backbone]
+    ctor = getattr(keras.applications, entry["app"])
+    kwargs = dict(include_top=False, input_shape=input_shape, pooling=pooling)
+    weights = cfg.weights
+    if weights in (None, "none", "null", "random"):
+        return ctor(weights=None, **kwargs)
+    if weights == "imagenet":
+        try:
+            return ctor(weights="imagenet", **kwargs)
+        except Exception as e:  # offline, proxy, corrupt cache: keras raises plain Exception
+            where = f"~/.keras/models/ (the file keras.applications.{entry['app']} downloads)"
+            if cfg.weights_fallback == "random":
+                print(f"kfine: ImageNet weights for {cfg.backbone} could not be downloaded "
+                      f"({str(e).splitlines()[0][:120]}); continuing from random initialisation "
+                      f"(weights_fallback: random).", flush=True)
+                return ctor(weights=None, **kwargs)
+            raise ModelError(
+                f"could not download ImageNet weights for {cfg.backbone}: {str(e).splitlines()[0][:200]}. "
+                f"Put the weights file in {where}, or set model.weights to a local "
+                f".weights.h5 / .h5 file, or set model.weights_fallback: random") from e
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(f"model.weights: {path} does not exist. Give a local weights file "
+                         f"(.weights.h5 saved from this backbone, or the keras.applications "
+                         f"'notop' .h5), 'imagenet' or null")
+    model = ctor(weights=None, **kwargs)
+    try:
+        model.load_weights(str(path))
+    except Exception as e:
+        raise ModelError(f"model.weights: {path} does not fit backbone {cfg.backbone} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    return model
+
+
+def build_backbone(cfg: ModelConfig, input_shape) -> keras.Model:
+    if cfg.backbone not in BACKBONES:
+        raise ModelError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
+    if cfg.backbone == "scratch_cnn":
+        return build_scratch_cnn(cfg.scratch, input_shape)
+    backbone = _build_application(cfg, input_shape, cfg.head.pooling)
+    backbone.name = "backbone"
+    return backbone
+
+
+# ----------------------------------------------------------------------------- heads
+def _linear_head(x, cfg: HeadConfig, num_classes: int):
+    if cfg.dropout > 0:
+        x = layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    return layers.Dense(num_classes, name="head_logits")(x)
+
+
+def _mlp_head(x, cfg: HeadConfig, num_classes: int):
+    for i, units in enumerate(cfg.units):
+        x = layers.Dense(units, name=f"head_dense{i}")(x)
+        x = layers.Activation(cfg.activation, name=f"head_act{i}")(x)
+        if cfg.dropout > 0:
+            x = layers.Dropout(cfg.dropout, name=f"head_dropout{i}")(x)
+    return layers.Dense(num_classes, name="head_logits")(x)
+
+
+HEADS = {"linear": _linear_head, "mlp": _mlp_head}
+
+
+def build_model(cfg: ModelConfig, num_classes: int, image_size=(224, 224)) -> keras.Model:
+    """The full classifier: raw 0..255 RGB in, class probabilities (float32) out."""
+    if num_classes < 2:
+        raise ModelError(f"need at least 2 classes, got {num_classes}")
+    if cfg.head.type not in HEADS:
+        raise ModelError(f"unknown head {cfg.head.type!r}; choose one of {sorted(HEADS)}")
+    input_shape = (int(image_size[0]), int(image_size[1]), 3)
+    backbone = build_backbone(cfg, input_shape)
+    inputs = keras.Input(input_shape, name="image")
+    x = Preprocess(BACKBONES[cfg.backbone]["preprocess"], name="preprocess")(inputs)
+    x = backbone(x)
+    if cfg.backbone == "scratch_cnn":   # the reference CNN: dense -> dropout -> classes
+        s = cfg.scratch
+        head_cfg = HeadConfig(type="mlp", units=(s.dense_units,), activation=s.activation, dropout=s.dropout)
+    else:
+        head_cfg = cfg.head
+    logits = HEADS[head_cfg.type](x, head_cfg, num_classes)
+    probs = layers.Activation("softmax", dtype="float32", name="probs")(logits)
+    return keras.Model(inputs, probs, name=f"kfine_{cfg.backbone}")
+
+
+def get_backbone(model: keras.Model) -> keras.Model:
+    return model.get_layer("backbone")
+
+
+def head_layers(model: keras.Model) -> list:
+    """Every layer that is not the backbone or the preprocessing: the new, task-specific part."""
+    return [l for l in model.layers if l.name.startswith("head_")]
