@@ -12,6 +12,7 @@ Model code uses keras.ops only, so it runs on the TensorFlow and the JAX backend
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import keras
@@ -163,7 +164,9 @@ def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Mod
                          f"'notop' .h5), 'imagenet' or null")
     model = ctor(weights=None, **kwargs)
     try:
-        model.load_weights(str(path))
+        with warnings.catch_warnings():   # Keras only warns when it skips layers: a partial load is an error
+            warnings.simplefilter("error", UserWarning)
+            model.load_weights(str(path))
     except Exception as e:
         raise ModelError(f"model.weights: {path} does not fit backbone {cfg.backbone} "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e

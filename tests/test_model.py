@@ -1,0 +1,89 @@
+"""Models: preprocessing inside, heads, backbones by name, weights from a local file."""
+import numpy as np
+import pytest
+
+import keras
+
+from kfine.config import HeadConfig, ModelConfig, ScratchConfig
+from kfine.model import BACKBONES, ModelError, build_model, get_backbone
+
+
+def test_preprocessing_inside_matches_keras_preprocess_input():
+    model = build_model(ModelConfig(weights=None), 3, (32, 32))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    inside = model.get_layer("preprocess")(x)
+    ref = keras.applications.resnet50.preprocess_input(x.copy())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(inside), ref, atol=1e-4)
+    probs = model.predict(x, verbose=0)
+    assert probs.dtype == np.float32 and probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mlp_head_like_vlg50():
+    cfg = ModelConfig(weights=None, head=HeadConfig(type="mlp", units=(512,), activation="relu", dropout=0.5))
+    model = build_model(cfg, 50, (32, 32))
+    assert model.get_layer("head_dense0").units == 512
+    assert model.get_layer("head_dropout0").rate == 0.5
+    assert model.get_layer("head_logits").units == 50
+
+
+@pytest.mark.parametrize("name", ["resnet101", "efficientnetb0", "mobilenetv2"])
+def test_other_backbones_build(name):
+    model = build_model(ModelConfig(backbone=name, weights=None), 4, (32, 32))
+    assert model.output_shape == (None, 4)
+
+
+def test_scratch_cnn_is_configurable():
+    cfg = ModelConfig(backbone="scratch_cnn", weights=None,
+                      scratch=ScratchConfig(filters=(8, 8, 16, 16, 32), kernel_size=5, activation="gelu",
+                                            batchnorm=True, dense_units=64, dropout=0.3))
+    model = build_model(cfg, 10, (32, 32))
+    bb = get_backbone(model)
+    convs = [l for l in bb.layers if isinstance(l, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [8, 8, 16, 16, 32] and convs[0].kernel_size == (5, 5)
+    assert sum(isinstance(l, keras.layers.BatchNormalization) for l in bb.layers) == 5
+    assert sum(isinstance(l, keras.layers.MaxPooling2D) for l in bb.layers) == 5
+    assert bb.get_layer("block1_act").activation.__name__ == "gelu"
+    assert model.get_layer("head_dense0").units == 64 and model.get_layer("head_dropout0").rate == 0.3
+
+
+def test_weights_from_local_file(tmp_path):
+    keras.utils.set_random_seed(1)
+    src = build_model(ModelConfig(weights=None), 3, (32, 32))
+    path = tmp_path / "resnet50.weights.h5"
+    get_backbone(src).save_weights(path)
+    keras.utils.set_random_seed(2)
+    loaded = build_model(ModelConfig(weights=str(path)), 3, (32, 32))
+    a = get_backbone(src).get_layer("conv3_block2_2_conv").kernel.numpy()
+    b = get_backbone(loaded).get_layer("conv3_block2_2_conv").kernel.numpy()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    other = build_model(ModelConfig(backbone="mobilenetv2", weights=None), 3, (32, 32))
+    path = tmp_path / "mobilenet.weights.h5"
+    get_backbone(other).save_weights(path)
+    with pytest.raises(ModelError, match="does not fit backbone resnet50"):
+        build_model(ModelConfig(weights=str(path)), 3, (32, 32))
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model(ModelConfig(weights=str(tmp_path / "missing.weights.h5")), 3, (32, 32))
+
+
+def test_imagenet_offline(capsys):
+    """Downloads are blocked in tests (conftest): without a fallback the error says where to put
+    the file; with weights_fallback: random it says so in one line and goes on."""
+    with pytest.raises(ModelError) as e:
+        build_model(ModelConfig(weights="imagenet"), 3, (32, 32))
+    assert "~/.keras/models/" in str(e.value) and "model.weights" in str(e.value)
+    model = build_model(ModelConfig(weights="imagenet", weights_fallback="random"), 3, (32, 32))
+    out = capsys.readouterr().out
+    assert "random initialisation" in out and len(out.strip().splitlines()) == 1
+    assert model.output_shape == (None, 3)
+
+
+def test_unknown_backbone_and_head():
+    with pytest.raises(ModelError, match="resnet50"):
+        build_model(ModelConfig(backbone="resnet9000", weights=None), 3, (32, 32))
+    with pytest.raises(ModelError, match="linear"):
+        build_model(ModelConfig(weights=None, head=HeadConfig(type="transformer")), 3, (32, 32))
+    assert "resnet50" in BACKBONES and "scratch_cnn" in BACKBONES
