@@ -98,7 +98,8 @@ def _fmt(v) -> str:
 
 
 # ----------------------------------------------------------------------------- callbacks
-def make_callbacks(cfg: Config, run_dir: Path, history: list[dict], phase: int, schedule):
+def make_callbacks(cfg: Config, run_dir: Path, history: list[dict], phase: int, schedule,
+                   keep_checkpoints: bool = True):
     """The per-epoch bookkeeping: history.csv, backups for resume, checkpoints, logs."""
     import keras
     import numpy as np
@@ -117,8 +118,9 @@ def make_callbacks(cfg: Config, run_dir: Path, history: list[dict], phase: int, 
             row = {"epoch": epoch, "phase": phase, "lr": lr, **{k: float(v) for k, v in logs.items()}}
             history[:] = [r for r in history if r["epoch"] < epoch] + [row]
             write_history(run_dir / "history.csv", history)
-            save_checkpoints(cfg, run_dir, self.model, epoch, history)
-            save_backup(run_dir, self.model, epoch + 1)
+            if keep_checkpoints:
+                save_checkpoints(cfg, run_dir, self.model, epoch, history)
+                save_backup(run_dir, self.model, epoch + 1)
 
     class NaNGuard(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -262,9 +264,13 @@ def class_weights(cfg: Config, counts: dict, class_names: list[str]):
 
 
 def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0,
-               history: list[dict] | None = None, optimizer=None, schedule=None) -> list[dict]:
+               history: list[dict] | None = None, optimizer=None, schedule=None,
+               callbacks=(), keep_checkpoints: bool = True) -> list[dict]:
     """Run every phase from ``start_epoch`` on: apply the freeze spec, log the trainable summary,
-    compile (Keras reads ``trainable`` only at compile), fit the phase's epochs."""
+    compile (Keras reads ``trainable`` only at compile), fit the phase's epochs.
+
+    ``callbacks`` are added to every phase's fit (the tuner's); ``keep_checkpoints=False`` skips
+    checkpoints and resume backups (a tuner trial is resumed by the tuner, not by epoch)."""
     import keras
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
 
@@ -287,15 +293,15 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
             {"index": i, "start_epoch": first, "end_epoch": end, "freeze": to_dict(phase.freeze), "summary": rows}]
         write_json(run_dir / "phases.json", phases_log)
         compile_model(model, optimizer, cfg, num_classes)
-        callbacks = make_callbacks(cfg, run_dir, history, i, schedule)
+        phase_callbacks = make_callbacks(cfg, run_dir, history, i, schedule, keep_checkpoints) + list(callbacks)
         if cfg.train.early_stopping.patience:
             early = early or keras.callbacks.EarlyStopping(
                 monitor=cfg.train.early_stopping.monitor, patience=cfg.train.early_stopping.patience,
                 min_delta=cfg.train.early_stopping.min_delta, restore_best_weights=False)
-            callbacks.append(early)
+            phase_callbacks.append(early)
         model.fit(train_ds, validation_data=datasets.val, initial_epoch=first, epochs=end,
                   steps_per_epoch=cfg.train.steps_per_epoch, class_weight=cw,
-                  callbacks=callbacks, verbose=cfg.train.verbose)
+                  callbacks=phase_callbacks, verbose=cfg.train.verbose)
         if early is not None and early.stopped_epoch > 0:
             print(f"kfine: early stopping at epoch {early.stopped_epoch} "
                   f"({cfg.train.early_stopping.monitor} stopped improving)", flush=True)
@@ -322,11 +328,21 @@ def setup_backend(cfg: Config) -> None:
     keras.mixed_precision.set_global_policy(cfg.train.precision)
 
 
+def build_training(cfg: Config, datasets):
+    """Model, optimizer (built over every variable any phase trains) and LR schedule."""
+    from kfine.model import build_model
+    from kfine.optim import build_optimizer, make_schedule, variable_multipliers
+    model = build_model(cfg.model, len(datasets.class_names), cfg.data.image_size)
+    schedule = make_schedule(cfg.train.schedule, steps_per_epoch(cfg, datasets), cfg.train.epochs)
+    variables = trainable_union(model, cfg.model.backbone, cfg)
+    mults = variable_multipliers(model, cfg.model.backbone, cfg.train.lr_multipliers, variables)
+    optimizer = build_optimizer(cfg.train.optimizer, schedule, variables, mults)
+    return model, optimizer, schedule
+
+
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory."""
     from kfine import data as kdata
-    from kfine.model import build_model
-    from kfine.optim import build_optimizer, make_schedule, variable_multipliers
 
     spans = phase_spans(cfg)   # check the phase list before spending time on data
     if resume is not None:
@@ -349,12 +365,8 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
         print(f"kfine: skipped {len(datasets.skipped)} unreadable images "
               f"(listed in {run_dir / 'skipped_files.txt'})", flush=True)
 
-    model_cfg = cfg.model if resume is None else replace(cfg, ["model.weights=null"]).model
-    model = build_model(model_cfg, len(datasets.class_names), cfg.data.image_size)
-    schedule = make_schedule(cfg.train.schedule, steps_per_epoch(cfg, datasets), cfg.train.epochs)
-    variables = trainable_union(model, cfg.model.backbone, cfg)
-    mults = variable_multipliers(model, cfg.model.backbone, cfg.train.lr_multipliers, variables)
-    optimizer = build_optimizer(cfg.train.optimizer, schedule, variables, mults)
+    # on resume the weights come from the backup: no download
+    model, optimizer, schedule = build_training(replace(cfg, ["model.weights=null"]) if resume else cfg, datasets)
 
     start_epoch, history = 0, []
     if resume is not None:
