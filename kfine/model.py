@@ -11,6 +11,7 @@ Model code uses keras.ops only, so it runs on the TensorFlow and the JAX backend
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -145,6 +146,8 @@ def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Mod
         return ctor(weights=None, **kwargs)
     if weights == "imagenet":
         try:
+            if os.environ.get("KFINE_OFFLINE"):   # air-gapped machines: do not even try
+                raise RuntimeError("KFINE_OFFLINE is set")
             return ctor(weights="imagenet", **kwargs)
         except Exception as e:  # offline, proxy, corrupt cache: keras raises plain Exception
             where = f"~/.keras/models/ (the file keras.applications.{entry['app']} downloads)"

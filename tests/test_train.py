@@ -1,0 +1,189 @@
+"""kfine.train end to end: phases, the freezing claims on the trained model, checkpoints,
+resume after SIGKILL, precision, NaN, the CLI and the demo."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_folder
+from kfine.config import ConfigError, load_config
+from kfine.rundir import read_json
+from kfine.train import TrainingError, class_weights, read_history, run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(tmp_path, *extra, layout="single"):
+    root = make_folder(tmp_path / "data", layout, per_class=8)
+    return [f"runs_dir={tmp_path / 'runs'}", f"data.root={root}", f"data.layout={layout}",
+            "data.image_size=[32,32]", "data.batch_size=8", "model.weights=null", "train.verbose=0",
+            "data.augment.enabled=false", "export.enabled=false", "name=t", *extra]
+
+
+def kernel(model, layer):
+    return np.array(model.get_layer("backbone").get_layer(layer).weights[0].numpy())
+
+
+def test_two_phases_switch_at_the_right_epoch_and_freeze_what_they_say(tmp_path):
+    import keras
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=3", "train.checkpoint.every_epochs=2",
+                                 "train.schedule.name=cosine", "train.schedule.learning_rate=0.01",
+                                 "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
+                                 " {start_epoch: 2, freeze: {strategy: stages, trainable_from: conv5}}]"))
+    result = run(cfg)
+    rd = result.run_dir
+    for f in ("config.yaml", "class_names.json", "history.csv", "phases.json", "model.keras",
+              "checkpoints/epoch_0001.keras", "checkpoints/best.keras", "backup/state.json", "data_check.json"):
+        assert (rd / f).exists(), f
+    hist = read_history(rd / "history.csv")
+    assert [r["epoch"] for r in hist] == [0, 1, 2] and [r["phase"] for r in hist] == [0, 0, 1]
+    phases = read_json(rd / "phases.json")
+    assert [(p["start_epoch"], p["end_epoch"]) for p in phases] == [(0, 2), (2, 3)]
+    conv5 = {r["stage"]: r for r in phases[1]["summary"]}
+    assert conv5["conv4"]["trainable"] == 0 and conv5["conv5"]["frozen"] == 0
+    assert read_json(rd / "class_names.json") == ["cat", "dog", "fox"]
+    # the freezing claims, on the trained models themselves: after phase 0 (epoch_0001) vs the end
+    after0 = keras.saving.load_model(rd / "checkpoints" / "epoch_0001.keras")
+    final = result.model
+    for layer in ("conv1_conv", "conv3_block2_2_conv", "conv4_block6_3_conv", "conv4_block6_3_bn"):
+        np.testing.assert_array_equal(kernel(after0, layer), kernel(final, layer))
+    bn = "conv4_block6_3_bn"
+    np.testing.assert_array_equal(after0.get_layer("backbone").get_layer(bn).moving_mean.numpy(),
+                                  final.get_layer("backbone").get_layer(bn).moving_mean.numpy())
+    assert not np.array_equal(kernel(after0, "conv5_block3_3_conv"), kernel(final, "conv5_block3_3_conv"))
+    # one optimizer across phases: its step counter ran on
+    steps = 3   # 24 train images after the 70/20/10 split -> 17 or so -> 3 batches of 8
+    assert int(final.optimizer.iterations.numpy()) == pytest.approx(len(hist) * steps, abs=len(hist))
+    lrs = [r["lr"] for r in hist]
+    assert lrs[0] > lrs[1] > lrs[2] >= 0      # cosine runs on across the phase change
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=1", "model.backbone=scratch_cnn",
+                                 "model.scratch.filters=[4,4,8,8,8]"))
+    first = run(cfg).run_dir
+    second = run(cfg).run_dir
+    assert first.name == "t" and second.name == "t-2" and (first / "model.keras").exists()
+
+
+def test_checkpoints_at_the_configured_epochs(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=5", "model.backbone=scratch_cnn",
+                                 "model.scratch.filters=[4,4,8,8,8]", "train.checkpoint.every_epochs=2",
+                                 "train.checkpoint.keep=1", "train.checkpoint.monitor=val_loss"))
+    rd = run(cfg).run_dir
+    names = sorted(p.name for p in (rd / "checkpoints").glob("epoch_*.keras"))
+    assert names == ["epoch_0003.keras"]          # epochs 1 and 3 written, keep=1
+    best = read_json(rd / "checkpoints" / "best.json")
+    hist = read_history(rd / "history.csv")
+    assert best["val_loss"] == pytest.approx(min(r["val_loss"] for r in hist))
+    assert not list(rd.rglob("*.tmp*"))           # atomic writes leave no temporaries
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    import keras
+    try:
+        cfg = load_config(None, tiny(tmp_path, "train.epochs=1", f"train.precision={precision}",
+                                     "model.backbone=scratch_cnn", "model.scratch.filters=[4,4,8,8,8]"))
+        result = run(cfg)
+        hist = read_history(result.run_dir / "history.csv")
+        assert np.isfinite(hist[0]["loss"])
+        assert result.model.get_layer("head_logits").compute_dtype == precision.split("_")[1]
+        assert result.model.output.dtype == "float32"      # logits/probabilities and loss in float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=2", "model.backbone=scratch_cnn",
+                                 "train.optimizer.name=sgd", "train.schedule.learning_rate=1e30"))
+    with pytest.raises(TrainingError, match="NaN"):
+        run(cfg)
+
+
+def test_bad_phase_lists(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=2",
+                                 "train.phases=[{start_epoch: 0}, {start_epoch: 5}]"))
+    with pytest.raises(ConfigError, match="train.epochs is 2"):
+        run(cfg)
+
+
+def test_class_weights_balanced():
+    cfg = load_config(None, ["train.class_weight=balanced"])
+    w = class_weights(cfg, {"train": {"a": 30, "b": 10}}, ["a", "b"])
+    assert w[0] == pytest.approx(40 / 60) and w[1] == pytest.approx(40 / 20)
+
+
+def _cli(args, env=None, **kw):
+    e = {**os.environ, "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kfine.train", *args], capture_output=True, text=True,
+                          env=e, cwd=REPO, **kw)
+
+
+def test_cli_end_to_end(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {backbone: scratch_cnn, scratch: {filters: [4, 4, 8, 8, 8]}}\n")
+    p = _cli(["--config", str(cfg_file), *tiny(tmp_path, "train.epochs=2")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    rd = tmp_path / "runs" / "t"
+    assert str(rd) in p.stdout
+    assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
+    assert load_config(rd / "config.yaml").train.epochs == 2
+    bad = _cli(["--config", str(cfg_file), "train.epoch=2"])
+    assert bad.returncode == 2 and "unknown key train.epoch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    """Kill a run with SIGKILL mid-training; --resume finishes it with every epoch once."""
+    args = tiny(tmp_path, "train.epochs=6", "train.schedule.name=cosine",
+                "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
+                " {start_epoch: 3, freeze: {strategy: stages, trainable_from: conv5}}]",
+                "data.augment.enabled=true")
+    env = {**os.environ, "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "kfine.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "runs" / "t" / "backup" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and read_json(state)["next_epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rd = tmp_path / "runs" / "t"
+    killed_at = read_json(state)["next_epoch"]
+    assert 2 <= killed_at < 6 and not (rd / "model.keras").exists()
+    p = _cli(["--resume", str(rd)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"resuming at epoch {killed_at}" in p.stdout
+    hist = read_history(rd / "history.csv")
+    assert [r["epoch"] for r in hist] == list(range(6))
+    assert [r["phase"] for r in hist] == [0, 0, 0, 1, 1, 1]
+    # the schedule position survived: lr per epoch follows one cosine over all 6 epochs
+    from kfine.optim import EpochSchedule
+    steps = read_json(rd / "backup" / "state.json")  # noqa: F841 (exists after the resumed run)
+    cfg = load_config(rd / "config.yaml")
+    n_train = sum(read_json(rd / "data_check.json")["counts"]["train"].values())
+    spe = -(-n_train // cfg.data.batch_size)
+    sched = EpochSchedule("cosine", cfg.train.schedule.learning_rate, spe, 6)
+    for r in hist:
+        assert r["lr"] == pytest.approx(float(sched((r["epoch"] + 1) * spe - 1)), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_demo_without_arguments(tmp_path):
+    """`python -m kfine.train` with no config: the demo, with fewer epochs and steps."""
+    p = _cli([f"runs_dir={tmp_path / 'runs'}", "train.epochs=3", "train.steps_per_epoch=3",
+              "export.enabled=false"], env={"KFINE_CACHE": str(tmp_path / "cache")}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "random initialisation" in p.stdout
+    rd = tmp_path / "runs" / "demo"
+    hist = read_history(rd / "history.csv")
+    assert [r["phase"] for r in hist] == [0, 0, 1]
+    assert len(read_json(rd / "class_names.json")) == 10
