@@ -279,7 +279,9 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
     num_classes = len(datasets.class_names)
     phases_log = read_json(run_dir / "phases.json") if (run_dir / "phases.json").exists() else []
     cw = class_weights(cfg, datasets.counts, datasets.class_names)
-    train_ds = datasets.train.repeat() if cfg.train.steps_per_epoch else datasets.train
+    # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
+    # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
+    train_ds, steps = datasets.train.repeat(), steps_per_epoch(cfg, datasets)
     early = None
     for i, (phase, (first, end)) in enumerate(zip(cfg.train.phases, spans)):
         if end <= start_epoch:
@@ -300,7 +302,7 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
                 min_delta=cfg.train.early_stopping.min_delta, restore_best_weights=False)
             phase_callbacks.append(early)
         model.fit(train_ds, validation_data=datasets.val, initial_epoch=first, epochs=end,
-                  steps_per_epoch=cfg.train.steps_per_epoch, class_weight=cw,
+                  steps_per_epoch=steps, class_weight=cw,
                   callbacks=phase_callbacks, verbose=cfg.train.verbose)
         if early is not None and early.stopped_epoch > 0:
             print(f"kfine: early stopping at epoch {early.stopped_epoch} "
