@@ -1,0 +1,190 @@
+"""Plots of a run, written as PNG files into run_dir/plots/.
+
+Every ``plot_*`` function builds a matplotlib Figure (no pyplot global state, Agg backend),
+writes it atomically (render into memory, then ``atomic_write_bytes``) and returns its path.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from kfine.rundir import atomic_write_bytes  # noqa: E402
+
+RIGHT, WRONG = "#1a7f37", "#cf222e"    # green / red
+
+
+def save_figure(fig: Figure, out_path, dpi: int = 100) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(out_path, buf.getvalue())
+    return Path(out_path)
+
+
+# ----------------------------------------------------------------------------- training curves
+def read_history_csv(path) -> list[dict]:
+    """history.csv -> list of {column: float}; empty or unparsable cells are left out."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                try:
+                    row[k] = float(v)
+                except (TypeError, ValueError):
+                    pass
+            if "epoch" in row:
+                rows.append(row)
+    return rows
+
+
+def phase_label(phase: dict) -> str:
+    """'phase 1: stages from conv5' from a phases.json entry."""
+    spec = phase.get("freeze") or {}
+    strategy = spec.get("strategy", "?")
+    detail = {"stages": f" from {spec.get('trainable_from')}", "fraction": f" {spec.get('fraction')}",
+              "regex": f" /{spec.get('pattern')}/"}.get(strategy, "")
+    return f"phase {phase.get('index', '?')}: {strategy}{detail}"
+
+
+def history_figure(rows: list[dict], phases: list[dict] | None = None) -> Figure:
+    """Accuracy and loss per epoch (train and validation), phase starts as dashed lines."""
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        drawn = False
+        for key, style in ((metric, "-o"), (f"val_{metric}", "-s")):
+            pts = [(r["epoch"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=3, label="validation" if key.startswith("val_") else "train")
+                drawn = True
+        if metric == "accuracy":
+            for key in ("top5", "top5_accuracy", "val_top5", "val_top5_accuracy"):
+                pts = [(r["epoch"], r[key]) for r in rows if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), ":", label=key.replace("_accuracy", ""))
+                    drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {metric} recorded", ha="center", va="center", transform=ax.transAxes)
+        for p in phases or []:
+            start = p.get("start_epoch")
+            if start is None:
+                continue
+            x = start - 0.5
+            ax.axvline(x, color="grey", ls="--", lw=1, gid="phase_boundary")
+            ax.text(x, 1.0, " " + phase_label(p), transform=ax.get_xaxis_transform(), rotation=90,
+                    va="top", ha="left", fontsize=7, color="dimgrey", gid="phase_label")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8, loc="lower right" if metric == "accuracy" else "upper right")
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.7, max(epochs) + 0.7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history_csv, out_path, phases=None) -> Path:
+    """Training and validation accuracy and loss per epoch, with phase boundaries marked."""
+    return save_figure(history_figure(read_history_csv(history_csv), phases), out_path)
+
+
+# ----------------------------------------------------------------------------- confusion
+def normalize_rows(cm) -> np.ndarray:
+    cm = np.asarray(cm, dtype=np.float64)
+    sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
+
+
+def plot_confusion(cm, class_names, out_path, annotate_max: int = 15) -> Path:
+    """Row-normalised confusion matrix (rows: true class). Scales with the number of classes;
+    cell values are written only up to ``annotate_max`` classes."""
+    return save_figure(confusion_figure(cm, class_names, annotate_max), out_path)
+
+
+def confusion_figure(cm, class_names, annotate_max: int = 15) -> Figure:
+    norm = normalize_rows(cm)
+    n = len(class_names)
+    side = max(5.0, min(0.32 * n + 3, 24.0))
+    fontsize = 9 if n <= 15 else max(5, 9 - (n - 15) // 8)
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), [str(c) for c in class_names], rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), [str(c) for c in class_names], fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (row-normalised)")
+    if n <= annotate_max:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] > 0:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class_accuracy(accuracies, class_names, out_path, support=None) -> Path:
+    """Horizontal bars: accuracy (recall) of each class, with the mean as a line."""
+    acc = np.asarray(accuracies, dtype=np.float64)
+    n = len(class_names)
+    fig = Figure(figsize=(7, max(3.0, 0.25 * n + 1.2)))
+    ax = fig.subplots()
+    y = np.arange(n)
+    ax.barh(y, acc, color=[RIGHT if a >= acc.mean() else "#d4a72c" for a in acc])
+    labels = [f"{c} (n={s})" for c, s in zip(class_names, support)] if support is not None else list(class_names)
+    ax.set_yticks(y, labels, fontsize=9 if n <= 25 else 6)
+    ax.invert_yaxis()
+    ax.axvline(acc.mean() if n else 0, color="grey", ls="--", lw=1, label=f"mean {acc.mean() if n else 0:.3f}")
+    ax.set_xlim(0, 1.0)
+    ax.set_xlabel("accuracy (recall)")
+    ax.set_title("per-class accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------- predictions grid
+def plot_predictions_grid(images_uint8, true, pred, class_names, out_path, n: int = 30, seed: int = 0,
+                          cols: int = 6) -> Path:
+    """Up to ``n`` random images titled 'predicted / true'; wrong predictions in red with a red frame."""
+    images = np.asarray(images_uint8)
+    true, pred = np.asarray(true).reshape(-1), np.asarray(pred).reshape(-1)
+    count = len(images)
+    pick = np.sort(np.random.default_rng(seed).choice(count, size=min(n, count), replace=False)) if count else []
+    rows = max(1, math.ceil(len(pick) / cols))
+    fig = Figure(figsize=(2.1 * cols, 2.5 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    n_right = 0
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("off")
+    for ax, i in zip(axes, pick):
+        ok = int(true[i]) == int(pred[i])
+        n_right += ok
+        ax.axis("on")
+        ax.imshow(images[i].astype(np.uint8))
+        color = RIGHT if ok else WRONG
+        ax.set_title(f"pred: {class_names[int(pred[i])]}\ntrue: {class_names[int(true[i])]}",
+                     fontsize=8, color=color)
+        for side in ax.spines.values():
+            side.set_edgecolor(color)
+            side.set_linewidth(1 if ok else 3)
+    fig.suptitle(f"{n_right} of {len(pick)} correct (wrong ones in red)", fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, out_path)

@@ -1,0 +1,125 @@
+"""Predict classes of unlabelled images with a trained run.
+
+    python -m kfine.predict --run runs/NAME --images DIR_OR_FILES... [--out predictions.csv]
+                            [--batch-size 32] [--top-k 5]
+
+Folders are searched for image files (kfine.data.list_images); files named on the command line
+are used as given. The CSV (the VLG-50 submission file) has: file, predicted_class, confidence,
+top1_class, top1_score, ..., topK_class, topK_score, error. An image that cannot be decoded is
+not fatal: it is reported on stderr and gets a row with only file and error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kfine.evaluate import prediction_rows, write_csv
+from kfine.rundir import read_json
+
+
+def predict_files(model, paths, class_names, image_size, batch_size: int = 32, top_k: int = 5,
+                  verbose: int = 1):
+    """Classify image files in batches. Returns (rows, bad).
+
+    rows: one dict per readable image, in the order given (file, predicted_class, confidence,
+    top1_class, top1_score, ...); bad: [(path, reason)] for images that could not be decoded.
+    """
+    import keras
+
+    from kfine.data import load_images
+
+    paths = [str(p) for p in paths]
+    rows, bad = [], []
+    bar = keras.utils.Progbar(len(paths), unit_name="image") if verbose and paths else None
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images, ok_paths, chunk_bad = load_images(chunk, tuple(image_size))
+        bad.extend(chunk_bad)
+        if len(ok_paths):
+            probs = np.asarray(model.predict_on_batch(np.asarray(images, dtype=np.float32)))
+            rows.extend(prediction_rows(probs, class_names, files=[str(p) for p in ok_paths], top_k=top_k))
+        if bar is not None:
+            bar.update(start + len(chunk))
+    return rows, [(str(p), str(why)) for p, why in bad]
+
+
+def collect_paths(items) -> list[str]:
+    """Folders -> their image files (sorted); files -> themselves, whatever their extension;
+    missing -> FileNotFoundError. Duplicates are dropped."""
+    from kfine.data import list_images
+
+    out = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(str(f) for f in list_images(p))
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise FileNotFoundError(f"{p} does not exist (give image files or folders of images)")
+    return list(dict.fromkeys(out))   # a file named twice (or inside a named folder) is predicted once
+
+
+def csv_columns(top_k: int, num_classes: int) -> list[str]:
+    k = min(top_k, num_classes)
+    cols = ["file", "predicted_class", "confidence"]
+    for r in range(1, k + 1):
+        cols += [f"top{r}_class", f"top{r}_score"]
+    return cols + ["error"]
+
+
+def load_run_model(run_dir):
+    """(model, class_names, image_size) of a finished run."""
+    import keras
+
+    import kfine.model  # noqa: F401  (registers the custom layers)
+
+    run_dir = Path(run_dir)
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    class_names = read_json(run_dir / "class_names.json")
+    shape = model.input_shape
+    if shape[1] is not None and shape[2] is not None:
+        image_size = (int(shape[1]), int(shape[2]))
+    else:
+        from kfine.config import load_config
+        image_size = tuple(load_config(run_dir / "config.yaml").data.image_size)
+    return model, class_names, image_size
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kfine.predict", description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="run directory (model.keras, class_names.json)")
+    ap.add_argument("--images", required=True, nargs="+", help="image files and/or folders of images")
+    ap.add_argument("--out", default="predictions.csv", help="CSV to write (default: ./predictions.csv)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--top-k", type=int, default=5)
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    for need in ("model.keras", "class_names.json"):
+        if not (run / need).exists():
+            print(f"kfine.predict: {run / need} not found: is {run} a finished kfine run?", file=sys.stderr)
+            return 2
+    try:
+        paths = collect_paths(args.images)
+    except FileNotFoundError as e:
+        print(f"kfine.predict: {e}", file=sys.stderr)
+        return 2
+    if not paths:
+        print(f"kfine.predict: no image files found in {args.images}", file=sys.stderr)
+        return 2
+    model, class_names, image_size = load_run_model(run)
+    rows, bad = predict_files(model, paths, class_names, image_size, args.batch_size, args.top_k)
+    for p, why in bad:
+        print(f"kfine.predict: unreadable image {p}: {why}", file=sys.stderr)
+    rows = rows + [{"file": p, "error": why} for p, why in bad]
+    write_csv(args.out, rows, csv_columns(args.top_k, len(class_names)))
+    print(f"kfine: wrote {len(rows) - len(bad)} predictions to {args.out}"
+          + (f" ({len(bad)} unreadable images listed with an error)" if bad else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

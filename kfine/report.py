@@ -1,0 +1,329 @@
+"""One self-contained HTML page per run: run_dir/report.html.
+
+    python -m kfine.report runs/NAME
+
+Inline CSS, no scripts, images linked by relative paths (plots/*.png) so the page works offline
+and moves with the run directory. Every section is optional: only what the run has is shown.
+All text from files is HTML-escaped.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from html import escape
+from pathlib import Path
+from urllib.parse import quote
+
+from kfine.rundir import atomic_write_text, read_json
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+main{max-width:1100px;margin:0 auto;padding:16px 24px 48px}
+h1{font-size:26px;margin:16px 0 4px} h2{font-size:20px;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}
+h3{font-size:16px;margin:18px 0 6px} .muted{color:#656d76;font-size:13px}
+section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:4px 16px 14px;margin:16px 0}
+table{border-collapse:collapse;font-size:13px;margin:6px 0} th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:right}
+th{background:#f6f8fa} td.l,th.l{text-align:left}
+pre{background:#f6f8fa;border:1px solid #d0d7de;padding:10px;overflow:auto;font-size:12px;max-height:300px}
+img{max-width:100%;border:1px solid #d0d7de;margin:6px 0}
+.cards{display:flex;flex-wrap:wrap;gap:10px} .card{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:120px}
+.card b{display:block;font-size:22px} .warn{color:#9a6700} .bad{color:#cf222e}
+nav a{margin-right:12px;font-size:13px}
+"""
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _read_json(path: Path):
+    return read_json(path) if path.exists() else None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def table(header: list, rows: list[list], left: int | set = 1) -> str:
+    """An HTML table; the first ``left`` columns (or those whose index is in ``left``) are
+    left-aligned (names, paths), the rest right-aligned (numbers)."""
+    lefts = set(range(left)) if isinstance(left, int) else set(left)
+
+    def cells(tag, values):
+        return "".join(f"<{tag}{' class=l' if i in lefts else ''}>{escape(_fmt(v))}</{tag}>"
+                       for i, v in enumerate(values))
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
+
+
+def image(run_dir: Path, rel: str, alt: str) -> str:
+    """<img> for run_dir/rel if that file exists, else ''."""
+    if not (run_dir / rel).is_file():
+        return ""
+    return f'<img src="{escape(quote(rel))}" alt="{escape(alt)}">'
+
+
+def _describe(entry) -> str:
+    """One audit entry (a path, or a dict with path/paths/class) as short text."""
+    if isinstance(entry, dict):
+        if "path" in entry:
+            return f"{entry['path']} ({entry.get('reason') or entry.get('size') or ''})".replace(" ()", "")
+        if "paths" in entry:
+            return " == ".join(map(str, entry["paths"]))
+        return ", ".join(f"{k}={v}" for k, v in entry.items())
+    return str(entry)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- sections
+def section_summary(run_dir: Path, shown: set) -> str:
+    metrics = _read_json(run_dir / "metrics.json") or {}
+    cards = []
+    for split, m in metrics.items():
+        if not isinstance(m, dict) or "accuracy" not in m:
+            continue
+        cards.append(f'<div class=card><span class=muted>{escape(split)} accuracy</span>'
+                     f'<b>{100 * m["accuracy"]:.2f}%</b><span class=muted>{escape(str(m.get("n", "")))} images'
+                     f'{", top-5 %.2f%%" % (100 * m["top5_accuracy"]) if "top5_accuracy" in m else ""}</span></div>')
+    hist = run_dir / "history.csv"
+    if hist.exists():
+        from kfine.plots import read_history_csv
+        rows = read_history_csv(hist)
+        vals = [r["val_accuracy"] for r in rows if "val_accuracy" in r]
+        if rows:
+            cards.append(f'<div class=card><span class=muted>epochs</span><b>{len(rows)}</b>'
+                         f'<span class=muted>best val acc {max(vals) * 100:.2f}%</span></div>' if vals else
+                         f'<div class=card><span class=muted>epochs</span><b>{len(rows)}</b></div>')
+    if not cards:
+        return ""
+    return f"<section id=summary><h2>Summary</h2><div class=cards>{''.join(cards)}</div></section>"
+
+
+def section_config(run_dir: Path, shown: set) -> str:
+    p = run_dir / "config.yaml"
+    if not p.exists():
+        return ""
+    return (f"<section id=config><h2>Config</h2><p class=muted>config.yaml (re-run with "
+            f"<code>python -m kfine.train --config {escape(str(p))}</code>)</p>"
+            f"<pre>{escape(p.read_text(errors='replace'))}</pre></section>")
+
+
+def _counts_table(counts: dict) -> str:
+    """{split: {class: n}} -> classes as rows, splits as columns, totals last."""
+    splits = [s for s, c in counts.items() if isinstance(c, dict)]
+    if not splits:
+        return ""
+    classes: list[str] = []
+    for s in splits:
+        classes += [c for c in counts[s] if c not in classes]
+    rows = [[c] + [counts[s].get(c, 0) for s in splits] for c in classes]
+    rows.append(["total"] + [sum(v for v in counts[s].values() if isinstance(v, (int, float))) for s in splits])
+    return table(["class"] + splits, rows)
+
+
+def section_data(run_dir: Path, shown: set) -> str:
+    check = _read_json(run_dir / "data_check.json")
+    skipped_file = run_dir / "skipped_files.txt"
+    samples = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "plots").glob("sample*.png")) \
+        if (run_dir / "plots").is_dir() else []
+    if check is None and not skipped_file.exists() and not samples:
+        return ""
+    parts = ["<section id=data><h2>Data</h2>"]
+    if isinstance(check, dict):
+        counts = check.get("counts")
+        if isinstance(counts, dict):
+            parts.append("<h3>Images per class and split</h3>" + _counts_table(counts))
+        warnings = check.get("warnings") or []
+        if isinstance(warnings, str):
+            warnings = [warnings]
+        if warnings:
+            parts.append("<h3>Audit warnings</h3><ul>" + "".join(
+                f"<li class=warn>{escape(w if isinstance(w, str) else json.dumps(w))}</li>" for w in warnings) + "</ul>")
+        elif "warnings" in check:
+            parts.append("<p>The data audit found no problems.</p>")
+        problems, facts = [], []
+        for key, v in check.items():
+            if key in ("counts", "warnings", "class_names", "image_size"):
+                continue
+            if isinstance(v, (list, dict)):
+                if v:
+                    items = list(v.values()) if isinstance(v, dict) else v
+                    problems.append([key.replace("_", " "), len(v), "; ".join(_describe(e) for e in items[:3])
+                                     + (" ..." if len(items) > 3 else "")])
+            elif v is not None:
+                facts.append([key, v])
+        if facts:
+            parts.append(table(["audit", "value"], facts, left=2))
+        if problems:
+            parts.append("<h3>Audit findings</h3>" + table(["finding", "count", "examples"], problems, left={0, 2}))
+    if skipped_file.exists():
+        lines = [l for l in skipped_file.read_text(errors="replace").splitlines() if l.strip()]
+        parts.append(f"<p class=warn>{len(lines)} unreadable image(s) skipped (listed in skipped_files.txt)</p>"
+                     + (f"<pre>{escape(chr(10).join(lines[:20]))}{chr(10) + '...' if len(lines) > 20 else ''}</pre>" if lines else ""))
+    for rel in samples:
+        shown.add(rel)
+        parts.append(image(run_dir, rel, rel))
+    return "".join(parts) + "</section>"
+
+
+def section_phases(run_dir: Path, shown: set) -> str:
+    phases = _read_json(run_dir / "phases.json")
+    if not isinstance(phases, list) or not phases:
+        return ""
+    parts = ["<section id=phases><h2>Training phases</h2>"]
+    for p in phases:
+        spec = p.get("freeze") or {}
+        spec_text = ", ".join(f"{k}={v}" for k, v in spec.items() if v not in (None, "", False, 0, 0.0)
+                              or k == "strategy")
+        end = p.get("end_epoch")
+        parts.append(f"<h3>Phase {escape(str(p.get('index', '?')))}: epochs {escape(str(p.get('start_epoch', '?')))}"
+                     f"..{escape(str(end - 1 if isinstance(end, int) else '?'))}</h3>"
+                     f"<p class=muted>freeze: {escape(spec_text)}</p>")
+        rows = p.get("summary") or []
+        if rows and isinstance(rows, list):
+            keys = [k for k in ("stage", "trainable", "frozen", "bn_training") if any(k in r for r in rows)]
+            keys += [k for r in rows for k in r if k not in keys]
+            keys = list(dict.fromkeys(keys))
+            parts.append(table(keys, [[r.get(k, "") for k in keys] for r in rows]))
+    return "".join(parts) + "</section>"
+
+
+def section_curves(run_dir: Path, shown: set) -> str:
+    img = image(run_dir, "plots/history.png", "training curves")
+    if not img:
+        return ""
+    shown.add("plots/history.png")
+    return f"<section id=curves><h2>Training curves</h2>{img}</section>"
+
+
+def section_metrics(run_dir: Path, shown: set) -> str:
+    metrics = _read_json(run_dir / "metrics.json")
+    if not isinstance(metrics, dict) or not metrics:
+        return ""
+    parts = ["<section id=metrics><h2>Evaluation</h2>"]
+    for split, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        parts.append(f"<h3>{escape(split)} split ({escape(str(m.get('n', '?')))} images)</h3>")
+        head = [(k, m[k]) for k in ("accuracy", "loss", "top5_accuracy") if k in m]
+        head += [(f"{avg} {k}", m[avg][k]) for avg in ("macro",) if isinstance(m.get(avg), dict)
+                 for k in ("precision", "recall", "f1") if k in m[avg]]
+        if head:
+            parts.append(table([k for k, _ in head], [[v for _, v in head]], left=0))
+        per = m.get("per_class") or []
+        if per:
+            parts.append("<h3>Per class</h3>" + table(
+                ["class", "precision", "recall", "f1", "support"],
+                [[r.get("class", ""), r.get("precision", ""), r.get("recall", ""), r.get("f1", ""),
+                  r.get("support", "")] for r in per]))
+        for rel, title in ((f"plots/confusion_{split}.png", "Confusion matrix"),
+                           (f"plots/per_class_accuracy_{split}.png", "Per-class accuracy"),
+                           (f"plots/predictions_{split}.png", "Predictions on random images")):
+            img = image(run_dir, rel, f"{title} ({split})")
+            if img:
+                shown.add(rel)
+                parts.append(f"<h3>{escape(title)}</h3>{img}")
+        conf = m.get("most_confused") or []
+        if conf:
+            parts.append("<h3>Most confused classes</h3>" + table(
+                ["true", "predicted as", "count"], [[c.get("true"), c.get("predicted"), c.get("count")] for c in conf], left=2))
+        worst = m.get("highest_loss") or []
+        if worst:
+            parts.append("<h3>Highest-loss images</h3>" + table(
+                ["image", "true", "predicted", "confidence", "loss"],
+                [[w.get("file", f"#{w.get('index')}"), w.get("true"), w.get("predicted"), w.get("confidence"),
+                  w.get("loss")] for w in worst[:10]], left=3))
+    return "".join(parts) + "</section>"
+
+
+def section_other_plots(run_dir: Path, shown: set) -> str:
+    d = run_dir / "plots"
+    rest = sorted(p.relative_to(run_dir).as_posix() for p in d.glob("*.png")) if d.is_dir() else []
+    rest = [r for r in rest if r not in shown]
+    if not rest:
+        return ""
+    return ("<section id=plots><h2>More plots</h2>"
+            + "".join(f"<h3>{escape(Path(r).stem)}</h3>{image(run_dir, r, Path(r).stem)}" for r in rest) + "</section>")
+
+
+def section_export(run_dir: Path, shown: set) -> str:
+    items = []
+    if (run_dir / "model.keras").is_file():
+        items.append(("model.keras", (run_dir / "model.keras").stat().st_size))
+    export = run_dir / "export"
+    if export.is_dir():
+        files = sorted(p for p in export.rglob("*") if p.is_file())
+        items += [(p.relative_to(run_dir).as_posix(), p.stat().st_size) for p in files[:50]]
+    if not items:
+        return ""
+    note = ""
+    if (export / "saved_model").is_dir():
+        note = ("<p>Serve the SavedModel in <code>export/saved_model/</code> (TensorFlow Serving): it takes raw "
+                "RGB images (0..255, float) and returns class probabilities in class_names.json order.</p>")
+    return ("<section id=export><h2>Model files</h2>" + note
+            + table(["file", "size"], [[f, _size(s)] for f, s in items]) + "</section>")
+
+
+# results first, then how they were made
+SECTIONS = [section_summary, section_curves, section_metrics, section_phases, section_data,
+            section_config, section_other_plots, section_export]
+
+
+def render_report(run_dir) -> str:
+    run_dir = Path(run_dir)
+    shown: set = set()
+    body = []
+    for fn in SECTIONS:
+        try:
+            html = fn(run_dir, shown)
+        except Exception as e:   # one unreadable file must not cost the whole report
+            name = fn.__name__.replace("section_", "")
+            html = (f"<section><h2>{escape(name)}</h2><p class=bad>could not show this section: "
+                    f"{escape(type(e).__name__)}: {escape(str(e))}</p></section>")
+        if html:
+            body.append(html)
+    nav = "".join(f'<a href="#{i}">{escape(i)}</a>' for i in
+                  ("summary", "curves", "metrics", "phases", "data", "config", "plots", "export")
+                  if f"<section id={i}>" in "".join(body))
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>kfine run {escape(run_dir.name)}</title><style>{CSS}</style></head><body><main>"
+            f"<h1>kfine run: {escape(run_dir.name)}</h1><p class=muted>{escape(str(run_dir.resolve()))} "
+            f"&middot; report written {when}</p><nav>{nav}</nav>"
+            + ("".join(body) or "<p>This run directory has no outputs yet.</p>")
+            + "</main></body></html>\n")
+
+
+def write_report(run_dir) -> Path:
+    """Write run_dir/report.html (atomically) and return its path."""
+    out = Path(run_dir) / "report.html"
+    atomic_write_text(out, render_report(run_dir))
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m kfine.report RUN_DIR", file=sys.stderr)
+        return 2
+    run = Path(argv[0])
+    if not run.is_dir():
+        print(f"kfine.report: {run} is not a directory", file=sys.stderr)
+        return 2
+    print(f"kfine: wrote {write_report(run)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

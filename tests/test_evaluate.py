@@ -1,0 +1,201 @@
+"""Evaluation: metrics on hand-made predictions, a real tiny model, a run directory, the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from kfine.evaluate import compute_metrics, evaluate_model, evaluate_run, prediction_rows
+
+NAMES = ["a", "b", "c", "d", "e", "f"]
+# true label, probabilities over 6 classes (argmax = prediction)
+CASES = [
+    (0, [0.70, 0.10, 0.05, 0.05, 0.05, 0.05]),   # 0 -> 0
+    (0, [0.30, 0.40, 0.10, 0.10, 0.05, 0.05]),   # 0 -> 1 wrong
+    (1, [0.10, 0.60, 0.10, 0.10, 0.05, 0.05]),   # 1 -> 1
+    (1, [0.05, 0.90, 0.02, 0.01, 0.01, 0.01]),   # 1 -> 1
+    (2, [0.50, 0.10, 0.20, 0.10, 0.05, 0.05]),   # 2 -> 0 wrong
+    (2, [0.10, 0.10, 0.50, 0.10, 0.10, 0.10]),   # 2 -> 2
+    (3, [0.10, 0.10, 0.10, 0.60, 0.05, 0.05]),   # 3 -> 3
+    (5, [0.20, 0.20, 0.20, 0.10, 0.28, 0.02]),   # 5 -> 4 wrong, true class ranked last (misses top-5)
+    (0, [0.20, 0.50, 0.10, 0.10, 0.05, 0.05]),   # 0 -> 1 wrong
+]
+
+
+def known():
+    labels = np.array([c[0] for c in CASES])
+    probs = np.array([c[1] for c in CASES])
+    return labels, probs
+
+
+def test_compute_metrics_on_known_predictions():
+    labels, probs = known()
+    files = [f"img{i}.png" for i in range(len(labels))]
+    m = compute_metrics(labels, probs, NAMES, files=files)
+    assert m["n"] == 9
+    assert m["accuracy"] == pytest.approx(5 / 9)
+    assert m["top5_accuracy"] == pytest.approx(8 / 9)
+    p_true = [0.7, 0.3, 0.6, 0.9, 0.2, 0.5, 0.6, 0.02, 0.2]
+    assert m["loss"] == pytest.approx(np.mean(-np.log(p_true)))
+
+    cm = np.zeros((6, 6), int)
+    for (t, _), q in zip(CASES, [0, 1, 1, 1, 0, 2, 3, 4, 1]):
+        cm[t, q] += 1
+    assert m["confusion_matrix"] == cm.tolist()
+    assert m["confusion_matrix"][0] == [1, 2, 0, 0, 0, 0]
+
+    per = {r["class"]: r for r in m["per_class"]}
+    assert per["a"]["precision"] == pytest.approx(1 / 2)   # predicted a: #0 right, #4 wrong
+    assert per["a"]["recall"] == pytest.approx(1 / 3)      # 3 a's, 1 found
+    assert per["a"]["support"] == 3
+    assert per["b"]["precision"] == pytest.approx(2 / 4)
+    assert per["b"]["recall"] == pytest.approx(1.0)
+    assert per["b"]["f1"] == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert per["e"] == {"class": "e", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert per["f"]["recall"] == 0.0 and per["f"]["support"] == 1
+    assert m["macro"]["recall"] == pytest.approx(np.mean([1 / 3, 1, 1 / 2, 1, 0, 0]))
+
+    top = m["most_confused"]
+    assert top[0] == {"true": "a", "predicted": "b", "count": 2, "share_of_true": pytest.approx(2 / 3)}
+    assert [(p["true"], p["predicted"], p["count"]) for p in top[1:]] == [("c", "a", 1), ("f", "e", 1)]
+
+    worst = m["highest_loss"]
+    assert [w["index"] for w in worst] == [7, 4, 8, 1, 5, 2, 6, 0, 3]
+    assert worst[0]["file"] == "img7.png" and worst[0]["true"] == "f" and worst[0]["predicted"] == "e"
+    assert worst[0]["loss"] == pytest.approx(-np.log(0.02))
+    assert worst[0]["confidence"] == pytest.approx(0.28)
+    json.dumps(m)   # JSON-able as is
+
+
+def test_compute_metrics_small_class_count_has_no_top5():
+    m = compute_metrics([0, 1, 2], np.eye(3)[[0, 2, 2]], ["x", "y", "z"])
+    assert "top5_accuracy" not in m
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert "file" not in m["highest_loss"][0]
+    with pytest.raises(ValueError, match="shape"):
+        compute_metrics([0, 1], np.eye(3), ["x", "y", "z"])
+
+
+def test_prediction_rows_topk_order():
+    labels, probs = known()
+    rows = prediction_rows(probs, NAMES, files=[f"f{i}" for i in range(9)], labels=labels, top_k=3)
+    assert rows[7]["true_class"] == "f" and rows[7]["predicted_class"] == "e" and rows[7]["correct"] == 0
+    assert [rows[7][f"top{r}_class"] for r in (1, 2, 3)] == ["e", "a", "b"]   # ties keep class order
+    assert float(rows[3]["confidence"]) == pytest.approx(0.9)
+    assert "top4_class" not in rows[0]
+
+
+# ----------------------------------------------------------------------------- with a real model
+@pytest.fixture(scope="module")
+def tiny_model():
+    from kfine.config import ModelConfig, ScratchConfig
+    from kfine.model import build_model
+    import keras
+    keras.utils.set_random_seed(1)
+    cfg = ModelConfig(backbone="scratch_cnn", weights=None, scratch=ScratchConfig(filters=(8, 16), dense_units=16))
+    return build_model(cfg, 3, (32, 32))
+
+
+def _data(n=14, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
+    images[: n // 2] *= 0.2    # two visibly different groups so the predictions are not all one class
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    return images, labels
+
+
+def test_evaluate_model_matches_model_predict(tiny_model):
+    import tensorflow as tf
+    images, labels = _data()
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    files = [(f"x/{i}.png", int(l)) for i, l in enumerate(labels)]
+    metrics, probs, got_labels = evaluate_model(tiny_model, ds, ["a", "b", "c"], files=files)
+    expect = tiny_model.predict(images, verbose=0)
+    np.testing.assert_allclose(probs, expect, atol=1e-5)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert metrics["accuracy"] == pytest.approx(float((expect.argmax(1) == labels).mean()))
+    assert metrics["n"] == 14
+    assert sum(map(sum, metrics["confusion_matrix"])) == 14
+    assert all(w["file"].startswith("x/") for w in metrics["highest_loss"])
+    # a file list that does not line up is dropped, not trusted
+    metrics2, _, _ = evaluate_model(tiny_model, ds, ["a", "b", "c"], files=files[:-1])
+    assert "file" not in metrics2["highest_loss"][0]
+
+
+def test_evaluate_run_with_given_model_falls_back_to_val(tiny_model, tmp_path, capsys):
+    import tensorflow as tf
+    images, labels = _data(n=10)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"train": {"accuracy": 0.5}}))
+    (run / "history.csv").write_text("epoch,phase,lr,loss,accuracy,val_loss,val_accuracy\n"
+                                     "0,0,0.001,1.0,0.5,1.1,0.4\n1,0,0.001,0.8,0.6,1.0,0.5\n")
+    files = [(f"/data/{i}.png", int(l)) for i, l in enumerate(labels)]
+    datasets = SimpleNamespace(train=None, test=None, class_names=["a", "b", "c"],
+                               val=tf.data.Dataset.from_tensor_slices((images, labels)).batch(3),
+                               files={"val": files})
+    m = evaluate_run(run, model=tiny_model, datasets=datasets)
+    assert "no test split" in capsys.readouterr().out
+    assert m["split"] == "val"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved) == {"train", "val"} and saved["train"] == {"accuracy": 0.5}
+    expect = tiny_model.predict(images, verbose=0)
+    assert saved["val"]["accuracy"] == pytest.approx(float((expect.argmax(1) == labels).mean()))
+    with open(run / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == [p for p, _ in files]
+    assert [r["predicted_class"] for r in rows] == [["a", "b", "c"][i] for i in expect.argmax(1)]
+    assert [r["true_class"] for r in rows] == [["a", "b", "c"][i] for i in labels]
+    assert {"confidence", "top3_class", "top3_score", "split"} <= set(rows[0])
+    for name in ("confusion_val.png", "per_class_accuracy_val.png", "predictions_val.png", "history.png"):
+        assert (run / "plots" / name).stat().st_size > 1000
+    assert (run / "report.html").exists()
+
+
+def _has_data_module() -> bool:
+    try:
+        import kfine.data  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_data_module(), reason="kfine.data not available yet")
+def test_evaluate_cli_end_to_end(tiny_model, tmp_path):
+    """One subprocess: the run's config points at a folder that has moved; --data finds it."""
+    from conftest import make_folder
+    from kfine.config import load_config, save_config
+    data_root = make_folder(tmp_path / "data", "single", per_class=10)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(None, [f"data.root={tmp_path / 'old_place'}", "data.layout=single",
+                             "data.image_size=[32,32]", "data.batch_size=4", "model.backbone=scratch_cnn",
+                             "model.weights=null"])
+    save_config(cfg, run / "config.yaml")
+    tiny_model.save(run / "model.keras")
+    (run / "class_names.json").write_text(json.dumps(["cat", "dog", "fox"]))
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "kfine.evaluate", "--run", str(run), "--data", str(data_root)],
+                          capture_output=True, text=True, env=env, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics) == ["test"]
+    m = metrics["test"]
+    with open(run / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == m["n"] > 0
+    assert all(r["file"].startswith(str(data_root)) for r in rows)
+    assert all(Path(r["file"]).is_file() and Path(r["file"]).parent.name == r["true_class"] for r in rows)
+    assert m["accuracy"] == pytest.approx(np.mean([r["true_class"] == r["predicted_class"] for r in rows]))
+    assert {w["file"] for w in m["highest_loss"]} <= {r["file"] for r in rows}
+    assert (run / "plots" / "confusion_test.png").exists()
+    assert "confusion_test.png" in (run / "report.html").read_text()
+    assert "test (" in proc.stdout and "accuracy" in proc.stdout

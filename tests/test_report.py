@@ -1,0 +1,163 @@
+"""report.html: sections for what exists, only links to existing files, escaped text, renders in Chromium."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kfine import plots
+from kfine.evaluate import compute_metrics
+from kfine.report import render_report, write_report
+
+NAMES = ["cat", "dog", "<b>fox&co</b>"]
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links, self.ids, self.tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k in ("src", "href"):
+                self.links.append(v)
+            if k == "id":
+                self.ids.append(v)
+
+
+def parse(html: str) -> Links:
+    p = Links()
+    p.feed(html)
+    return p
+
+
+def make_full_run(run: Path) -> Path:
+    """A run directory with every output a finished run has (fake numbers, real files)."""
+    from kfine.config import load_config, save_config
+    run.mkdir(parents=True)
+    save_config(load_config(None, ["name=<script>alert(1)</script>", "data.root=/data/pets"]), run / "config.yaml")
+    (run / "class_names.json").write_text(json.dumps(NAMES))
+    hist = ["epoch,phase,lr,loss,accuracy,val_loss,val_accuracy"]
+    hist += [f"{e},{e // 3},0.001,{1.2 - 0.15 * e},{0.4 + 0.08 * e},{1.3 - 0.12 * e},{0.35 + 0.07 * e}" for e in range(6)]
+    (run / "history.csv").write_text("\n".join(hist) + "\n")
+    phases = [{"index": 0, "start_epoch": 0, "end_epoch": 3,
+               "freeze": {"strategy": "backbone", "fraction": 0.0, "trainable_from": None, "pattern": None,
+                          "train_bn": False},
+               "summary": [{"stage": "conv1", "trainable": 0, "frozen": 9472, "bn_training": False},
+                           {"stage": "head", "trainable": 6147, "frozen": 0, "bn_training": False}]},
+              {"index": 1, "start_epoch": 3, "end_epoch": 6,
+               "freeze": {"strategy": "stages", "trainable_from": "conv5"},
+               "summary": [{"stage": "conv5", "trainable": 14964736, "frozen": 0, "bn_training": True},
+                           {"stage": "head", "trainable": 6147, "frozen": 0, "bn_training": False}]}]
+    (run / "phases.json").write_text(json.dumps(phases))
+    (run / "data_check.json").write_text(json.dumps({
+        "source": "folder", "root": "/data/pets", "layout": "single", "class_names": NAMES,
+        "counts": {"train": {"cat": 40, "dog": 38, NAMES[2]: 9}, "val": {"cat": 10, "dog": 9, NAMES[2]: 3}},
+        "warnings": ["class imbalance: largest/smallest train class = 4.4 (> 3)"],
+        "unreadable": [{"path": "/data/pets/cat/broken.jpg", "reason": "not an image file"}],
+        "non_images": ["/data/pets/notes.txt"], "duplicates": [], "leakage": []}))
+    (run / "skipped_files.txt").write_text("/data/pets/cat/broken.jpg\tnot an image file\n")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 30)
+    probs = rng.dirichlet(np.ones(3), 30)
+    probs[np.arange(30), labels] += 1.0
+    probs /= probs.sum(1, keepdims=True)
+    m = compute_metrics(labels, probs, NAMES, files=[f"/data/pets/x{i}.jpg" for i in range(30)])
+    m["split"] = "test"
+    (run / "metrics.json").write_text(json.dumps({"test": m}))
+    pd = run / "plots"
+    plots.plot_history(run / "history.csv", pd / "history.png", phases=phases)
+    plots.plot_confusion(np.array(m["confusion_matrix"]), NAMES, pd / "confusion_test.png")
+    plots.plot_per_class_accuracy([r["recall"] for r in m["per_class"]], NAMES, pd / "per_class_accuracy_test.png")
+    imgs = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
+    plots.plot_predictions_grid(imgs, labels, probs.argmax(1), NAMES, pd / "predictions_test.png")
+    Image.fromarray(imgs[0]).resize((64, 64)).save(pd / "search.png")          # someone else's plot
+    sm = run / "export" / "saved_model" / "1"
+    (sm / "variables").mkdir(parents=True)
+    (sm / "saved_model.pb").write_bytes(b"x" * 2048)
+    (sm / "variables" / "variables.index").write_bytes(b"y" * 10)
+    (run / "model.keras").write_bytes(b"z" * 4096)
+    return run
+
+
+def test_full_report_sections_links_and_escaping(tmp_path):
+    run = make_full_run(tmp_path / "my run")          # a space: links must be URL-quoted
+    out = write_report(run)
+    assert out == run / "report.html"
+    html = out.read_text()
+    p = parse(html)
+    assert {"summary", "config", "data", "phases", "curves", "metrics", "plots", "export"} <= set(p.ids)
+    assert "script" not in p.tags and "<b>fox" not in html       # file text never becomes markup
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;b&gt;fox&amp;co&lt;/b&gt;" in html
+    srcs = [l for l in p.links if not l.startswith("#")]
+    assert srcs, "no images linked"
+    for link in srcs:
+        assert not link.startswith(("/", "http", "file:")), link    # relative: the folder can move
+        assert (run / unquote(link)).is_file(), link
+    assert {unquote(l) for l in srcs} == {"plots/history.png", "plots/confusion_test.png", "plots/search.png",
+                                         "plots/per_class_accuracy_test.png", "plots/predictions_test.png"}
+    assert all(f"#{i}" in p.links for i in ("config", "metrics"))
+    # content, not just headings
+    m = json.loads((run / "metrics.json").read_text())["test"]
+    assert f"{100 * m['accuracy']:.2f}%" in html
+    assert "Phase 1: epochs 3..5" in html and "trainable_from=conv5" in html and "14,964,736" in html
+    assert "class imbalance" in html and "broken.jpg" in html and "1 unreadable image(s) skipped" in html
+    assert "export/saved_model/1/saved_model.pb" in html and "2.0 KB" in html
+    assert html.count("<table>") >= 6
+
+
+def test_report_shows_only_what_exists(tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    html = render_report(run)
+    assert "no outputs yet" in html and "<img" not in html and "<section" not in html
+    (run / "metrics.json").write_text(json.dumps({"val": compute_metrics([0, 1], np.eye(2), ["a", "b"])}))
+    (run / "phases.json").write_text("{ not json")
+    html = render_report(run)
+    ids = parse(html).ids
+    assert "metrics" in ids and "curves" not in ids and "config" not in ids
+    assert "could not show this section" in html          # a broken file costs one section, not the report
+    assert "<img" not in html                              # no plots on disk, no image links
+
+
+def test_report_cli(tmp_path):
+    run = make_full_run(tmp_path / "r")
+    proc = subprocess.run([sys.executable, "-m", "kfine.report", str(run)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "report.html").stat().st_size > 3000
+    assert subprocess.run([sys.executable, "-m", "kfine.report", str(tmp_path / "missing")],
+                          capture_output=True, timeout=60, cwd=Path(__file__).resolve().parents[1]).returncode == 2
+
+
+def _chromium():
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    run = make_full_run(tmp_path / "shot")
+    report = write_report(run)
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--screenshot={shot}", "--window-size=1200,2000", report.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=60)
+    assert shot.exists(), proc.stderr[-2000:]
+    arr = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert arr.shape[:2] == (2000, 1200)
+    assert arr.std() > 20                         # text, tables and plots, not an empty page
+    # the training-curve plot (matplotlib's default blue line, #1f77b4) is on screen, so images load
+    blue = (abs(arr[..., 0] - 0x1f) < 30) & (abs(arr[..., 1] - 0x77) < 30) & (abs(arr[..., 2] - 0xb4) < 30)
+    assert blue.sum() > 100
+    keep = Path("/tmp/kfine_report_screenshot.png")
+    shutil.copy(shot, keep)                      # for a human look after the run
