@@ -142,7 +142,6 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 2 and "unknown key train.epoch" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path):
     """Kill a run with SIGKILL mid-training; --resume finishes it with every epoch once."""
     args = tiny(tmp_path, "train.epochs=6", "train.schedule.name=cosine", "model.backbone=scratch_cnn",
@@ -150,7 +149,9 @@ def test_resume_after_sigkill(tmp_path):
                 " {start_epoch: 3, freeze: {strategy: stages, trainable_from: block4}}]",
                 "data.augment.enabled=true")
     env = {**os.environ, "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "kfine.train", *args], cwd=REPO, env=env,
+    (tmp_path / "c.yaml").write_text("name: t\n")   # not the demo: a plain config
+    proc = subprocess.Popen([sys.executable, "-m", "kfine.train", "--config", str(tmp_path / "c.yaml"), *args],
+                            cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "runs" / "t" / "backup" / "state.json"
     deadline = time.time() + 300
