@@ -7,7 +7,7 @@
       phases.json          per phase: start epoch, freeze spec, trainable summary
       data_check.json      the data audit (counts, bad files, duplicates, leakage)
       skipped_files.txt    images that could not be decoded and were skipped
-      checkpoints/         epoch_XXXX.keras every N epochs, best.keras, last.keras
+      checkpoints/         epoch_XXXX.keras every N epochs, best.keras (+ best.json)
       backup/              state for --resume (model, optimizer, epoch)
       tensorboard/         TensorBoard logs
       plots/*.png          curves, confusion matrix, samples, predictions grid

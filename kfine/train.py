@@ -164,12 +164,12 @@ def _monitor_mode(cfg: Config) -> str:
 
 
 def save_checkpoints(cfg: Config, run_dir: Path, model, epoch: int, history: list[dict]) -> None:
-    """last.keras every epoch, best.keras when the monitored metric improves, epoch_XXXX.keras
-    every ``every_epochs`` epochs (keeping the newest ``keep``). Each write is atomic."""
+    """best.keras when the monitored metric improves, epoch_XXXX.keras every ``every_epochs``
+    epochs (keeping the newest ``keep``). Each write is atomic. The last epoch's state is the
+    resume backup (backup/, written every epoch) and, at the end, model.keras."""
     c = cfg.train.checkpoint
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir(exist_ok=True)
-    _save_model_atomic(model, ckpt / "last.keras")
     values = [r[c.monitor] for r in history if c.monitor in r]
     if values:
         best = max(values) if _monitor_mode(cfg) == "max" else min(values)

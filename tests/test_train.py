@@ -191,3 +191,17 @@ def test_demo_without_arguments(tmp_path):
     hist = read_history(rd / "history.csv")
     assert [r["phase"] for r in hist] == [0, 0, 1]
     assert len(read_json(rd / "class_names.json")) == 10
+
+
+def test_a_run_over_planted_bad_files_completes_and_lists_them(tmp_path):
+    args = tiny(tmp_path, "train.epochs=1", "model.backbone=scratch_cnn", "model.scratch.filters=[4,4,8,8,8]")
+    root = tmp_path / "data"
+    (root / "cat" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    (root / "dog" / "empty.png").write_bytes(b"")
+    (root / "fox" / "notes.txt").write_text("not an image")
+    result = run(load_config(None, args))
+    listed = (result.run_dir / "skipped_files.txt").read_text()
+    assert "truncated.jpg" in listed and "empty.png" in listed and "notes.txt" not in listed
+    assert (result.run_dir / "model.keras").exists()
+    audit = read_json(result.run_dir / "data_check.json")
+    assert any("notes.txt" in str(p) for p in audit["non_images"])
