@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,9 +302,11 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
                 monitor=cfg.train.early_stopping.monitor, patience=cfg.train.early_stopping.patience,
                 min_delta=cfg.train.early_stopping.min_delta, restore_best_weights=False)
             phase_callbacks.append(early)
-        model.fit(train_ds, validation_data=datasets.val, initial_epoch=first, epochs=end,
-                  steps_per_epoch=steps, class_weight=cw,
-                  callbacks=phase_callbacks, verbose=cfg.train.verbose)
+        with warnings.catch_warnings():   # the val set has no known size: Keras warns at its end
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            model.fit(train_ds, validation_data=datasets.val, initial_epoch=first, epochs=end,
+                      steps_per_epoch=steps, class_weight=cw, shuffle=False,   # tf.data shuffles
+                      callbacks=phase_callbacks, verbose=cfg.train.verbose)
         if early is not None and early.stopped_epoch > 0:
             print(f"kfine: early stopping at epoch {early.stopped_epoch} "
                   f"({cfg.train.early_stopping.monitor} stopped improving)", flush=True)

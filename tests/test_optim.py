@@ -99,3 +99,14 @@ def test_optimizer_state_carries_across_phases():
     np.testing.assert_allclose(m_new, 0.9 * m_after_phase0 + 0.1 * g2, rtol=0.05, atol=1e-4)  # fused-kernel round-off
     assert not np.allclose(m_new, 0.1 * g2, rtol=0.05, atol=1e-4)
     assert np.any(opt._momentums[opt._get_variable_index(conv5)].numpy() != 0)
+
+
+def test_label_smoothing_loss_matches_the_formula():
+    from kfine.optim import make_loss
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], "float32")
+    y = np.array([0, 1])
+    loss = float(make_loss(0.1, 3)(y, p))
+    target = np.full((2, 3), 0.1 / 3) + 0.9 * np.eye(3)[y]
+    expected = float(np.mean(-(target * np.log(p)).sum(axis=1)))
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert float(make_loss(0.0, 3)(y, p)) == pytest.approx(float(np.mean(-np.log(p[[0, 1], y]))), rel=1e-5)

@@ -183,14 +183,16 @@ def test_resume_after_sigkill(tmp_path):
 @pytest.mark.slow
 def test_demo_without_arguments(tmp_path):
     """`python -m kfine.train` with no config: the demo, with fewer epochs and steps."""
-    p = _cli([f"runs_dir={tmp_path / 'runs'}", "train.epochs=3", "train.steps_per_epoch=3",
-              "export.enabled=false"], env={"KFINE_CACHE": str(tmp_path / "cache")}, timeout=600)
+    p = _cli([f"runs_dir={tmp_path / 'runs'}", "train.epochs=2", "train.steps_per_epoch=3"],
+             env={"KFINE_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "random initialisation" in p.stdout
     rd = tmp_path / "runs" / "demo"
     hist = read_history(rd / "history.csv")
-    assert [r["phase"] for r in hist] == [0, 0, 1]
+    assert [r["phase"] for r in hist] == [0, 1]
     assert len(read_json(rd / "class_names.json")) == 10
+    for f in ("report.html", "metrics.json", "predictions.csv", "plots/history.png", "export/saved_model/1"):
+        assert (rd / f).exists(), f
 
 
 def test_a_run_over_planted_bad_files_completes_and_lists_them(tmp_path):
@@ -205,3 +207,11 @@ def test_a_run_over_planted_bad_files_completes_and_lists_them(tmp_path):
     assert (result.run_dir / "model.keras").exists()
     audit = read_json(result.run_dir / "data_check.json")
     assert any("notes.txt" in str(p) for p in audit["non_images"])
+
+
+def test_early_stopping_ends_the_run_early(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=6", "model.backbone=scratch_cnn",
+                                 "model.scratch.filters=[4,4,8,8,8]", "train.early_stopping.patience=1",
+                                 "train.early_stopping.min_delta=1000"))   # nothing improves by 1000
+    hist = read_history(run(cfg).run_dir / "history.csv")
+    assert [r["epoch"] for r in hist] == [0, 1]
