@@ -381,3 +381,16 @@ def test_class_with_only_unreadable_images(image_folder):
     (owl / "a.jpg").write_bytes(b"")
     with pytest.raises(data.DataError, match=r"owl has no readable images"):
         data.make_datasets(cfg_for(image_folder), seed=0)
+
+
+def test_huge_image_decodes_and_resizes(tmp_path):
+    """A 6000x4000 photo-sized image goes through the same decode+resize as any other."""
+    from PIL import Image
+    from kfine.data import load_image
+    arr = np.zeros((4000, 6000, 3), np.uint8)
+    arr[:, 3000:] = 255
+    p = tmp_path / "huge.jpg"
+    Image.fromarray(arr).save(p, quality=80)
+    img = load_image(str(p), (32, 48))
+    assert img.shape == (32, 48, 3) and img.dtype == np.uint8
+    assert img[:, :20].mean() < 10 and img[:, 28:].mean() > 245   # left dark, right bright
