@@ -16,6 +16,11 @@ SavedModel signatures (class names are stored in the graph as a constant):
     serving_tensor   image: float32 [N, H, W, 3], RGB 0..255 at the training size
       -> probabilities, class_index, class_name
 
+SavedModel and ONNX are TensorFlow graphs. Under another Keras backend (JAX on a GPU machine) the
+model is saved as .keras and exported by a TensorFlow-backend subprocess, so the served graph is
+plain TensorFlow ops on every backend (jax2tf would embed StableHLO compiled for the exporting
+platform, and cannot carry the string decoding of serving_default).
+
 Every artifact is written beside its final place and renamed over it, so a reader (or a TF
 Serving instance polling the directory) never sees half an export.
 
@@ -221,6 +226,11 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
         raise ExportError(f"the model has {n_out} outputs but there are {len(class_names)} class names")
     out_dir = Path(out_dir)
     written = {}
+    import keras
+    if keras.backend.backend() != "tensorflow" and set(formats) - {"keras"}:
+        written = _export_in_tensorflow(model, class_names, image_size, out_dir,
+                                        [f for f in formats if f != "keras"], check_images)
+        formats = [f for f in formats if f == "keras"]
     for fmt in formats:
         if fmt == "saved_model":
             written[fmt] = str(_write_saved_model(model, class_names, image_size, out_dir))
@@ -231,6 +241,39 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
         else:
             written[fmt] = str(_write_keras(model, out_dir))
     return written
+
+
+def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats, check_images):
+    """export_model in a subprocess on the TensorFlow backend (see the module docstring)."""
+    import json
+    import subprocess
+    with tempfile.TemporaryDirectory(prefix="kfine-export-") as tmp:
+        tmp = Path(tmp)
+        model.save(tmp / "model.keras")
+        spec = {"model": str(tmp / "model.keras"), "class_names": class_names,
+                "image_size": [int(v) for v in image_size], "out_dir": str(out_dir), "formats": list(formats)}
+        if check_images is not None:
+            np.save(tmp / "check.npy", np.asarray(check_images, np.float32))
+            spec["check_images"] = str(tmp / "check.npy")
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ, KERAS_BACKEND="tensorflow")
+        proc = subprocess.run([sys.executable, "-c", "import sys, kfine.export as e; e._export_child(sys.argv[1])",
+                               str(tmp / "spec.json")], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ExportError(f"the TensorFlow export subprocess failed:\n{proc.stderr[-3000:]}")
+        return json.loads((tmp / "written.json").read_text())
+
+
+def _export_child(spec_path: str) -> None:
+    import json
+    import keras
+    import kfine.model  # noqa: F401  (registers kfine>Preprocess)
+    spec = json.loads(Path(spec_path).read_text())
+    model = keras.saving.load_model(spec["model"], compile=False, safe_mode=True)
+    check = np.load(spec["check_images"]) if "check_images" in spec else None
+    written = export_model(model, spec["class_names"], spec["image_size"], spec["out_dir"],
+                           spec["formats"], check)
+    Path(spec_path).with_name("written.json").write_text(json.dumps(written))
 
 
 def export_run(run_dir, formats=None, out_dir=None) -> dict[str, str]:

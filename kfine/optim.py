@@ -75,12 +75,33 @@ class _LRMultipliers:
     """Mixin: ``update_step`` with the learning rate multiplied per variable."""
 
     _lr_mults: list | None = None
+    _active: list | None = None
 
     def set_lr_multipliers(self, multipliers: list[float]) -> None:
         """One factor per variable, in the order the optimizer was built with."""
         if len(multipliers) != len(self._trainable_variables):
             raise ValueError("one multiplier per built variable is needed")
         self._lr_mults = [float(m) for m in multipliers]
+
+    def set_active_variables(self, variables) -> None:
+        """The variables the next compiled train step updates: a subset of those built over
+        (the phase's trainable ones). Needed by JAX, whose trainer hands ``stateless_apply`` the
+        model's current trainable variables only."""
+        # plain attribute: Keras would otherwise track the model's variables as optimizer variables
+        object.__setattr__(self, "_active", list(variables))
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        active = self._active
+        if active is None or len(active) == len(self._trainable_variables):
+            return super().stateless_apply(optimizer_variables, grads, trainable_variables)
+        if len(trainable_variables) != len(active):
+            raise ValueError(f"{len(trainable_variables)} variables given, {len(active)} active: "
+                             "call set_active_variables after changing what is trainable")
+        mapping = list(zip(active, trainable_variables)) + list(zip(self.variables, optimizer_variables))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.apply(grads, active)
+        return ([scope.get_current_value(v) for v in active],
+                [scope.get_current_value(v) for v in self.variables])
 
     def update_step(self, gradient, variable, learning_rate):
         if self._lr_mults is not None:

@@ -239,6 +239,8 @@ def compile_model(model, optimizer, cfg: Config, num_classes: int) -> None:
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     if num_classes >= 5:
         metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"))
+    if hasattr(optimizer, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
+        optimizer.set_active_variables(model.trainable_variables)
     model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes),
                   metrics=metrics)
 
