@@ -10,7 +10,7 @@ SavedModel signatures (class names are stored in the graph as a constant):
     serving_default  image_bytes: string [N]  (encoded JPEG / PNG / GIF / BMP / WebP, any size)
       -> probabilities float32 [N, C], class_index int64 [N], class_name string [N], valid bool [N]
       Each image is decoded (3 channels, first GIF frame) and resized to the training size with
-      tf.image.resize(bilinear, antialias=True), clipped to float32 0..255, as kfine.data does.
+      tf.image.resize(bilinear, antialias=True), clipped and rounded to whole 0..255, as kfine.data does.
       An image that fails to decode (empty, truncated, corrupt, not an image) does not fail the
       batch: it gets valid=False, probabilities all 0, class_index -1 and class_name "".
     serving_tensor   image: float32 [N, H, W, 3], RGB 0..255 at the training size
@@ -57,13 +57,13 @@ def decode_and_resize(data, image_size):
     """Encoded image bytes -> float32 [H, W, 3] RGB 0..255 at ``image_size``.
 
     The same calls as kfine.data's training pipeline (decode to uint8, bilinear antialiased
-    resize in float32, clip); tests/test_export.py checks that the two agree.
+    resize in float32, clip, round to whole values); tests/test_export.py checks that the two agree.
     """
     import tensorflow as tf
     image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     image = tf.image.resize(tf.cast(image, tf.float32), image_size, method="bilinear", antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    return tf.round(tf.clip_by_value(image, 0.0, 255.0))
 
 
 # ----------------------------------------------------------------------------- SavedModel

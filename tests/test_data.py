@@ -70,6 +70,19 @@ def test_batches_are_float_0_255_of_image_size(image_folder):
     assert len(labels_of(ds.train)) == 21   # one pass = one epoch, no repeat
 
 
+def test_cache_holds_uint8_and_unaugmented_batches_are_its_whole_values(image_folder):
+    """What is cached is uint8 (a quarter of float32's memory); without augmentation the float
+    batches are exactly those whole values, as the exported model's decoding gives them."""
+    cfg = cfg_for(image_folder, augment=AugmentConfig(enabled=False))
+    ds = data.make_datasets(cfg, seed=0)
+    files = ds.files["val"]
+    cached = data.files_dataset(files, (32, 32))
+    assert cached.element_spec[0].dtype.name == "uint8"
+    want = np.stack([x.numpy() for x, _ in cached])
+    got = np.concatenate([x.numpy() for x, _ in ds.val])
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
 def test_same_seed_same_split_different_seed_different(tmp_path):
     root = make_folder(tmp_path / "d", "single", per_class=20)
     a = data.make_datasets(cfg_for(root), seed=1).files

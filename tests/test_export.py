@@ -45,9 +45,10 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def _reference_pixels(data: bytes) -> np.ndarray:
-    """Decode, resize (bilinear, antialias) to 32x32, clip: what kfine.data feeds in training."""
+    """Decode, resize (bilinear, antialias) to 32x32, clip, round: what kfine.data feeds in training."""
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    return tf.clip_by_value(tf.image.resize(tf.cast(image, tf.float32), SIZE, antialias=True), 0, 255).numpy()
+    resized = tf.image.resize(tf.cast(image, tf.float32), SIZE, antialias=True)
+    return tf.round(tf.clip_by_value(resized, 0, 255)).numpy()
 
 
 def _predict(model, x) -> np.ndarray:
