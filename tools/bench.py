@@ -78,9 +78,10 @@ def reference(train_dir: Path, size, batch_size: int, seed: int):
     train, val = keras.utils.image_dataset_from_directory(
         train_dir, validation_split=0.2, subset="both", seed=seed, image_size=size,
         batch_size=batch_size, label_mode="int")
+    num_classes = len(train.class_names)
     aug = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(10 / 360)])
     train = train.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE), len(train.class_names)
+    return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE), num_classes
 
 
 def kfine_config(root: Path, size, batch_size: int, epochs: int, seed: int, runs_dir: str):
