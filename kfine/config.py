@@ -341,6 +341,16 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def cli_error(err: Exception) -> int:
+    """Print ``err`` as one line for a command-line tool and return its exit status, 2.
+    KFINE_DEBUG=1 re-raises it instead, with the traceback."""
+    import sys
+    if os.environ.get("KFINE_DEBUG"):
+        raise err
+    print(f"kfine: error: {err}", file=sys.stderr)
+    return 2
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Load a YAML config (or start from ``base`` / the defaults) and apply ``key=value`` overrides."""

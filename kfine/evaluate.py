@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kfine.rundir import atomic_write_text, read_json, write_json
+from kfine.rundir import atomic_write_text, missing_run_file, read_json, write_json
 
 EPS = 1e-7
 GRID_SIZE = 30          # images in the predictions grid
@@ -281,10 +281,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-report", action="store_true", help="do not rewrite report.html")
     args = ap.parse_args(argv)
     run = Path(args.run)
-    for need in ("config.yaml", "model.keras"):
-        if not (run / need).exists():
-            print(f"kfine.evaluate: {run / need} not found: is {run} a finished kfine run?", file=sys.stderr)
-            return 2
+    missing = missing_run_file(run, ("config.yaml", "model.keras"))
+    if missing:
+        print(f"kfine.evaluate: {missing}", file=sys.stderr)
+        return 2
     evaluate_run(run, split=args.split, data_root=args.data, report=not args.no_report)
     print(f"kfine: wrote {run / 'metrics.json'}, {run / 'predictions.csv'}, {run / 'plots'}/", flush=True)
     return 0

@@ -40,7 +40,7 @@ import numpy as np
 # TensorFlow and Keras are imported inside the functions that use them, so that the CLI can
 # report a wrong run directory in one line (TensorFlow's import prints its own log lines).
 from kfine.config import ConfigError, load_config
-from kfine.rundir import atomic_write_bytes, read_json
+from kfine.rundir import atomic_write_bytes, missing_run_file, read_json
 
 FORMATS = ("saved_model", "onnx", "keras")
 SAVED_MODEL_VERSION = "1"
@@ -282,9 +282,9 @@ def export_run(run_dir, formats=None, out_dir=None) -> dict[str, str]:
     run_dir = Path(run_dir)
     model_path, names_path, config_path = (run_dir / "model.keras", run_dir / "class_names.json",
                                            run_dir / "config.yaml")
-    for p in (model_path, names_path, config_path):
-        if not p.is_file():
-            raise ExportError(f"{p} not found: is {run_dir} a finished kfine run directory?")
+    missing = missing_run_file(run_dir, ("model.keras", "class_names.json", "config.yaml"))
+    if missing:
+        raise ExportError(missing)
     cfg = load_config(config_path)
     import keras
     import kfine.model  # noqa: F401  (registers kfine>Preprocess, needed to load model.keras)

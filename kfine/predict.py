@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kfine.evaluate import prediction_rows, write_csv
-from kfine.rundir import read_json
+from kfine.rundir import missing_run_file, read_json
 
 
 def predict_files(model, paths, class_names, image_size, batch_size: int = 32, top_k: int = 5,
@@ -98,10 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=5)
     args = ap.parse_args(argv)
     run = Path(args.run)
-    for need in ("model.keras", "class_names.json"):
-        if not (run / need).exists():
-            print(f"kfine.predict: {run / need} not found: is {run} a finished kfine run?", file=sys.stderr)
-            return 2
+    missing = missing_run_file(run, ("model.keras", "class_names.json"))
+    if missing:
+        print(f"kfine.predict: {missing}", file=sys.stderr)
+        return 2
     try:
         paths = collect_paths(args.images)
     except FileNotFoundError as e:

@@ -25,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 
+def missing_run_file(run_dir: str | os.PathLike, names) -> str | None:
+    """The CLI message for the first of ``names`` missing from ``run_dir``, or None if all are there."""
+    for name in names:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            return f"{path} not found: is {run_dir} a finished kfine run directory?"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
     p = Path(path)

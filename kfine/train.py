@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kfine.config import Config, ConfigError, load_config, replace, save_config, to_dict
+from kfine.config import Config, ConfigError, cli_error, load_config, replace, save_config, to_dict
 from kfine.rundir import atomic_write_text, read_json, write_json
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -445,10 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
             run(cfg, overwrite=args.overwrite)
     except (ConfigError, TrainingError, ValueError, FileNotFoundError) as e:
-        if os.environ.get("KFINE_DEBUG"):
-            raise
-        print(f"kfine: error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(e)
     return 0
 
 

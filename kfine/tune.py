@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from kfine.config import Config, ConfigError, load_config, replace, to_dict
+from kfine.config import Config, ConfigError, cli_error, load_config, replace, to_dict
 from kfine.rundir import atomic_write_bytes, atomic_write_text
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
@@ -636,10 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = pin_overrides(load_config(args.config or DEMO_CONFIG, overrides), overrides)
             search(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except (ConfigError, SearchError, ValueError, FileNotFoundError) as e:
-        if os.environ.get("KFINE_DEBUG"):
-            raise
-        print(f"kfine: error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(e)
     return 0
 
 

@@ -266,7 +266,7 @@ def test_too_few_images_for_stratified_split(tmp_path):
 
 # ----------------------------------------------------------------------------- tfds
 def test_tfds_mock_gives_batches_and_builder_classes():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=24):
         cfg = DataConfig(source="tfds", name="beans", image_size=(32, 32), batch_size=5,
                          download=False, test_split="test", augment=AugmentConfig(rotation=10))
@@ -284,7 +284,6 @@ def test_tfds_mock_gives_batches_and_builder_classes():
 
 
 def test_tfds_missing_without_download_says_where(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     cfg = DataConfig(source="tfds", name="beans", download=False, data_dir=str(tmp_path / "tfds"))
     with pytest.raises(data.DataError) as e:
         data.make_datasets(cfg)

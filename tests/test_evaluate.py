@@ -159,15 +159,6 @@ def test_evaluate_run_with_given_model_falls_back_to_val(tiny_model, tmp_path, c
     assert (run / "report.html").exists()
 
 
-def _has_data_module() -> bool:
-    try:
-        import kfine.data  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not _has_data_module(), reason="kfine.data not available yet")
 def test_evaluate_cli_end_to_end(tiny_model, tmp_path):
     """One subprocess: the run's config points at a folder that has moved; --data finds it."""
     from conftest import make_folder

@@ -10,9 +10,7 @@ from PIL import Image
 
 from conftest import write_image
 
-pytest.importorskip("kfine.data")
-
-from kfine.predict import collect_paths, main, predict_files  # noqa: E402
+from kfine.predict import collect_paths, main, predict_files
 
 NAMES = ["cat", "dog", "fox"]
 
