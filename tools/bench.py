@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 MAKER = REPO.parent / "shared" / "tools" / "make_photo_dataset.py"
 
@@ -42,23 +44,18 @@ def photo_dataset(per_class: int, classes: int) -> Path:
     return root
 
 
-class EpochTimer:
-    """A Keras callback that records the wall time of every epoch (validation included)."""
+class EpochTimer(keras.callbacks.Callback):
+    """Records the wall time of every epoch (validation included)."""
 
-    def __new__(cls):
-        import keras
+    def __init__(self):
+        super().__init__()
+        self.times = []
 
-        class _Timer(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.times = []
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self._t = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.times.append(time.perf_counter() - self._t)
-        return _Timer()
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._t)
 
 
 def pass_times(ds, epochs: int) -> list[float]:
@@ -73,7 +70,6 @@ def pass_times(ds, epochs: int) -> list[float]:
 
 
 def reference(train_dir: Path, size, batch_size: int, seed: int):
-    import keras
     import tensorflow as tf
     train, val = keras.utils.image_dataset_from_directory(
         train_dir, validation_split=0.2, subset="both", seed=seed, image_size=size,
@@ -109,7 +105,6 @@ def main(argv=None) -> int:
     root = Path(args.data) if args.data else photo_dataset(args.per_class, args.classes)
     size = (args.image_size, args.image_size)
 
-    import keras
     from kfine import train as ktrain
     from kfine.data import make_datasets
     from kfine.model import build_model
