@@ -56,14 +56,12 @@ class ExportError(ValueError):
 def decode_and_resize(data, image_size):
     """Encoded image bytes -> float32 [H, W, 3] RGB 0..255 at ``image_size``.
 
-    The same calls as kfine.data's training pipeline (decode to uint8, bilinear antialiased
-    resize in float32, clip, round to whole values); tests/test_export.py checks that the two agree.
+    kfine.data's own decode and resize (uint8, bilinear antialiased resize in float32, clipped and
+    rounded), so serving sees the pixels training saw; tests/test_export.py checks the two agree.
     """
     import tensorflow as tf
-    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, 3])
-    image = tf.image.resize(tf.cast(image, tf.float32), image_size, method="bilinear", antialias=True)
-    return tf.round(tf.clip_by_value(image, 0.0, 255.0))
+    from kfine.data import _decode, _resize
+    return tf.cast(_resize(_decode(data), image_size), tf.float32)
 
 
 # ----------------------------------------------------------------------------- SavedModel
