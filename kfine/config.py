@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Per-epoch augmentation of training images (each switchable; 0 / false = off)."""
+    """Per-epoch augmentation of training images (each switchable; 0 / false = off).
+    torchvision semantics: the crop is cut from the cached image (larger than the crop), colour
+    jitter factors are multiplicative (ColorJitter); see kfine.pipeline."""
     enabled: bool = True
     random_resized_crop: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)    # area fraction range of the crop
@@ -36,10 +38,10 @@ class AugmentConfig:
     translation: float = 0.0                        # max shift as a fraction of the size
     zoom: float = 0.0                               # affine scale jitter (fraction)
     shear: float = 0.0                              # affine shear (radians)
-    brightness: float = 0.0                         # colour jitter strengths
+    brightness: float = 0.0                         # ColorJitter: factor in [1-x, 1+x]
     contrast: float = 0.0
     saturation: float = 0.0
-    hue: float = 0.0
+    hue: float = 0.0                                # hue shift in [-x, x] (x <= 0.5)
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,14 @@ class DataConfig:
     download: bool = True                            # tfds: allow download_and_prepare
     val_fraction: float = 0.2                        # stratified validation share of train
     test_fraction: float = 0.1                       # single layout: held-out test share
-    image_size: tuple[int, int] = (224, 224)
+    splits: Optional[str] = None                     # a splits.csv to use instead of drawing a split
+    image_size: tuple[int, int] = (224, 224)         # what the model sees (the crop)
+    cache_size: Union[int, tuple[int, int], None] = None  # shorter side (default round(1.143*crop)) or [H, W]
+    eval_transform: Literal["resize_center_crop", "squash"] = "resize_center_crop"
     batch_size: int = 32
-    shuffle_buffer: int = 2048
-    cache: bool = True                               # cache decoded+resized images (memory)
+    cache: Literal["memory", "disk", "none"] = "memory"  # where decoded images are kept
+    cache_dir: Optional[str] = None                  # disk cache root (default $KFINE_CACHE/images)
+    max_pixels: Optional[int] = 40_000_000           # refuse larger images by their header
     deterministic: bool = False                      # deterministic tf.data (slower)
     on_bad_image: Literal["skip", "stop"] = "skip"
     check: bool = True                               # audit the data before training

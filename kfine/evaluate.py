@@ -220,9 +220,10 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
         cfg = load_config(run_dir / "config.yaml")
         if data_root is not None:
             cfg = replace(cfg, [f"data.root={data_root}"])
-    if datasets is None:
+    if datasets is None:   # the run's own split (splits.csv), not one re-drawn from the seed
         from kfine import data as kdata
-        datasets = kdata.make_datasets(cfg.data, cfg.seed)
+        saved = run_dir / "splits.csv"
+        datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None)
     if model is None:
         import keras
         import kfine.model  # noqa: F401  (registers the custom layers)

@@ -9,10 +9,12 @@ SavedModel signatures (class names are stored in the graph as a constant):
 
     serving_default  image_bytes: string [N]  (encoded JPEG / PNG / GIF / BMP / WebP, any size)
       -> probabilities float32 [N, C], class_index int64 [N], class_name string [N], valid bool [N]
-      Each image is decoded (3 channels, first GIF frame) and resized to the training size with
-      tf.image.resize(bilinear, antialias=True), clipped and rounded to whole 0..255, as kfine.data does.
-      An image that fails to decode (empty, truncated, corrupt, not an image) does not fail the
-      batch: it gets valid=False, probabilities all 0, class_index -1 and class_name "".
+      Each image goes through the run's eval transform (kfine.pipeline.eval_image: decode with 3
+      channels, first GIF frame; resize to the cache size; centre crop or squash to the training
+      size), the same function evaluation and prediction use. An image that fails to decode (empty,
+      truncated, corrupt, not an image) or whose header claims more than data.max_pixels does not
+      fail the batch: it gets valid=False, probabilities all 0, class_index -1 and class_name "".
+      An empty batch gets empty outputs.
     serving_tensor   image: float32 [N, H, W, 3], RGB 0..255 at the training size
       -> probabilities, class_index, class_name
 
@@ -53,19 +55,33 @@ class ExportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- image decoding
-def decode_and_resize(data, image_size):
-    """Encoded image bytes -> float32 [H, W, 3] RGB 0..255 at ``image_size``.
-
-    kfine.data's own decode and resize (uint8, bilinear antialiased resize in float32, clipped and
-    rounded), so serving sees the pixels training saw; tests/test_export.py checks the two agree.
-    """
+def serving_image(data, image_size, transform: dict | None = None):
+    """Encoded image bytes -> float32 [H, W, 3] RGB 0..255 at ``image_size``: kfine.pipeline's
+    eval transform (decode, resize to the cache size, centre crop or squash), the very function
+    evaluation and prediction use, so serving sees the pixels evaluation saw. An image whose
+    header claims more than ``max_pixels`` fails before it is decoded (a decompression bomb).
+    ``transform``: {"cache_size", "eval_transform", "max_pixels"} of the run's data section."""
     import tensorflow as tf
-    from kfine.data import _decode, _resize
-    return tf.cast(_resize(_decode(data), image_size), tf.float32)
+    from kfine.pipeline import eval_image, header_pixels
+    t = {"cache_size": None, "eval_transform": "resize_center_crop", "max_pixels": None, **(transform or {})}
+    checks = []
+    if t["max_pixels"]:
+        checks.append(tf.debugging.assert_less_equal(header_pixels(data), tf.constant(int(t["max_pixels"]), tf.int64),
+                                                     message="image larger than max_pixels"))
+    with tf.control_dependencies(checks):
+        data = tf.identity(data)
+    return eval_image(data, image_size, t["cache_size"], t["eval_transform"])
+
+
+def transform_of(data_cfg) -> dict:
+    """The serving transform of a run's data section (what ``serving_image`` takes)."""
+    size = data_cfg.cache_size
+    return {"cache_size": list(size) if isinstance(size, (list, tuple)) else size,
+            "eval_transform": data_cfg.eval_transform, "max_pixels": data_cfg.max_pixels}
 
 
 # ----------------------------------------------------------------------------- SavedModel
-def _serving_fns(model, class_names, image_size):
+def _serving_fns(model, class_names, image_size, transform=None):
     """The two signature functions: (bytes_fn, tensor_fn)."""
     import tensorflow as tf
     h, w = int(image_size[0]), int(image_size[1])
@@ -86,7 +102,7 @@ def _serving_fns(model, class_names, image_size):
         # the others stay black and are masked out below.
         n = tf.shape(image_bytes)[0]
         ds = tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
-        ds = ds.map(lambda i, data: (i, decode_and_resize(data, (h, w)))).ignore_errors()
+        ds = ds.map(lambda i, data: (i, serving_image(data, (h, w), transform))).ignore_errors()
         ds = ds.batch(tf.cast(tf.maximum(n, 1), tf.int64))   # one batch, or none if all failed
         empty = (tf.zeros([0], tf.int32), tf.zeros([0, h, w, 3], tf.float32))
         index, decoded = ds.reduce(empty, lambda _, batch: batch)
@@ -103,11 +119,11 @@ def _serving_fns(model, class_names, image_size):
     return bytes_fn, tensor_fn
 
 
-def _write_saved_model(model, class_names, image_size, out_dir: Path) -> Path:
+def _write_saved_model(model, class_names, image_size, out_dir: Path, transform=None) -> Path:
     import keras
     import tensorflow as tf
     h, w = int(image_size[0]), int(image_size[1])
-    bytes_fn, tensor_fn = _serving_fns(model, class_names, image_size)
+    bytes_fn, tensor_fn = _serving_fns(model, class_names, image_size, transform)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", bytes_fn,
@@ -207,12 +223,13 @@ def _write_keras(model, out_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------- public API
 def export_model(model, class_names, image_size, out_dir, formats=("saved_model",),
-                 check_images=None) -> dict[str, str]:
+                 check_images=None, transform=None) -> dict[str, str]:
     """Write ``model`` in each of ``formats`` under ``out_dir``; returns {format: written path}.
 
     ``model`` takes float 0..255 RGB at ``image_size`` and returns softmax probabilities
     (kfine.model.build_model). ``check_images`` (float32 [N, H, W, 3]) is what the ONNX export
-    is checked on; by default a fixed synthetic batch.
+    is checked on; by default a fixed synthetic batch. ``transform``: the run's eval transform
+    (``transform_of(cfg.data)``) that the SavedModel's image-bytes signature applies.
     """
     formats = tuple(dict.fromkeys(formats))   # unique, in order
     unknown = [f for f in formats if f not in FORMATS]
@@ -227,11 +244,11 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
     import keras
     if keras.backend.backend() != "tensorflow" and set(formats) - {"keras"}:
         written = _export_in_tensorflow(model, class_names, image_size, out_dir,
-                                        [f for f in formats if f != "keras"], check_images)
+                                        [f for f in formats if f != "keras"], check_images, transform)
         formats = [f for f in formats if f == "keras"]
     for fmt in formats:
         if fmt == "saved_model":
-            written[fmt] = str(_write_saved_model(model, class_names, image_size, out_dir))
+            written[fmt] = str(_write_saved_model(model, class_names, image_size, out_dir, transform))
         elif fmt == "onnx":
             data = onnx_bytes(model, image_size, check_images)
             atomic_write_bytes(out_dir / "model.onnx", data)
@@ -241,7 +258,7 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
     return written
 
 
-def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats, check_images):
+def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats, check_images, transform=None):
     """export_model in a subprocess on the TensorFlow backend (see the module docstring)."""
     import json
     import subprocess
@@ -249,7 +266,8 @@ def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats
         tmp = Path(tmp)
         model.save(tmp / "model.keras")
         spec = {"model": str(tmp / "model.keras"), "class_names": class_names,
-                "image_size": [int(v) for v in image_size], "out_dir": str(out_dir), "formats": list(formats)}
+                "image_size": [int(v) for v in image_size], "out_dir": str(out_dir), "formats": list(formats),
+                "transform": transform}
         if check_images is not None:
             np.save(tmp / "check.npy", np.asarray(check_images, np.float32))
             spec["check_images"] = str(tmp / "check.npy")
@@ -270,7 +288,7 @@ def _export_child(spec_path: str) -> None:
     model = keras.saving.load_model(spec["model"], compile=False, safe_mode=True)
     check = np.load(spec["check_images"]) if "check_images" in spec else None
     written = export_model(model, spec["class_names"], spec["image_size"], spec["out_dir"],
-                           spec["formats"], check)
+                           spec["formats"], check, spec.get("transform"))
     Path(spec_path).with_name("written.json").write_text(json.dumps(written))
 
 
@@ -293,7 +311,7 @@ def export_run(run_dir, formats=None, out_dir=None) -> dict[str, str]:
                           f"takes {list(model.input_shape[1:3])}")
     return export_model(model, read_json(names_path), image_size,
                         out_dir if out_dir is not None else run_dir / "export",
-                        formats if formats else cfg.export.formats)
+                        formats if formats else cfg.export.formats, transform=transform_of(cfg.data))
 
 
 def main(argv=None) -> int:

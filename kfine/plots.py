@@ -188,3 +188,28 @@ def plot_predictions_grid(images_uint8, true, pred, class_names, out_path, n: in
     fig.suptitle(f"{n_right} of {len(pick)} correct (wrong ones in red)", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------- data samples
+def plot_samples(files, class_name: str, out_path, n: int = 10, seed: int = 0) -> Path:
+    """A grid of ``n`` random images (paths or (path, label) pairs) titled with the class name."""
+    from kfine.pipeline import load_images
+    paths = [f[0] if isinstance(f, (tuple, list)) else f for f in files]
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(paths), size=min(n, len(paths)), replace=False)) if paths else []
+    cols = min(5, max(1, len(pick)))
+    rows = max(1, math.ceil(len(pick) / cols))
+    fig = Figure(figsize=(2 * cols, 2 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    images, ok, _ = load_images([paths[i] for i in pick], (128, 128), cache_size=128)
+    shown = dict(zip(ok, images))
+    for ax, i in zip(axes.flat, pick):
+        if paths[i] in shown:
+            ax.imshow(shown[paths[i]])
+        else:
+            ax.text(0.5, 0.5, "unreadable", ha="center")
+        ax.set_title(Path(paths[i]).name, fontsize=7)
+    fig.suptitle(class_name)
+    return save_figure(fig, out_path, dpi=80)

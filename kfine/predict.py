@@ -21,22 +21,24 @@ from kfine.rundir import missing_run_file, read_json
 
 
 def predict_files(model, paths, class_names, image_size, batch_size: int = 32, top_k: int = 5,
-                  verbose: int = 1):
+                  verbose: int = 1, transform: dict | None = None):
     """Classify image files in batches. Returns (rows, bad).
 
     rows: one dict per readable image, in the order given (file, predicted_class, confidence,
-    top1_class, top1_score, ...); bad: [(path, reason)] for images that could not be decoded.
+    top1_class, top1_score, ...); bad: [(path, reason)] for images that could not be decoded or
+    are above the pixel limit. ``transform``: the run's eval transform (``run_transform``), the
+    one evaluation and the exported model use.
     """
     import keras
 
-    from kfine.data import load_images
+    from kfine.pipeline import load_images
 
     paths = [str(p) for p in paths]
     rows, bad = [], []
     bar = keras.utils.Progbar(len(paths), unit_name="image") if verbose and paths else None
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        images, ok_paths, chunk_bad = load_images(chunk, tuple(image_size))
+        images, ok_paths, chunk_bad = load_images(chunk, tuple(image_size), **(transform or {}))
         bad.extend(chunk_bad)
         if len(ok_paths):
             probs = np.asarray(model.predict_on_batch(np.asarray(images, dtype=np.float32)))
@@ -49,7 +51,7 @@ def predict_files(model, paths, class_names, image_size, batch_size: int = 32, t
 def collect_paths(items) -> list[str]:
     """Folders -> their image files (sorted); files -> themselves, whatever their extension;
     missing -> FileNotFoundError. Duplicates are dropped."""
-    from kfine.data import list_images
+    from kfine.sources import list_images
 
     out = []
     for item in items:
@@ -89,6 +91,13 @@ def load_run_model(run_dir):
     return model, class_names, image_size
 
 
+def run_transform(run_dir) -> dict:
+    """The eval transform of a run (cache size, eval transform, pixel limit) from its config."""
+    from kfine.config import load_config
+    from kfine.export import transform_of
+    return transform_of(load_config(Path(run_dir) / "config.yaml").data)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kfine.predict", description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="run directory (model.keras, class_names.json)")
@@ -111,7 +120,8 @@ def main(argv=None) -> int:
         print(f"kfine.predict: no image files found in {args.images}", file=sys.stderr)
         return 2
     model, class_names, image_size = load_run_model(run)
-    rows, bad = predict_files(model, paths, class_names, image_size, args.batch_size, args.top_k)
+    rows, bad = predict_files(model, paths, class_names, image_size, args.batch_size, args.top_k,
+                              transform=run_transform(run) if (run / "config.yaml").exists() else None)
     for p, why in bad:
         print(f"kfine.predict: unreadable image {p}: {why}", file=sys.stderr)
     rows = rows + [{"file": p, "error": why} for p, why in bad]

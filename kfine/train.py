@@ -351,6 +351,8 @@ def build_training(cfg: Config, datasets):
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory."""
     from kfine import data as kdata
+    from kfine.audit import format_check
+    from kfine.sources import write_splits
 
     spans = phase_spans(cfg)   # check the phase list before spending time on data
     if resume is not None:
@@ -361,12 +363,16 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
     print(f"kfine: run directory {run_dir}", flush=True)
     setup_backend(cfg)
 
-    if cfg.data.check and resume is None:
-        report = kdata.check_data(cfg.data, cfg.seed, image_size=cfg.data.image_size)
-        write_json(run_dir / "data_check.json", report)
-        print(kdata.format_check(report), flush=True)
-    datasets = kdata.make_datasets(cfg.data, cfg.seed)
+    saved = run_dir / "splits.csv"
+    datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if resume and saved.exists() else None,
+                                   verbose=True)
     write_json(run_dir / "class_names.json", datasets.class_names)
+    if resume is None:
+        write_splits(datasets.index, saved)
+    if cfg.data.check and resume is None:
+        report = kdata.check_data(cfg.data, cfg.seed, datasets=datasets)
+        write_json(run_dir / "data_check.json", report)
+        print(format_check(report), flush=True)
     if datasets.skipped:
         atomic_write_text(run_dir / "skipped_files.txt",
                           "".join(f"{p}\t{why}\n" for p, why in datasets.skipped))
@@ -417,7 +423,7 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -
             export = None
         if export is not None:
             export.export_model(model, datasets.class_names, cfg.data.image_size, run_dir / "export",
-                                formats=cfg.export.formats)
+                                formats=cfg.export.formats, transform=export.transform_of(cfg.data))
     try:
         from kfine import report
         report.write_report(run_dir)

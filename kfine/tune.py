@@ -270,6 +270,23 @@ def trial_datasets(cfg: Config):
     return _DATA_CACHE[key]
 
 
+def pin_split(cfg: Config, search_dir: Path) -> Config:
+    """Draw the split once for the whole search (search_dir/splits.csv, as a run's) and point
+    ``data.splits`` at it: every trial, and best.yaml trained later, use exactly that split even
+    if the folder changes. Every process of a distributed search draws the same split (same
+    seed) and writes the same file atomically."""
+    from kfine.rundir import write_json
+    from kfine.sources import write_splits
+    if cfg.data.splits is not None:
+        return cfg
+    path = search_dir / "splits.csv"
+    if not path.exists():
+        datasets = trial_datasets(cfg)
+        write_json(search_dir / "class_names.json", datasets.class_names)
+        write_splits(datasets.index, path)
+    return replace(cfg, [f"data.splits={path.resolve()}"])
+
+
 # ----------------------------------------------------------------------------- KerasTuner glue
 def _hypermodel_class():
     import keras_tuner as kt
@@ -561,6 +578,7 @@ def search(cfg: Config, search_dir: Path | None = None, resume: bool = False,
     search_dir.mkdir(parents=True, exist_ok=True)
     if not is_distributed() or is_chief():
         save_config(cfg, search_dir / "config.yaml")
+    cfg = pin_split(cfg, search_dir)
     direction = objective_direction(cfg.search)
     role = f" as {os.environ.get('KERASTUNER_TUNER_ID')}" if is_distributed() else ""
     print(f"kfine: search directory {search_dir}{role}: {cfg.search.tuner} search over "

@@ -1,4 +1,5 @@
-"""kfine.data: folder layouts, stratified splits, formats, bad input, tfds (mocked), audit, digits, CLI."""
+"""kfine.data (+ kfine.sources, kfine.audit): folder layouts, stratified splits, formats, bad input,
+tfds (mocked), audit, digits, CLI. The pipeline itself is tested in test_pipeline.py."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_folder, write_image
-from kfine import data
+from kfine import audit, data, pipeline, sources
 from kfine.config import AugmentConfig, DataConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,9 +77,8 @@ def test_cache_holds_uint8_and_unaugmented_batches_are_its_whole_values(image_fo
     cfg = cfg_for(image_folder, augment=AugmentConfig(enabled=False))
     ds = data.make_datasets(cfg, seed=0)
     files = ds.files["val"]
-    cached = data.files_dataset(files, (32, 32))
-    assert cached.element_spec[0].dtype.name == "uint8"
-    want = np.stack([x.numpy() for x, _ in cached])
+    assert ds.cache.pixels.dtype == np.uint8
+    want = np.stack([pipeline.center_crop(ds.cache.get(ds.cache.slot[p]), (32, 32)).numpy() for p, _ in files])
     got = np.concatenate([x.numpy() for x, _ in ds.val])
     np.testing.assert_array_equal(got, want.astype(np.float32))
 
@@ -143,7 +143,7 @@ def _write_formats(folder: Path) -> dict[str, tuple]:
 def test_formats_decode_to_rgb_uint8_of_the_right_size(tmp_path):
     expected = _write_formats(tmp_path / "f")
     for name, colour in expected.items():
-        arr = data.load_image(str(tmp_path / "f" / name), (32, 32))
+        arr = pipeline.load_image(str(tmp_path / "f" / name), (32, 32))
         assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8, name
         if colour is not None:
             np.testing.assert_allclose(arr.reshape(-1, 3).mean(0), colour, atol=4, err_msg=name)
@@ -161,14 +161,14 @@ def test_load_images_and_list_images(tmp_path):
     _write_formats(tmp_path / "f" / "sub")
     (tmp_path / "f" / "notes.txt").write_text("hi")
     (tmp_path / "f" / "bad.jpg").write_bytes(b"not a jpeg")
-    paths = data.list_images(str(tmp_path / "f"))
+    paths = sources.list_images(str(tmp_path / "f"))
     assert paths == sorted(paths) and len(paths) == 10 and not any(p.endswith(".txt") for p in paths)
-    arr, ok, bad = data.load_images(paths, (16, 16))
+    arr, ok, bad = pipeline.load_images(paths, (16, 16))
     assert arr.shape == (9, 16, 16, 3) and arr.dtype == np.uint8
     assert bad == [(str(tmp_path / "f" / "bad.jpg"), bad[0][1])] and "not an image" in bad[0][1]
     assert len(ok) == 9
     with pytest.raises(data.BadImageError) as e:
-        data.load_image(str(tmp_path / "f" / "bad.jpg"), (16, 16))
+        pipeline.load_image(str(tmp_path / "f" / "bad.jpg"), (16, 16))
     assert e.value.path.endswith("bad.jpg")
 
 
@@ -319,7 +319,7 @@ def test_check_data_finds_exactly_the_planted_problems(tmp_path):
     assert [u["path"] for u in report["unreadable"]] == [planted["broken"]]
     assert report["too_small"] == [{"path": planted["small"], "size": [10, 12]}]
     assert report["too_few"] == []
-    text = data.format_check(report)
+    text = audit.format_check(report)
     assert "LEAKAGE" in text and planted["leak"][0] in text and planted["broken"] in text
 
 
@@ -334,7 +334,8 @@ def test_check_data_imbalance_and_too_few(tmp_path):
 
 def test_plot_samples_writes_a_png(image_folder, tmp_path):
     files = [(str(p), 0) for p in sorted((image_folder / "cat").iterdir())]
-    out = data.plot_samples(files, "cat", tmp_path / "plots" / "samples_cat.png", n=4, seed=0)
+    from kfine.plots import plot_samples
+    out = plot_samples(files, "cat", tmp_path / "plots" / "samples_cat.png", n=4, seed=0)
     raw = Path(out).read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 1000
     with Image.open(out) as im:
@@ -344,7 +345,7 @@ def test_plot_samples_writes_a_png(image_folder, tmp_path):
 # ----------------------------------------------------------------------------- digits
 def test_digits_written_once_and_used_as_single_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("KFINE_CACHE", str(tmp_path / "cache"))
-    root = Path(data.ensure_digits())
+    root = Path(sources.ensure_digits())
     assert root == tmp_path / "cache" / "digits"
     assert sorted(d.name for d in root.iterdir()) == [str(i) for i in range(10)]
     files = list(root.rglob("*.png"))
@@ -352,7 +353,7 @@ def test_digits_written_once_and_used_as_single_layout(tmp_path, monkeypatch):
     with Image.open(files[0]) as im:
         assert im.size == (32, 32) and im.mode == "L"
     mtime = files[0].stat().st_mtime_ns
-    assert data.ensure_digits() == str(root) and files[0].stat().st_mtime_ns == mtime   # idempotent
+    assert sources.ensure_digits() == str(root) and files[0].stat().st_mtime_ns == mtime   # idempotent
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".digits-")]      # no temp left
     ds = data.make_datasets(DataConfig(source="digits", image_size=(16, 16), augment=NO_AUG), seed=0)
     assert ds.class_names == [str(i) for i in range(10)]
@@ -398,7 +399,7 @@ def test_class_with_only_unreadable_images(image_folder):
 def test_huge_image_decodes_and_resizes(tmp_path):
     """A 6000x4000 photo-sized image goes through the same decode+resize as any other."""
     from PIL import Image
-    from kfine.data import load_image
+    from kfine.pipeline import load_image
     arr = np.zeros((4000, 6000, 3), np.uint8)
     arr[:, 3000:] = 255
     p = tmp_path / "huge.jpg"

@@ -1,0 +1,551 @@
+"""Images to tensors: decode once, cache a little larger than the crop, view per epoch.
+
+    file index -> decode -> resize to the cache size (aspect kept) -> uint8 cache (memory | disk | none)
+      train, every epoch: permutation of the WHOLE index -> random-resized-crop / flip / affine /
+                          colour jitter from the cached image -> batch -> prefetch
+      val / test:         the eval transform of the cached image, in index order -> batch -> prefetch
+
+Cache size (``data.cache_size``): by default the shorter side becomes ``round(1.143 * crop)``
+(256 for a 224 crop) with the aspect ratio kept, so a random crop is cut from an image larger than
+the crop, as torchvision's RandomResizedCrop cuts from the file, instead of from an image already
+squashed to the crop size and scaled back up. ``[H, W]`` caches at exactly that size (squashed).
+
+Eval transform (``data.eval_transform``), the ONE function evaluate, predict and the exported
+serving signature use: ``resize_center_crop`` = shorter side to the cache size, centre crop
+(torchvision's Resize(256) + CenterCrop(224)); ``squash`` = the cached image resized to
+``image_size`` (what the VLG-50 project's Resize((224, 224)) does; cache_size: [224, 224] makes
+it exactly that).
+
+Colour jitter has torchvision's ColorJitter semantics: brightness, contrast and saturation are
+multiplicative factors drawn from [max(0, 1 - x), 1 + x] (brightness scales pixel values, contrast
+blends with the mean grey level, saturation with the greyscale image), hue is a shift drawn from
+[-x, x] of the colour circle, and the four are applied in a random order per image.
+
+Map functions use ``tf.*`` only (keras.ops break inside tf.data under the JAX backend); every
+random choice is stateless, from a per-image seed. Images leave the pipeline as float32 0..255:
+the model does its own preprocessing.
+
+The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image
+(``ImageCache``). ``memory`` keeps it in RAM; ``disk`` writes it once under
+``data.cache_dir`` (default ``$KFINE_CACHE/images``, i.e. ~/.cache/kfine/images/<key>/), keyed by
+the file list (content hashes) and the cache size, and maps it back in later runs, tune trials
+and comparisons of the same data, so a set larger than RAM trains at cached speed and a second
+run decodes nothing. Delete the folder to clear it. ``none`` decodes every file every epoch.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from kfine.sources import BadImageError, scan_files
+
+CACHE_VERSION = 1            # bump when what the cache holds changes (the resize below)
+CROP_RATIO = 3 / 4, 4 / 3    # torchvision RandomResizedCrop's default aspect-ratio range
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+# ----------------------------------------------------------------------------- single images
+def decode(data: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> uint8 HxWx3 (JPEG incl. CMYK, PNG incl. 16-bit, BMP, GIF first frame, WebP)."""
+    img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    img.set_shape([None, None, 3])
+    return img
+
+
+def resize(img: tf.Tensor, size) -> tf.Tensor:
+    """uint8/float image -> uint8 of ``size``: antialiased bilinear resize in float32, rounded."""
+    out = tf.image.resize(tf.cast(img, tf.float32), size, antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+
+
+def default_cache_size(image_size) -> int:
+    return int(round(1.143 * max(image_size)))
+
+
+def cache_hw(height, width, cache_size, image_size):
+    """The cached (height, width) of an image of (height, width): shorter side to the cache size,
+    long side ``int(cache * long / short)`` as torchvision's Resize(int) does; or the fixed size.
+    Works on Python ints and on tensors alike."""
+    if cache_size is None:
+        cache_size = default_cache_size(image_size)
+    if isinstance(cache_size, (list, tuple)):
+        return int(cache_size[0]), int(cache_size[1])
+    if isinstance(height, int):
+        short, long = min(height, width), max(height, width)
+        other = int(cache_size * long / short)
+        return (cache_size, other) if height <= width else (other, cache_size)
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    other = tf.cast(tf.floor(cache_size * long / short), tf.int32)
+    c = tf.constant(cache_size, tf.int32)
+    return tf.where(h <= w, c, other), tf.where(h <= w, other, c)
+
+
+def to_cache(img: tf.Tensor, cache_size, image_size) -> tf.Tensor:
+    """A decoded image as the cache holds it (uint8, ``cache_hw``)."""
+    shape = tf.shape(img)
+    return resize(img, tf.stack(cache_hw(shape[0], shape[1], cache_size, image_size)))
+
+
+def center_crop(img: tf.Tensor, size) -> tf.Tensor:
+    """torchvision CenterCrop: top = round((H - h) / 2), left = round((W - w) / 2)."""
+    shape = tf.shape(img)
+    top = tf.cast(tf.round((shape[0] - size[0]) / 2), tf.int32)
+    left = tf.cast(tf.round((shape[1] - size[1]) / 2), tf.int32)
+    return tf.slice(img, tf.stack([top, left, 0]), [size[0], size[1], 3])
+
+
+EVAL_TRANSFORMS = {
+    "resize_center_crop": lambda img, size: tf.cast(center_crop(img, size), tf.float32),
+    "squash": lambda img, size: tf.cast(resize(img, size), tf.float32),
+}
+
+
+def eval_view(cached: tf.Tensor, image_size, eval_transform: str) -> tf.Tensor:
+    """The cached image as evaluation, prediction and serving see it: float32 (*image_size, 3)."""
+    out = EVAL_TRANSFORMS[eval_transform](cached, tuple(image_size))
+    out.set_shape([*image_size, 3])
+    return out
+
+
+def eval_image(data: tf.Tensor, image_size, cache_size, eval_transform: str) -> tf.Tensor:
+    """Encoded bytes -> the eval view (what the exported serving signature computes)."""
+    return eval_view(to_cache(decode(data), cache_size, image_size), image_size, eval_transform)
+
+
+# ----------------------------------------------------------------------------- header sizes (serving)
+def _u(data, start, n, little=True):
+    """Unsigned integer from ``n`` bytes of ``data`` at ``start``."""
+    b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, n), tf.uint8), tf.int64)
+    weights = tf.constant([256 ** i for i in (range(n) if little else reversed(range(n)))], tf.int64)
+    return tf.reduce_sum(b * weights)
+
+
+def header_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Width x height from the header of JPEG, PNG, GIF, BMP or WebP bytes, without decoding;
+    -1 when the header is unknown or too short (the decoder then decides). Graph-only ops, so the
+    exported model refuses a decompression bomb before allocating its pixels."""
+    n = tf.strings.length(data)
+    head = tf.strings.substr(data, 0, 4)
+
+    def png():
+        return _u(data, 16, 4, False) * _u(data, 20, 4, False)
+
+    def gif():
+        return _u(data, 6, 2) * _u(data, 8, 2)
+
+    def bmp():
+        h = _u(data, 22, 4)
+        h = tf.where(h >= 2 ** 31, 2 ** 32 - h, h)   # top-down BMPs store a negative height
+        return _u(data, 18, 4) * h
+
+    def webp():
+        kind = tf.strings.substr(data, 12, 4)
+        vp8 = (_u(data, 26, 2) & 0x3FFF) * (_u(data, 28, 2) & 0x3FFF)
+        bits = _u(data, 21, 4)
+        vp8l = ((bits & 0x3FFF) + 1) * (((bits >> 14) & 0x3FFF) + 1)
+        vp8x = (_u(data, 24, 3) + 1) * (_u(data, 27, 3) + 1)
+        return tf.case([(tf.equal(kind, "VP8 "), lambda: vp8), (tf.equal(kind, "VP8L"), lambda: vp8l),
+                        (tf.equal(kind, "VP8X"), lambda: vp8x)], default=lambda: tf.constant(-1, tf.int64))
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return shape[0] * shape[1]
+
+    return tf.case([
+        (n < 30, lambda: tf.constant(-1, tf.int64)),
+        (tf.io.is_jpeg(data), jpeg),
+        (tf.equal(head, b"\x89PNG"), png),
+        (tf.equal(tf.strings.substr(data, 0, 3), b"GIF"), gif),
+        (tf.equal(tf.strings.substr(data, 0, 2), b"BM"), bmp),
+        (tf.logical_and(tf.equal(head, b"RIFF"), tf.equal(tf.strings.substr(data, 8, 4), b"WEBP")), webp),
+    ], default=lambda: tf.constant(-1, tf.int64))
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _uniform(seed, lo, hi, shape=()):
+    return tf.random.stateless_uniform(shape, seed, lo, hi, dtype=tf.float32)
+
+
+def random_resized_crop_box(height, width, seed, scale, ratio=CROP_RATIO, attempts: int = 10):
+    """torchvision RandomResizedCrop.get_params: (top, left, h, w) of a crop of area fraction in
+    ``scale`` and aspect ratio (w/h) log-uniform in ``ratio``; up to 10 tries, then the centre
+    crop with the ratio clamped."""
+    s = tf.random.experimental.stateless_split(seed, 4)
+    H, W = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area = H * W * _uniform(s[0], scale[0], scale[1], [attempts])
+    aspect = tf.exp(_uniform(s[1], math.log(ratio[0]), math.log(ratio[1]), [attempts]))
+    w = tf.round(tf.sqrt(area * aspect))
+    h = tf.round(tf.sqrt(area / aspect))
+    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    first = tf.argmax(tf.cast(ok, tf.int32))          # the first attempt that fits
+    found = tf.reduce_any(ok)
+    ch, cw = tf.gather(h, first), tf.gather(w, first)
+    u = _uniform(s[2], 0.0, 1.0, [2])                 # torch.randint(0, H - h + 1)
+    top = tf.floor(u[0] * (H - ch + 1.0))
+    left = tf.floor(u[1] * (W - cw + 1.0))
+    # fallback: the whole image, cropped to the nearest allowed ratio, centred
+    in_ratio = W / H
+    fw = tf.where(in_ratio < ratio[0], W, tf.where(in_ratio > ratio[1], tf.round(H * ratio[1]), W))
+    fh = tf.where(in_ratio < ratio[0], tf.round(W / ratio[0]), H)
+    box = tf.where(found, tf.stack([top, left, ch, cw]),
+                   tf.stack([tf.floor((H - fh) / 2), tf.floor((W - fw) / 2), fh, fw]))
+    return tf.unstack(tf.cast(box, tf.int32))
+
+
+def random_resized_crop(img, seed, scale, image_size, ratio=CROP_RATIO) -> tf.Tensor:
+    shape = tf.shape(img)
+    top, left, h, w = random_resized_crop_box(shape[0], shape[1], seed, scale, ratio)
+    crop = tf.cast(tf.slice(img, tf.stack([top, left, 0]), tf.stack([h, w, 3])), tf.float32)
+    # Antialiasing changes only a downscale; for an upscale plain bilinear is the same filter and
+    # four times faster (most crops of a cache ~1.14x the crop size are upscaled).
+    return tf.cond((h > image_size[0]) | (w > image_size[1]),
+                   lambda: tf.image.resize(crop, image_size, antialias=True),
+                   lambda: tf.image.resize(crop, image_size))
+
+
+def _grey(x):
+    return tf.image.rgb_to_grayscale(x)   # 0.2989 R + 0.587 G + 0.114 B, as torchvision
+
+
+def color_jitter(x, seed, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
+    """torchvision ColorJitter on a float image in 0..1 (see the module docstring)."""
+    s = tf.random.experimental.stateless_split(seed, 5)
+
+    def factor(i, v):
+        return _uniform(s[i], max(0.0, 1.0 - v), 1.0 + v)
+
+    ops = []
+    if brightness:
+        f = factor(0, brightness)
+        ops.append(lambda x: tf.clip_by_value(x * f, 0.0, 1.0))
+    if contrast:
+        f = factor(1, contrast)
+        ops.append(lambda x: tf.clip_by_value(f * x + (1 - f) * tf.reduce_mean(_grey(x)), 0.0, 1.0))
+    if saturation:
+        f = factor(2, saturation)
+        ops.append(lambda x: tf.clip_by_value(f * x + (1 - f) * _grey(x), 0.0, 1.0))
+    if hue:
+        d = _uniform(s[3], -min(hue, 0.5), min(hue, 0.5))
+        ops.append(lambda x: tf.image.adjust_hue(x, d))
+    if not ops:
+        return x
+    order = tf.argsort(_uniform(s[4], 0.0, 1.0, [len(ops)]))   # a random order per image
+    for k in range(len(ops)):
+        x = tf.switch_case(order[k], [functools.partial(op, x) for op in ops])
+    return x
+
+
+def _affine(img: tf.Tensor, aug, seed: tf.Tensor) -> tf.Tensor:
+    """Random rotation/translation/zoom/shear about the centre as one projective transform."""
+    s = tf.random.experimental.stateless_split(seed, 5)
+    h, w = tf.cast(tf.shape(img)[0], tf.float32), tf.cast(tf.shape(img)[1], tf.float32)
+
+    def u(i, lim):
+        return _uniform(s[i], -lim, lim) if lim else tf.constant(0.0)
+
+    angle = u(0, aug.rotation * math.pi / 180.0)
+    shear = u(1, aug.shear)
+    zoom = 1.0 + u(2, aug.zoom)
+    tx, ty = u(3, aug.translation) * w, u(4, aug.translation) * h
+    # output pixel (x, y) samples input  A @ ((x, y) - c) + c + t,  A = R(angle) @ Shear @ zoom
+    c, sn = tf.cos(angle), tf.sin(angle)
+    k = tf.tan(shear)
+    a00, a01 = c * zoom, (c * k - sn) * zoom
+    a10, a11 = sn * zoom, (sn * k + c) * zoom
+    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+    a02 = cx + tx - a00 * cx - a01 * cy
+    a12 = cy + ty - a10 * cx - a11 * cy
+    transform = tf.stack([a00, a01, a02, a10, a11, a12, 0.0, 0.0])[None]
+    # Keras' own affine_transform is this same raw op, behind a backend switch tf.data cannot use.
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=img[None], transforms=transform, output_shape=tf.shape(img)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    return out[0]
+
+
+def train_view(cached: tf.Tensor, seed: tf.Tensor, aug, image_size, eval_transform: str) -> tf.Tensor:
+    """A cached uint8 image -> one augmented float32 (*image_size, 3) view in 0..255. Stateless:
+    ``seed`` fixes it. Order as in torchvision pipelines: crop, flip, affine, colour."""
+    if not aug.enabled:
+        return eval_view(cached, image_size, eval_transform)
+    s = tf.random.experimental.stateless_split(seed, 4)
+    if aug.random_resized_crop:
+        img = random_resized_crop(cached, s[0], tuple(aug.crop_scale), tuple(image_size))
+    else:
+        img = eval_view(cached, image_size, eval_transform)
+    if aug.flip:
+        img = tf.image.stateless_random_flip_left_right(img, s[1])
+    if aug.rotation or aug.translation or aug.zoom or aug.shear:
+        img = _affine(img, aug, s[2])
+    if aug.brightness or aug.contrast or aug.saturation or aug.hue:
+        img = color_jitter(img / 255.0, s[3], aug.brightness, aug.contrast, aug.saturation, aug.hue) * 255.0
+    img = tf.clip_by_value(img, 0.0, 255.0)
+    img.set_shape([*image_size, 3])
+    return img
+
+
+# ----------------------------------------------------------------------------- the image cache
+class ImageCache:
+    """Every image of an index at its cache size, flat: ``pixels`` (uint8, in RAM or a read-only
+    memory map), and per image ``offsets`` and ``shapes``; ``slot[key]`` is an image's position.
+    With ``pixels`` None (data.cache: none) images are decoded from their files on every read."""
+
+    def __init__(self, keys, offsets, shapes, pixels, cache_size, image_size, path=None):
+        self.keys = list(keys)
+        self.slot = {k: i for i, k in enumerate(self.keys)}
+        self.offsets, self.shapes, self.pixels = offsets, shapes, pixels
+        self.cache_size, self.image_size, self.path = cache_size, tuple(image_size), path
+
+    def __len__(self):
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.pixels is None else int(self.pixels.nbytes)
+
+    def get(self, slot: int) -> np.ndarray:
+        h, w = self.shapes[slot]
+        start = self.offsets[slot]
+        return np.asarray(self.pixels[start:start + h * w * 3]).reshape(h, w, 3)
+
+    def load(self, slot: tf.Tensor) -> tf.Tensor:
+        """tf.data op: slot -> cached uint8 image."""
+        if self.pixels is None:
+            paths = tf.constant(self.keys)
+            img = to_cache(decode(tf.io.read_file(tf.gather(paths, slot))), self.cache_size, self.image_size)
+        else:
+            img = tf.numpy_function(lambda i: self.get(int(i)), [slot], tf.uint8, stateful=False)
+        img.set_shape([None, None, 3])
+        return img
+
+
+def cache_key(keys, info, cfg) -> str:
+    """What the disk cache is keyed by: every file (its content hash) and how it is resized."""
+    files = sorted((k, info[k].sha1 if k in info else "") for k in keys)
+    spec = {"v": CACHE_VERSION, "files": files, "cache_size": cfg.cache_size, "image_size": list(cfg.image_size)}
+    return hashlib.sha1(json.dumps(spec, default=list).encode()).hexdigest()[:20]
+
+
+def cache_root(cfg) -> Path:
+    base = os.environ.get("KFINE_CACHE") or Path.home() / ".cache" / "kfine"
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(base) / "images"
+
+
+def _bad_reason(path: str) -> str:
+    """Why ``path`` cannot be decoded (called only for files the parallel pass dropped)."""
+    import re
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if not data:
+        return "empty file (0 bytes)"
+    try:
+        decode(data)
+    except (tf.errors.OpError, ValueError) as e:
+        msg = getattr(e, "message", None) or str(e)
+        msg = re.sub(r"\s*\[Op:\w+\]", "", re.sub(r"\{\{[^}]*\}\}\s*", "", msg)).strip() or type(e).__name__
+        return msg if "Unknown image file format" not in msg else \
+            "not an image file (content is not JPEG, PNG, BMP, GIF or WebP)"
+    return "could not be decoded"
+
+
+def _decoded(keys, cfg, read=None) -> tf.data.Dataset:
+    """(position, cached uint8 image) for every key that decodes, in parallel, errors dropped."""
+    ds = tf.data.Dataset.from_tensor_slices(list(keys)).enumerate()
+    read = read or (lambda p: decode(tf.io.read_file(p)))
+    ds = ds.map(lambda i, k: (i, to_cache(read(k), cfg.cache_size, cfg.image_size)), num_parallel_calls=AUTOTUNE)
+    return ds.ignore_errors().prefetch(AUTOTUNE)
+
+
+def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> tuple[ImageCache, dict[str, str]]:
+    """Decode every key once (the data check's decode pass) into the cache ``cfg.cache`` says.
+
+    Returns (cache, {key: reason} for keys that failed to decode). ``images`` replaces reading
+    files: a tf.data.Dataset of decoded uint8 images in ``keys`` order (tfds). ``info`` (path ->
+    FileInfo with content hashes) keys the disk cache; a cache found there is mapped, not rebuilt.
+    """
+    keys, info = list(keys), info or {}
+    key = (cache_key(keys, info, cfg), cfg.cache)
+    if images is None and key in _RECENT:    # tune trials, comparisons: decode once per process
+        _RECENT.move_to_end(key)
+        return _RECENT[key]
+    final = cache_root(cfg) / key[0] if cfg.cache == "disk" else None
+    result = _build_cache(keys, cfg, info, images, progress, final)
+    if images is None:
+        _RECENT[key] = result
+        while len(_RECENT) > 2:
+            _RECENT.popitem(last=False)
+    return result
+
+
+# The last caches built in this process (at most two: a cache can be gigabytes), by cache key.
+_RECENT: OrderedDict = OrderedDict()
+BUILT = Counter()   # images decoded into caches in this process (tests assert reuse by it)
+
+
+def _build_cache(keys, cfg, info, images, progress, final):
+    if final is not None and (final / "index.npz").is_file():
+        with np.load(final / "index.npz", allow_pickle=False) as z:
+            saved = dict(zip(z["keys"].tolist(), zip(z["offsets"], z["shapes"])))
+            bad = dict(zip(z["bad_keys"].tolist(), z["bad_reasons"].tolist()))
+        if set(keys) <= set(saved) | set(bad):
+            good = [k for k in keys if k in saved]
+            pixels = np.memmap(final / "pixels.u8", np.uint8, mode="r")
+            return (ImageCache(good, np.array([saved[k][0] for k in good], np.int64),
+                               np.array([saved[k][1] for k in good], np.int32).reshape(-1, 2), pixels,
+                               cfg.cache_size, cfg.image_size, final),
+                    {k: bad[k] for k in keys if k in bad})
+    if cfg.cache == "none" and images is None:   # decode to find bad files, keep nothing
+        ok = {int(i) for i, _ in _decoded(keys, cfg).map(lambda i, img: (i, 0)).as_numpy_iterator()}
+        bad = {k: _bad_reason(k) for i, k in enumerate(keys) if i not in ok}
+        return ImageCache([k for k in keys if k not in bad], None, None, None, cfg.cache_size, cfg.image_size), bad
+
+    estimate = sum(3 * math.prod(cache_hw(i.height, i.width, cfg.cache_size, cfg.image_size))
+                   for i in (info.get(k) for k in keys) if i is not None and i.height)
+    buf = _Buffer(max(estimate, 1 << 16), final)
+    offsets, shapes = np.zeros(len(keys), np.int64), np.zeros((len(keys), 2), np.int32)
+    done = np.zeros(len(keys), bool)
+    source = _decoded(keys, cfg) if images is None else images.enumerate().map(
+        lambda i, img: (i, to_cache(img, cfg.cache_size, cfg.image_size)), num_parallel_calls=AUTOTUNE)
+    for i, img in source.as_numpy_iterator():
+        offsets[i], shapes[i], done[i] = buf.append(img), img.shape[:2], True
+        BUILT["decoded"] += 1
+        if progress is not None:
+            progress(1)
+    bad = {k: (_bad_reason(k) if images is None else "could not be decoded") for k, d in zip(keys, done) if not d}
+    good = [i for i in range(len(keys)) if done[i]]
+    pixels = buf.finish()
+    cache = ImageCache([keys[i] for i in good], offsets[good], shapes[good], pixels,
+                       cfg.cache_size, cfg.image_size)
+    if final is not None:
+        cache = _publish(cache, bad, final, buf)
+    return cache, bad
+
+
+class _Buffer:
+    """A growing flat uint8 buffer in RAM, or in a file for the disk cache."""
+
+    def __init__(self, capacity: int, final: Path | None):
+        self.size, self.tmp = 0, None
+        if final is None:
+            self.data = np.empty(capacity, np.uint8)
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            self.data = np.memmap(self.tmp / "pixels.u8", np.uint8, mode="w+", shape=(capacity,))
+
+    def append(self, img: np.ndarray) -> int:
+        n = img.size
+        if self.size + n > len(self.data):
+            self._grow(max(2 * len(self.data), self.size + n))
+        start = self.size
+        self.data[start:start + n] = img.reshape(-1)
+        self.size += n
+        return start
+
+    def _grow(self, capacity: int):
+        if self.tmp is None:
+            new = np.empty(capacity, np.uint8)
+            new[:self.size] = self.data[:self.size]
+            self.data = new
+        else:
+            self.data.flush()
+            del self.data
+            with open(self.tmp / "pixels.u8", "r+b") as f:
+                f.truncate(capacity)
+            self.data = np.memmap(self.tmp / "pixels.u8", np.uint8, mode="r+", shape=(capacity,))
+
+    def finish(self):
+        if self.tmp is None:
+            return self.data[:self.size].copy() if self.size < len(self.data) // 2 else self.data[:self.size]
+        self.data.flush()
+        del self.data
+        with open(self.tmp / "pixels.u8", "r+b") as f:
+            f.truncate(max(self.size, 1))
+        return None
+
+
+def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCache:
+    """Write the disk cache's index beside its pixels and rename the folder into place."""
+    np.savez(buf.tmp / "index.npz", keys=np.array(cache.keys, dtype=str), offsets=cache.offsets,
+             shapes=cache.shapes, bad_keys=np.array(list(bad), dtype=str),
+             bad_reasons=np.array(list(bad.values()), dtype=str))
+    try:
+        os.replace(buf.tmp, final)
+    except OSError:   # another process published the same cache first: use theirs
+        shutil.rmtree(buf.tmp, ignore_errors=True)
+    cache.pixels, cache.path = np.memmap(final / "pixels.u8", np.uint8, mode="r"), final
+    return cache
+
+
+# ----------------------------------------------------------------------------- datasets
+def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
+                 batch: bool = True) -> tf.data.Dataset:
+    """(float32 image, int32 label) batches of ``files`` (each in the cache).
+
+    train: a new permutation of the whole list every epoch (a shuffle whose buffer holds every
+    index: an exact uniform permutation, not a window over class-ordered files), then an
+    augmented view per image. val/test: the eval view, in the order of ``files``."""
+    slots = np.array([cache.slot[p] for p, _ in files], np.int64)
+    labels = np.array([y for _, y in files], np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((slots, labels))
+    size, aug = tuple(cfg.image_size), cfg.augment
+    if train:
+        ds = ds.shuffle(len(slots), seed=seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda sy, sd: (train_view(cache.load(sy[0]), sd, aug, size, cfg.eval_transform), sy[1]),
+            num_parallel_calls=AUTOTUNE)
+    else:
+        ds = ds.map(lambda s, y: (eval_view(cache.load(s), size, cfg.eval_transform), y),
+                    num_parallel_calls=AUTOTUNE)
+    if batch:
+        ds = ds.batch(cfg.batch_size)
+    options = tf.data.Options()
+    # val/test keep file order (predictions.csv lines up with `files`); train follows the config
+    options.deterministic = bool(cfg.deterministic) if train else True
+    return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+# ----------------------------------------------------------------------------- predict
+def load_images(paths: list[str], image_size, cache_size=None, eval_transform="resize_center_crop",
+                max_pixels=None) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Files -> (uint8 eval views (N, H, W, 3), paths that loaded, [(bad path, reason)]); the same
+    transform as evaluation and the exported model. Images above ``max_pixels`` are refused by
+    their header, undecoded."""
+    scanned = scan_files([str(p) for p in paths], max_pixels)
+    arrays, ok, bad = [], [], []
+    for p in map(str, paths):
+        if isinstance(scanned[p], str):
+            bad.append((p, scanned[p]))
+            continue
+        try:
+            img = eval_image(tf.io.read_file(p), image_size, cache_size, eval_transform)
+        except (tf.errors.OpError, ValueError):
+            bad.append((p, _bad_reason(p)))
+            continue
+        arrays.append(np.round(img.numpy()).astype(np.uint8))
+        ok.append(p)
+    h, w = image_size
+    return (np.stack(arrays) if arrays else np.zeros((0, h, w, 3), np.uint8)), ok, bad
+
+
+def load_image(path: str, image_size, cache_size=None, eval_transform="resize_center_crop",
+               max_pixels=None) -> np.ndarray:
+    """One image file -> its uint8 eval view; raises BadImageError(path, reason)."""
+    arr, _, bad = load_images([path], image_size, cache_size, eval_transform, max_pixels)
+    if bad:
+        raise BadImageError(*bad[0])
+    return arr[0]
