@@ -151,9 +151,9 @@ def header_pixels(data: tf.Tensor) -> tf.Tensor:
 
     def webp():
         kind = tf.strings.substr(data, 12, 4)
-        vp8 = (_u(data, 26, 2) & 0x3FFF) * (_u(data, 28, 2) & 0x3FFF)
+        vp8 = _u(data, 26, 2) % 2 ** 14 * (_u(data, 28, 2) % 2 ** 14)
         bits = _u(data, 21, 4)
-        vp8l = ((bits & 0x3FFF) + 1) * (((bits >> 14) & 0x3FFF) + 1)
+        vp8l = (bits % 2 ** 14 + 1) * (bits // 2 ** 14 % 2 ** 14 + 1)
         vp8x = (_u(data, 24, 3) + 1) * (_u(data, 27, 3) + 1)
         return tf.case([(tf.equal(kind, "VP8 "), lambda: vp8), (tf.equal(kind, "VP8L"), lambda: vp8l),
                         (tf.equal(kind, "VP8X"), lambda: vp8x)], default=lambda: tf.constant(-1, tf.int64))

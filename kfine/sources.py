@@ -201,13 +201,19 @@ def find_folder(root, layout: str = "auto"):
 
 
 # ----------------------------------------------------------------------------- scanning
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from the image header alone, or None if PIL does not know the format."""
+def _header_size(data: bytes) -> tuple[int, int] | str | None:
+    """(height, width) from the image header alone; None if PIL does not know the format; a
+    reason string for an image past PIL's own decompression-bomb limit (~179 megapixels)."""
+    import warnings
     from PIL import Image
     try:
-        with Image.open(io.BytesIO(data)) as im:   # reads the header only; no pixel is decoded
-            w, h = im.size
-            return int(h), int(w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # kfine has its own limit
+            with Image.open(io.BytesIO(data)) as im:   # reads the header only; no pixel is decoded
+                w, h = im.size
+                return int(h), int(w)
+    except Image.DecompressionBombError as e:
+        return f"too large: {e}; it was not decoded"
     except Exception:  # noqa: BLE001 - PIL raises many types for "not an image I know"
         return None
 
@@ -224,6 +230,8 @@ def _scan_one(path: str, max_pixels: int | None) -> FileInfo | str:
     if not data:
         return "empty file (0 bytes)"
     hw = _header_size(data)
+    if isinstance(hw, str):
+        return hw
     if hw and max_pixels and hw[0] * hw[1] > max_pixels:
         return (f"too large: {hw[1]}x{hw[0]} = {hw[0] * hw[1] / 1e6:.0f} megapixels, above "
                 f"data.max_pixels ({max_pixels / 1e6:g} megapixels); it was not decoded")

@@ -1,0 +1,297 @@
+"""kfine.pipeline: the image cache, the whole-index shuffle, crops cut from the larger cached image,
+torchvision's crop / centre-crop / ColorJitter semantics, the one eval transform, the disk cache,
+header sizes. Data tests here use more images than any buffer or cache they pass through."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from kfine import data, pipeline, sources
+from kfine.config import AugmentConfig, DataConfig
+
+NO_AUG = AugmentConfig(enabled=False)
+
+
+def cfg_for(root, **kw) -> DataConfig:
+    kw.setdefault("augment", NO_AUG)
+    kw.setdefault("image_size", (32, 32))
+    kw.setdefault("batch_size", 4)
+    return DataConfig(root=str(root), **kw)
+
+
+# ----------------------------------------------------------------------------- the whole-index shuffle
+@pytest.fixture(scope="module")
+def ordered_folder(tmp_path_factory):
+    """20 classes x 400 tiny images, class by class on disk (8,000: nearly 4x the old 2,048
+    shuffle buffer). Each image is one flat colour that encodes its own number."""
+    root = tmp_path_factory.mktemp("ordered")
+    for c in range(20):
+        (root / f"c{c:02d}").mkdir()
+        for i in range(400):
+            n = c * 400 + i
+            Image.fromarray(np.full((8, 8, 3), (n // 256, n % 256, 7), np.uint8)).save(root / f"c{c:02d}" / f"{i:03d}.png")
+    return root
+
+
+def _numbers(x):
+    x = np.asarray(x)
+    return (x[:, 4, 4, 0].round().astype(int) * 256 + x[:, 4, 4, 1].round().astype(int)).tolist()
+
+
+def test_every_epoch_is_a_permutation_of_the_whole_training_set(ordered_folder):
+    cfg = cfg_for(ordered_folder, image_size=(8, 8), batch_size=64, val_fraction=0.0, test_fraction=0.0)
+    ds = data.make_datasets(cfg, seed=0)
+    assert sum(ds.counts["train"].values()) == 8000
+    epochs = []
+    for _ in range(2):
+        seen, labels = [], []
+        for x, y in ds.train:
+            seen += _numbers(x)
+            labels.append(y.numpy())
+        epochs.append(seen)
+        first = labels[0]
+        assert len(set(first.tolist())) >= 12, f"first batch holds classes {sorted(set(first.tolist()))}"
+        assert sorted(seen) == list(range(8000))                      # each image exactly once
+        assert [n // 400 for n in seen] == np.concatenate(labels).tolist()   # labels travel with images
+    assert epochs[0] != epochs[1]                                      # reshuffled every epoch
+    # the whole order, not a window: images from the last class show up in the first batches
+    assert min(epochs[0][:640]) < 400 and max(epochs[0][:640]) >= 7600
+
+
+# ----------------------------------------------------------------------------- crops from the cache
+def _stripes(h=400, w=600, period=4) -> np.ndarray:
+    cols = (np.arange(w) // (period // 2)) % 2 * 255
+    return np.repeat(np.broadcast_to(cols[None, :, None], (h, w, 1)), 3, axis=2).astype(np.uint8)
+
+
+def test_small_crops_are_cut_from_the_larger_cached_image(tmp_path):
+    """A 600x400 file of 2-pixel stripes. Cached at its own size (shorter side 400), a small random
+    crop keeps the stripes; cut from the image squashed to the crop size first (what kfine did
+    before, data.cache_size: [32, 32] now), they are long gone."""
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(_stripes()).save(tmp_path / "d" / c / f"{i}.png")
+    aug = AugmentConfig(crop_scale=(0.004, 0.004), flip=False)
+    stds = {}
+    for name, size in (("cache", 400), ("squashed", [32, 32])):
+        ds = data.make_datasets(cfg_for(tmp_path / "d", cache_size=size, augment=aug, val_fraction=0.0,
+                                        test_fraction=0.0), seed=0)
+        x = np.concatenate([b.numpy() for b, _ in ds.train])
+        stds[name] = float(x.std(axis=2).mean())   # contrast across each row: the stripes
+    assert stds["cache"] > 60 and stds["squashed"] < 5, stds
+
+
+def test_default_cache_size_keeps_the_aspect_ratio_like_torchvision_resize(tmp_path):
+    assert pipeline.cache_hw(600, 800, None, (224, 224)) == (256, 341)     # int(256 * 800 / 600)
+    assert pipeline.cache_hw(800, 600, None, (224, 224)) == (341, 256)
+    assert pipeline.cache_hw(600, 800, [240, 300], (224, 224)) == (240, 300)
+    h, w = pipeline.cache_hw(tf.constant(600), tf.constant(800), None, (224, 224))
+    assert (int(h), int(w)) == (256, 341)
+    img = pipeline.to_cache(tf.zeros([600, 800, 3], tf.uint8), None, (224, 224))
+    assert img.shape == (256, 341, 3) and img.dtype == tf.uint8
+
+
+def test_random_resized_crop_box_follows_torchvision():
+    """Area fraction in `scale`, aspect ratio in [3/4, 4/3], inside the image; the fallback is
+    the centre crop with the ratio clamped (torchvision RandomResizedCrop.get_params)."""
+    boxes = np.array([[int(v) for v in pipeline.random_resized_crop_box(256, 341, tf.constant([s, 1]), (0.08, 1.0))]
+                      for s in range(400)])
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 256).all() and (left + w <= 341).all()
+    area = h * w / (256 * 341)
+    assert area.min() >= 0.075 and area.max() <= 1.0 and area.min() < 0.15 and area.max() > 0.8
+    ratio = w / h
+    assert ratio.min() >= 0.74 and ratio.max() <= 1.35 and ratio.min() < 0.8 and ratio.max() > 1.25
+    assert len({(t, l) for t, l in zip(top, left)}) > 300          # positions vary
+    # nothing with area >= 0.9 and ratio <= 4/3 fits a 10x200 strip: centre crop 10 x round(10 * 4/3)
+    fallback = [int(v) for v in pipeline.random_resized_crop_box(10, 200, tf.constant([0, 1]), (0.9, 1.0))]
+    assert fallback == [0, (200 - 13) // 2, 10, 13]
+
+
+def test_center_crop_offsets_round_like_torchvision():
+    img = tf.reshape(tf.range(37 * 40 * 3), [37, 40, 3])
+    out = pipeline.center_crop(img, (32, 32)).numpy()
+    top, left = round((37 - 32) / 2), round((40 - 32) / 2)          # Python's round, as torchvision
+    np.testing.assert_array_equal(out, img.numpy()[top:top + 32, left:left + 32])
+
+
+def test_color_jitter_has_torchvision_semantics():
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0.1, 0.6, (16, 16, 3)), tf.float32)    # no clipping at 1.5x
+    grey = tf.image.rgb_to_grayscale(x).numpy()
+    for seed in range(5):
+        s = tf.constant([seed, 3])
+        b = pipeline.color_jitter(x, s, brightness=0.5).numpy()
+        f = b / x.numpy()                                             # multiplicative, one factor
+        assert np.allclose(f, f.flat[0], atol=1e-5) and 0.5 <= f.flat[0] <= 1.5
+        c = pipeline.color_jitter(x, s, contrast=0.5).numpy()
+        mean = grey.mean()
+        f = (c - mean) / (x.numpy() - mean)                           # blend with the mean grey level
+        assert np.allclose(f, np.median(f), atol=1e-3) and 0.5 <= np.median(f) <= 1.5
+        sat = pipeline.color_jitter(x, s, saturation=0.5).numpy()
+        f = (sat - grey) / (x.numpy() - grey + 1e-12)                  # blend with the greyscale image
+        ok = np.abs(x.numpy() - grey) > 1e-2
+        assert np.allclose(f[ok], np.median(f[ok]), atol=1e-2) and 0.5 <= np.median(f[ok]) <= 1.5
+    # the four are applied in a random order per image: brightness then contrast differs from
+    # contrast then brightness, and both orders occur
+    both = {tuple(np.round(pipeline.color_jitter(x, tf.constant([s, 9]), brightness=0.5, contrast=0.5)
+                           .numpy()[0, 0], 4)) for s in range(2)}
+    assert len(both) == 2
+
+
+def test_upscaling_crops_skip_antialiasing_only_where_it_changes_nothing():
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (100, 120, 3)), tf.float32)
+    a = tf.image.resize(x, (224, 224), antialias=True)
+    b = tf.image.resize(x, (224, 224))
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- one eval transform
+def test_evaluate_predict_and_serving_see_the_same_pixels(tmp_path):
+    from kfine.export import serving_image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for i, (h, w) in enumerate([(45, 37), (60, 90), (32, 32)]):
+            p = tmp_path / "d" / c / f"{i}.{'jpg' if i == 1 else 'png'}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+    for transform, size in (("resize_center_crop", None), ("squash", None), ("resize_center_crop", [40, 50])):
+        cfg = cfg_for(tmp_path / "d", val_fraction=0.0, test_fraction=0.0, eval_transform=transform, cache_size=size)
+        ds = data.make_datasets(cfg, seed=0)
+        files = ds.files["train"]
+        evaluated = np.concatenate([x.numpy() for x, _ in ds.dataset("train", train=False)])
+        predicted, ok, bad = pipeline.load_images([p for p, _ in files], (32, 32), size, transform)
+        served = np.stack([serving_image(tf.io.read_file(p), (32, 32), {"cache_size": size, "eval_transform": transform})
+                           .numpy() for p, _ in files])
+        assert not bad and ok == [p for p, _ in files]
+        np.testing.assert_array_equal(evaluated, predicted.astype(np.float32))
+        np.testing.assert_array_equal(evaluated, served)
+        # and training without augmentation sees exactly that too
+        np.testing.assert_array_equal(np.sort(np.concatenate([x.numpy() for x, _ in ds.train]), axis=0),
+                                      np.sort(evaluated, axis=0))
+
+
+# ----------------------------------------------------------------------------- disk cache
+def test_disk_cache_is_reused_by_a_second_run_and_equals_memory(tmp_path, monkeypatch):
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=12)
+    cfg = cfg_for(root, cache="disk", cache_dir=str(tmp_path / "cache"), deterministic=True)
+    before = pipeline.BUILT["decoded"]
+    first = data.make_datasets(cfg, seed=0)
+    assert pipeline.BUILT["decoded"] - before == 36
+    assert first.cache.path.parent == tmp_path / "cache" and (first.cache.path / "pixels.u8").is_file()
+    pipeline._RECENT.clear()                      # a new process: only the disk holds the cache
+    monkeypatch.setattr(pipeline, "decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    second = data.make_datasets(cfg, seed=0)
+    assert pipeline.BUILT["decoded"] - before == 36 and isinstance(second.cache.pixels, np.memmap)
+    monkeypatch.undo()
+    memory = data.make_datasets(replace(cfg, cache="memory"), seed=0)
+    for split in ("train", "val", "test"):
+        a = [x.numpy() for x, _ in getattr(second, split)]
+        b = [x.numpy() for x, _ in getattr(memory, split)]
+        np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
+    assert list((tmp_path / "cache").iterdir()) == [first.cache.path]   # no temporary folder left
+
+
+def test_cache_none_decodes_every_epoch_and_gives_the_same_images(tmp_path):
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=6)
+    a = data.make_datasets(cfg_for(root, cache="none"), seed=0)
+    b = data.make_datasets(cfg_for(root), seed=0)
+    assert a.cache.pixels is None
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in a.val]),
+                                  np.concatenate([x.numpy() for x, _ in b.val]))
+
+
+# ----------------------------------------------------------------------------- header sizes
+def _png_header_only(w: int, h: int) -> bytes:
+    """A valid PNG signature + IHDR claiming w x h, and one tiny IDAT: kilobytes for gigapixels."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP"])
+def test_header_pixels_reads_every_format(fmt):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(buf, format=fmt)
+    assert int(pipeline.header_pixels(tf.constant(buf.getvalue()))) == 37 * 53
+    assert int(pipeline.header_pixels(tf.constant(_png_header_only(100000, 100000)))) == 10 ** 10
+    assert int(pipeline.header_pixels(tf.constant(b"not an image at all, but long enough"))) == -1
+
+
+def test_decompression_bomb_is_refused_by_its_header_in_training_and_serving(tmp_path):
+    from conftest import make_folder
+    from kfine.export import serving_image
+    root = make_folder(tmp_path / "d", "single", per_class=4)
+    bomb = root / "cat" / "bomb.png"
+    bomb.write_bytes(_png_header_only(100000, 100000))
+    ds = data.make_datasets(cfg_for(root, val_fraction=0.25, test_fraction=0.0), seed=0)
+    reasons = dict(ds.skipped)
+    assert list(reasons) == [str(bomb)] and "too large" in reasons[str(bomb)]
+    big = root / "dog" / "big.png"                            # past data.max_pixels, under PIL's limit
+    big.write_bytes(_png_header_only(8000, 6000))
+    arr, ok, bad = pipeline.load_images([str(bomb), str(big)], (32, 32), max_pixels=40_000_000)
+    assert "max_pixels" in bad[1][1] and bad[1][0] == str(big)
+    assert ok == [] and "too large" in bad[0][1]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels"):
+        serving_image(tf.constant(bomb.read_bytes()), (32, 32), {"max_pixels": 40_000_000})
+
+
+def test_broken_symlinks_and_loops_are_bad_files_named_by_path(tmp_path):
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=4)
+    dangling, loop_a, loop_b = root / "cat" / "gone.png", root / "dog" / "a.png", root / "dog" / "b.png"
+    dangling.symlink_to(tmp_path / "nowhere.png")
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    (root / "fox" / "dirloop").symlink_to(root / "fox")          # a folder that contains itself
+    ds = data.make_datasets(cfg_for(root, val_fraction=0.25, test_fraction=0.0), seed=0)
+    reasons = dict(ds.skipped)
+    assert "dangling symlink" in reasons[str(dangling)] and str(tmp_path / "nowhere.png") in reasons[str(dangling)]
+    assert "symlink loop" in reasons[str(loop_a)] and "symlink loop" in reasons[str(loop_b)]
+    assert sum(sum(c.values()) for c in ds.counts.values()) == 12
+    report = data.check_data(cfg_for(root, val_fraction=0.25, test_fraction=0.0))
+    assert {u["path"] for u in report["unreadable"]} >= {str(dangling), str(loop_a), str(loop_b)}
+
+
+# ----------------------------------------------------------------------------- splits.csv
+def test_saved_split_survives_files_added_removed_and_changed(tmp_path, capsys):
+    from conftest import make_folder, write_image
+    root = make_folder(tmp_path / "d", "single", per_class=10)
+    cfg = cfg_for(root)
+    first = data.make_datasets(cfg, seed=0)
+    from kfine.rundir import write_json
+    write_json(tmp_path / "run" / "class_names.json", first.class_names)
+    sources.write_splits(first.index, tmp_path / "run" / "splits.csv")
+    index = sources.read_splits(tmp_path / "run" / "splits.csv", root, cfg)        # round trip
+    assert index.files == first.files and index.class_names == first.class_names
+    assert {p: i.sha1 for p, i in index.info.items()} == {p: i.sha1 for p, i in first.index.info.items()}
+    # one more image per class: a freshly drawn split moves trained images into test ...
+    rng = np.random.default_rng(5)
+    for c in ("cat", "dog", "fox"):
+        write_image(root / c / "new.png", rng)
+    redrawn = data.make_datasets(cfg, seed=0)
+    trained = {p for p, _ in first.files["train"]}
+    assert trained & {p for p, _ in redrawn.files["test"] + redrawn.files["val"]}
+    # ... the saved one does not, and says what changed
+    gone = first.files["val"][0][0]
+    Path(gone).unlink()
+    changed = first.files["train"][0][0]
+    write_image(Path(changed), rng)
+    again = data.make_datasets(cfg, seed=0, splits=tmp_path / "run" / "splits.csv")
+    out = capsys.readouterr().out
+    assert again.files["train"] == first.files["train"] and again.files["test"] == first.files["test"]
+    assert again.files["val"] == first.files["val"][1:]
+    assert "3 image(s) added" in out and "1 file(s) of the saved split no longer exist" in out and gone in out
+    assert "1 file(s) changed" in out and changed in out
