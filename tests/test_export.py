@@ -27,6 +27,7 @@ from kfine.config import ModelConfig, load_config, save_config
 from kfine.export import ExportError, export_model, export_run, onnx_bytes
 from kfine.model import build_model
 from kfine.rundir import write_json
+from test_pipeline import _png_header_only
 
 SIZE = (32, 32)
 CLASSES = ["cat", "dog", "fox"]
@@ -44,11 +45,19 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+CACHE = round(1.143 * 32)   # the default cache size: shorter side 37 for a 32 px crop
+
+
 def _reference_pixels(data: bytes) -> np.ndarray:
-    """Decode, resize (bilinear, antialias) to 32x32, clip, round: what kfine.data feeds in training."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    resized = tf.image.resize(tf.cast(image, tf.float32), SIZE, antialias=True)
-    return tf.round(tf.clip_by_value(resized, 0, 255)).numpy()
+    """torchvision's eval transform, written out: decode; shorter side to 37 (the other side
+    int(37 * long / short)), bilinear antialiased, clipped and rounded; centre crop 32x32 at
+    round((H - 32) / 2). What evaluation sees, so what serving must see."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    h, w = image.shape[:2]
+    size = (CACHE, int(CACHE * w / h)) if h <= w else (int(CACHE * h / w), CACHE)
+    resized = tf.round(tf.clip_by_value(tf.image.resize(image.astype(np.float32), size, antialias=True), 0, 255)).numpy()
+    top, left = round((size[0] - 32) / 2), round((size[1] - 32) / 2)
+    return resized[top:top + 32, left:left + 32]
 
 
 def _predict(model, x) -> np.ndarray:
@@ -100,6 +109,7 @@ CHILD = textwrap.dedent(r"""
     for name in ("good", "mixed"):
         blobs = [p.read_bytes() for p in sorted((work / name).iterdir())]
         out[name] = plain(default(image_bytes=tf.constant(blobs)))
+    out["empty"] = plain(default(image_bytes=tf.constant([], tf.string)))
     out["tensor"] = plain(tensor(image=tf.constant(np.load(work / "tensor.npy"))))
     out["kfine_imported"] = any(m == "kfine" or m.startswith("kfine.") for m in sys.modules)
     if not (export / "model.onnx").exists():
@@ -139,21 +149,22 @@ def exported(tmp_path_factory):
     # Images: PNG at the training size (lossless: the pixels are exactly `arr`), PNG and JPEG of
     # other sizes, a grayscale PNG; and a batch mixing them with bytes that cannot be decoded.
     work = root / "work"
-    arrays = {"a_png32": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+    arrays = {"a_png37": rng.integers(0, 256, (CACHE, CACHE, 3), dtype=np.uint8),
               "b_png45x37": rng.integers(0, 256, (45, 37, 3), dtype=np.uint8),
               "c_jpeg50x40": rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)}
-    blobs = {"a_png32": _encode(arrays["a_png32"], "PNG"),
+    blobs = {"a_png37": _encode(arrays["a_png37"], "PNG"),
              "b_png45x37": _encode(arrays["b_png45x37"], "PNG"),
              "c_jpeg50x40": _encode(arrays["c_jpeg50x40"], "JPEG"),
              "d_gray_png": _encode(rng.integers(0, 256, (20, 30), dtype=np.uint8), "PNG")}
-    mixed = {"0_good": blobs["a_png32"], "1_empty": b"", "2_text": b"this is not an image",
+    mixed = {"0_good": blobs["a_png37"], "1_empty": b"", "2_text": b"this is not an image",
              "3_truncated_jpeg": blobs["c_jpeg50x40"][:200], "4_truncated_png": blobs["b_png45x37"][:60],
-             "5_good": blobs["c_jpeg50x40"], "6_jpeg_magic_only": b"\xff\xd8\xff"}
+             "5_good": blobs["c_jpeg50x40"], "6_jpeg_magic_only": b"\xff\xd8\xff",
+             "7_bomb_100000x100000": _png_header_only(100000, 100000)}
     for folder, items in (("good", blobs), ("mixed", mixed)):
         (work / folder).mkdir(parents=True)
         for name, data in items.items():
             (work / folder / name).write_bytes(data)
-    tensor = np.stack([arrays["a_png32"], rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]).astype(np.float32)
+    tensor = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8).astype(np.float32)
     np.save(work / "tensor.npy", tensor)
     (work / "child.py").write_text(CHILD)
 
@@ -185,9 +196,11 @@ def test_layout_and_signatures(exported):
                                         "class_name": "string", "valid": "bool"}
 
 
-def test_png_at_training_size_matches_keras_on_the_raw_pixels(exported):
+def test_png_at_the_cache_size_matches_keras_on_its_raw_centre_crop(exported):
     got = np.array(exported["child"]["good"]["probabilities"])[0]
-    want = _predict(exported["model"], exported["arrays"]["a_png32"][None].astype(np.float32))[0]
+    top = round((CACHE - 32) / 2)
+    raw = exported["arrays"]["a_png37"][top:top + 32, top:top + 32]
+    want = _predict(exported["model"], raw[None].astype(np.float32))[0]
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
@@ -203,13 +216,14 @@ def test_bytes_signature_decodes_and_resizes_like_training(exported):
     assert np.abs(want[0] - want[1]).max() > 1e-3   # the images give different outputs
 
 
-def test_bytes_signature_agrees_with_the_training_pipeline(exported):
-    """The images as kfine.data's pipeline loads them (files -> decode -> resize) give the same
-    outputs through the Keras model as their bytes through the SavedModel."""
-    from kfine.data import files_dataset
+def test_bytes_signature_agrees_with_evaluation_and_predict(exported):
+    """The images as kfine's evaluation and predict load them (the eval transform of the run's
+    config) give the same outputs through the Keras model as their bytes through the SavedModel."""
+    from kfine.pipeline import load_images
 
-    files = [(str(p), 0) for p in sorted((exported["work"] / "good").iterdir())]
-    images = np.stack([x.numpy() for x, _ in files_dataset(files, SIZE)])
+    files = [str(p) for p in sorted((exported["work"] / "good").iterdir())]
+    images, ok, bad = load_images(files, SIZE)
+    assert ok == files and not bad
     want = _predict(exported["model"], images)
     np.testing.assert_allclose(np.array(exported["child"]["good"]["probabilities"]), want, atol=ATOL)
 
@@ -230,15 +244,23 @@ def test_tensor_signature_takes_float_0_255(exported):
 
 def test_malformed_bytes_in_a_batch_do_not_fail_it(exported):
     out = exported["child"]["mixed"]
-    # order: 0_good, 1_empty, 2_text, 3_truncated_jpeg, 4_truncated_png, 5_good, 6_jpeg_magic_only
-    assert out["valid"] == [True, False, False, False, False, True, False]
+    # order: 0_good, 1_empty, 2_text, 3_truncated_jpeg, 4_truncated_png, 5_good, 6_jpeg_magic_only,
+    # 7_bomb (a header claiming 10^10 pixels: refused before decoding, like the other bad ones)
+    assert out["valid"] == [True, False, False, False, False, True, False, False]
     probs = np.array(out["probabilities"])
-    want = _predict(exported["model"], np.stack([exported["ref_pixels"]["a_png32"],
+    want = _predict(exported["model"], np.stack([exported["ref_pixels"]["a_png37"],
                                                  exported["ref_pixels"]["c_jpeg50x40"]]))
     np.testing.assert_allclose(probs[[0, 5]], want, atol=ATOL)
-    assert np.all(probs[[1, 2, 3, 4, 6]] == 0)
-    assert [out["class_index"][i] for i in (1, 2, 3, 4, 6)] == [-1] * 5
-    assert [out["class_name"][i] for i in (1, 2, 3, 4, 6)] == [""] * 5
+    bad = [1, 2, 3, 4, 6, 7]
+    assert np.all(probs[bad] == 0)
+    assert [out["class_index"][i] for i in bad] == [-1] * len(bad)
+    assert [out["class_name"][i] for i in bad] == [""] * len(bad)
+
+
+def test_an_empty_batch_gets_empty_outputs(exported):
+    out = exported["child"]["empty"]
+    assert out["valid"] == [] and out["class_index"] == [] and out["class_name"] == []
+    assert np.array(out["probabilities"]).reshape(-1, 3).shape == (0, 3)
     assert out["class_name"][0] == CLASSES[int(want[0].argmax())]
 
 
