@@ -88,7 +88,10 @@ def _serving_fns(model, class_names, image_size, transform=None):
     names = tf.constant(list(class_names), tf.string)
 
     def classify(images):
-        probs = tf.cast(model(images, training=False), tf.float32)
+        # An empty batch never reaches the model: grappler's fused BatchNorm fails on zero rows.
+        probs = tf.cond(tf.shape(images)[0] > 0,
+                        lambda: tf.cast(model(images, training=False), tf.float32),
+                        lambda: tf.zeros([0, len(class_names)], tf.float32))
         index = tf.argmax(probs, axis=-1)
         return {"probabilities": probs, "class_index": index, "class_name": tf.gather(names, index)}
 

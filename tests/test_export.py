@@ -28,6 +28,7 @@ from kfine.export import ExportError, export_model, export_run, onnx_bytes
 from kfine.model import build_model
 from kfine.rundir import write_json
 from test_pipeline import _png_header_only
+from conftest import eval_reference
 
 SIZE = (32, 32)
 CLASSES = ["cat", "dog", "fox"]
@@ -49,15 +50,7 @@ CACHE = round(1.143 * 32)   # the default cache size: shorter side 37 for a 32 p
 
 
 def _reference_pixels(data: bytes) -> np.ndarray:
-    """torchvision's eval transform, written out: decode; shorter side to 37 (the other side
-    int(37 * long / short)), bilinear antialiased, clipped and rounded; centre crop 32x32 at
-    round((H - 32) / 2). What evaluation sees, so what serving must see."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-    h, w = image.shape[:2]
-    size = (CACHE, int(CACHE * w / h)) if h <= w else (int(CACHE * h / w), CACHE)
-    resized = tf.round(tf.clip_by_value(tf.image.resize(image.astype(np.float32), size, antialias=True), 0, 255)).numpy()
-    top, left = round((size[0] - 32) / 2), round((size[1] - 32) / 2)
-    return resized[top:top + 32, left:left + 32]
+    return eval_reference(data, 32)
 
 
 def _predict(model, x) -> np.ndarray:
@@ -255,13 +248,13 @@ def test_malformed_bytes_in_a_batch_do_not_fail_it(exported):
     assert np.all(probs[bad] == 0)
     assert [out["class_index"][i] for i in bad] == [-1] * len(bad)
     assert [out["class_name"][i] for i in bad] == [""] * len(bad)
+    assert out["class_name"][0] == CLASSES[int(want[0].argmax())]
 
 
 def test_an_empty_batch_gets_empty_outputs(exported):
     out = exported["child"]["empty"]
     assert out["valid"] == [] and out["class_index"] == [] and out["class_name"] == []
     assert np.array(out["probabilities"]).reshape(-1, 3).shape == (0, 3)
-    assert out["class_name"][0] == CLASSES[int(want[0].argmax())]
 
 
 @needs_onnx

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
+from conftest import eval_reference, write_image
 
 from kfine.predict import collect_paths, main, predict_files
 
@@ -38,7 +38,8 @@ def mixed_folder(tmp_path):
 
 
 def expected_probs(model, paths):
-    images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) for p in paths])
+    """The model on the eval transform of each file (resize to the cache size, centre crop)."""
+    images = np.stack([eval_reference(open(p, "rb").read(), 32) for p in paths])
     return model.predict(images, verbose=0)
 
 
