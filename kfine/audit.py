@@ -49,8 +49,10 @@ def imbalance_warnings(counts: dict) -> list[str]:
         return []
     ratio = max(train.values()) / min(train.values())
     if ratio > 3:
-        return [f"class imbalance: largest/smallest train class = {ratio:.1f} (> 3); "
-                "consider train.class_weight: balanced"]
+        return [f"class imbalance: largest/smallest train class = {ratio:.1f} (> 3); use "
+                "data.sampling: balanced (every class equally often in the batches; best when the "
+                "smallest classes have a few dozen images or more) or train.class_weight: balanced "
+                "(every image once per epoch, rare classes' losses weighted up; best when they are tiny)"]
     return []
 
 

@@ -67,6 +67,7 @@ class DataConfig:
     cache: Literal["memory", "disk", "none"] = "memory"  # where decoded images are kept
     cache_dir: Optional[str] = None                  # disk cache root (default $KFINE_CACHE/images)
     max_pixels: Optional[int] = 40_000_000           # refuse larger images by their header
+    sampling: Literal["uniform", "balanced"] = "uniform"  # balanced: every class equally likely per draw
     deterministic: bool = False                      # deterministic tf.data (slower)
     on_bad_image: Literal["skip", "stop"] = "skip"
     check: bool = True                               # audit the data before training

@@ -44,12 +44,15 @@ class Datasets:
     config: DataConfig | None = None
     seed: int = 0
 
-    def dataset(self, split: str, train: bool | None = None, batch: bool = True):
+    def dataset(self, split: str, train: bool | None = None, batch: bool = True, shuffle: bool | None = None,
+                seed: int | None = None):
         """A fresh pipeline over ``split``: augmented training views (``train``, default for the
-        train split) or eval views; unbatched with ``batch=False``."""
+        train split) or eval views; unbatched with ``batch=False``; in file order with
+        ``shuffle=False``; ``seed`` other than the run's draws other augmentations."""
         from kfine.pipeline import make_dataset
         train = split == "train" if train is None else train
-        return make_dataset(self.cache, self.files[split], self.config, self.seed, train, batch)
+        return make_dataset(self.cache, self.files[split], self.config, self.seed if seed is None else seed,
+                            train, batch, shuffle)
 
 
 def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = False) -> Datasets:

@@ -492,18 +492,22 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCa
 
 # ----------------------------------------------------------------------------- datasets
 def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
-                 batch: bool = True) -> tf.data.Dataset:
+                 batch: bool = True, shuffle: bool | None = None) -> tf.data.Dataset:
     """(float32 image, int32 label) batches of ``files`` (each in the cache).
 
     train: a new permutation of the whole list every epoch (a shuffle whose buffer holds every
     index: an exact uniform permutation, not a window over class-ordered files), then an
-    augmented view per image. val/test: the eval view, in the order of ``files``."""
+    augmented view per image. val/test: the eval view, in the order of ``files``.
+    ``shuffle=False`` keeps the order of ``files`` for augmented views too (feature extraction)."""
     slots = np.array([cache.slot[p] for p, _ in files], np.int64)
     labels = np.array([y for _, y in files], np.int32)
     ds = tf.data.Dataset.from_tensor_slices((slots, labels))
     size, aug = tuple(cfg.image_size), cfg.augment
     if train:
-        ds = ds.shuffle(len(slots), seed=seed, reshuffle_each_iteration=True)
+        if shuffle is not False and cfg.sampling == "balanced":
+            ds = balanced(slots, labels, seed)
+        elif shuffle is not False:
+            ds = ds.shuffle(len(slots), seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda sy, sd: (train_view(cache.load(sy[0]), sd, aug, size, cfg.eval_transform), sy[1]),
@@ -515,8 +519,22 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         ds = ds.batch(cfg.batch_size)
     options = tf.data.Options()
     # val/test keep file order (predictions.csv lines up with `files`); train follows the config
-    options.deterministic = bool(cfg.deterministic) if train else True
+    options.deterministic = bool(cfg.deterministic) if train and shuffle is not False else True
     return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def balanced(slots: np.ndarray, labels: np.ndarray, seed: int) -> tf.data.Dataset:
+    """``data.sampling: balanced``: an epoch of len(slots) images drawn with every class equally
+    likely; each class cycles through its own images in a fresh order (small classes repeat,
+    large ones are sampled), so over epochs every image is seen. The alternative to
+    ``train.class_weight: balanced`` when weighting losses makes batches too noisy."""
+    classes = np.unique(labels)
+    streams = [tf.data.Dataset.from_tensor_slices((slots[labels == c], labels[labels == c]))
+               .shuffle(int((labels == c).sum()), seed=seed + int(c), reshuffle_each_iteration=True).repeat()
+               for c in classes]
+    mixed = tf.data.Dataset.sample_from_datasets(streams, weights=[1.0 / len(classes)] * len(classes), seed=seed,
+                                                 rerandomize_each_iteration=True)
+    return mixed.take(len(slots))
 
 
 # ----------------------------------------------------------------------------- predict

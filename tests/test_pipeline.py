@@ -295,3 +295,19 @@ def test_saved_split_survives_files_added_removed_and_changed(tmp_path, capsys):
     assert again.files["val"] == first.files["val"][1:]
     assert "3 image(s) added" in out and "1 file(s) of the saved split no longer exist" in out and gone in out
     assert "1 file(s) changed" in out and changed in out
+
+
+def test_balanced_sampling_draws_every_class_equally_often(tmp_path):
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", classes=("big", "small"), per_class=40)
+    for p in sorted((root / "small").iterdir())[8:]:
+        p.unlink()                                               # 40 vs 8 images
+    cfg = cfg_for(root, val_fraction=0.0, test_fraction=0.0, sampling="balanced", batch_size=16)
+    ds = data.make_datasets(cfg, seed=0)
+    epochs = [np.concatenate([y.numpy() for _, y in ds.train]) for _ in range(5)]
+    assert all(len(e) == 48 for e in epochs)                     # an epoch is still len(train) images
+    small = np.mean([np.mean(e == 1) for e in epochs])
+    assert 0.4 < small < 0.6                                      # not 8/48 = 0.17
+    plain = data.make_datasets(replace(cfg, sampling="uniform"), seed=0)
+    assert np.mean(np.concatenate([y.numpy() for _, y in plain.train]) == 1) == pytest.approx(8 / 48)
+    assert "data.sampling: balanced" in data.check_data(replace(cfg, sampling="uniform"))["warnings"][0]

@@ -1,0 +1,196 @@
+"""Frozen-feature cache: in a phase where the backbone cannot change, train the head on backbone
+features computed once instead of running the backbone every epoch.
+
+When no backbone variable trains and every BatchNorm layer runs in inference mode, the pooled
+features ``backbone(preprocess(image))`` are a pure function of the image. kfine then computes
+them once per run (or finds them computed: in this process, or on disk beside the image cache
+with ``data.cache: disk``) and fits ``head_model(model)``: the model's own head layers called on
+``keras.Input((feature_dim,))``. Those are the very layer objects of the full model, so the full
+model sees the trained head with no copy, the one optimizer keeps its state for the next
+(unfreezing) phase, and checkpoints, history, resume and export are those of the full model.
+
+Augmentation: without it the head sees exactly the features the full model would compute
+(tested: the same head weights as uncached training). With it, ``train.feature_cache_views``
+(K, default 2) augmented views of every image are computed once and epoch e trains on view
+e mod K: K backbone passes instead of one per epoch, at the price of the head seeing K distinct
+augmentations instead of one per epoch. K = the phase's epochs is uncached training's
+distribution at no saving.
+
+The cache is keyed by everything that changes the features: the backbone's weights (a hash of
+their values, so random, ImageNet and local weights are told apart), its preprocessing and
+pooling, the image cache (file list, content hashes, cache size), the eval transform, the
+augmentation settings and seed, K, and the train/val file lists. Search trials and comparison
+runs with the same key reuse it (``COMPUTED`` counts what was computed, for tests).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+COMPUTED = Counter()            # feature sets computed in this process
+_RECENT: OrderedDict = OrderedDict()   # the last feature sets, by key (bounded: they can be large)
+
+
+@dataclass
+class Features:
+    """Pooled backbone features of the train split (K views) and the val split."""
+    train: np.ndarray            # (K, N, D) float32, in the order of datasets.files["train"]
+    train_labels: np.ndarray     # (N,) int32
+    val: np.ndarray | None       # (M, D) eval views
+    val_labels: np.ndarray | None
+    key: str
+    source: str = "computed"     # computed | memory | disk
+
+
+def cache_reason(model, cfg, phase) -> str | None:
+    """None when ``phase`` can train on cached features, else why not (said in the log)."""
+    from kfine.freeze import backbone_frozen
+    if cfg.train.feature_cache == "off":
+        return "train.feature_cache is off"
+    if not backbone_frozen(model):
+        return "backbone layers train in this phase"
+    return None
+
+
+def views(cfg) -> int:
+    return cfg.train.feature_cache_views if cfg.data.augment.enabled else 1
+
+
+def _weights_hash(layers) -> str:
+    h = hashlib.sha1()
+    for layer in layers:
+        h.update(json.dumps(layer.get_config(), sort_keys=True, default=str).encode())
+        for w in layer.weights:
+            h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return h.hexdigest()
+
+
+def feature_key(model, datasets, cfg) -> str:
+    from kfine.config import to_dict
+    from kfine.model import get_backbone
+    from kfine.pipeline import cache_key
+    d = datasets.config
+    spec = {"v": 1, "weights": _weights_hash([model.get_layer("preprocess"), get_backbone(model)]),
+            "images": cache_key(datasets.cache.keys, datasets.index.info, d), "image_size": list(d.image_size),
+            "cache_size": d.cache_size, "eval_transform": d.eval_transform, "views": views(cfg),
+            "augment": to_dict(d.augment) if d.augment.enabled else None, "seed": datasets.seed,
+            "files": {s: datasets.files.get(s) for s in ("train", "val")}}
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:20]
+
+
+def feature_extractor(model) -> keras.Model:
+    """image -> pooled backbone features, sharing the model's preprocessing and backbone."""
+    from kfine.model import get_backbone
+    inputs = keras.Input(model.input_shape[1:])
+    return keras.Model(inputs, get_backbone(model)(model.get_layer("preprocess")(inputs)))
+
+
+def head_model(model) -> keras.Model:
+    """The model's head layers (everything after the backbone, probabilities included) on a
+    features input: the same layer objects, so training it trains the full model's head."""
+    from kfine.model import get_backbone
+    backbone = get_backbone(model)
+    after = model.layers[model.layers.index(backbone) + 1:]
+    inputs = keras.Input(backbone.output_shape[1:], name="features")
+    x = inputs
+    for layer in after:
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"{model.name}_head")
+
+
+def _run(extractor, ds) -> np.ndarray:
+    out = [np.asarray(keras.ops.convert_to_numpy(extractor(x, training=False)), np.float32) for x, _ in ds]
+    return np.concatenate(out) if out else np.zeros((0, extractor.output_shape[-1]), np.float32)
+
+
+def get_features(model, datasets, cfg) -> Features:
+    """The features of ``datasets`` under ``model``'s backbone: reused when the key matches
+    (this process, or the disk cache), else computed (one backbone pass per view) and kept."""
+    from kfine.pipeline import cache_root
+    key = feature_key(model, datasets, cfg)
+    if key in _RECENT:
+        _RECENT.move_to_end(key)
+        feats = _RECENT[key]
+        feats.source = "memory"
+        return feats
+    disk = cache_root(datasets.config) / "features" / f"{key}.npz" if datasets.config.cache == "disk" else None
+    if disk is not None and disk.is_file():
+        with np.load(disk) as z:
+            feats = Features(z["train"], z["train_labels"], z["val"] if z["val"].size else None,
+                             z["val_labels"] if z["val"].size else None, key, "disk")
+    else:
+        feats = _compute(model, datasets, cfg, key)
+        if disk is not None:
+            _save(feats, disk)
+    _RECENT[key] = feats
+    while len(_RECENT) > 2:
+        _RECENT.popitem(last=False)
+    return feats
+
+
+def _compute(model, datasets, cfg, key: str) -> Features:
+    extractor = feature_extractor(model)
+    k = views(cfg)
+    train = np.stack([_run(extractor, datasets.dataset("train", train=k > 1 or cfg.data.augment.enabled,
+                                                       shuffle=False, seed=datasets.seed + v))
+                      for v in range(k)])
+    labels = np.array([y for _, y in datasets.files["train"]], np.int32)
+    val = val_labels = None
+    if datasets.val is not None:
+        val = _run(extractor, datasets.dataset("val"))
+        val_labels = np.array([y for _, y in datasets.files["val"]], np.int32)
+    COMPUTED["features"] += 1
+    return Features(train, labels, val, val_labels, key)
+
+
+def _save(feats: Features, path: Path) -> None:
+    import io
+    from kfine.rundir import atomic_write_bytes
+    buf = io.BytesIO()
+    np.savez(buf, train=feats.train, train_labels=feats.train_labels,
+             val=feats.val if feats.val is not None else np.zeros((0,), np.float32),
+             val_labels=feats.val_labels if feats.val_labels is not None else np.zeros((0,), np.int32))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: int, steps: int):
+    """(train, val) tf.data of (features, label) batches. Train: the same permutation per epoch
+    as the image pipeline (a shuffle of the whole index with the run's seed, batched, repeated),
+    and view ``epoch mod K`` of each image; epochs are counted from ``start_epoch``."""
+    import tensorflow as tf
+    k, n = feats.train.shape[0], feats.train.shape[1]
+    labels = tf.constant(feats.train_labels)
+
+    def gather(count, idx):
+        view = (start_epoch + count // steps) % k
+        x = tf.numpy_function(lambda v, i: feats.train[int(v)][i], [view, idx], tf.float32, stateful=False)
+        x.set_shape([None, feats.train.shape[2]])
+        return x, tf.gather(labels, idx)
+
+    train = (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+             .batch(batch_size).repeat().enumerate().map(gather).prefetch(tf.data.AUTOTUNE))
+    val = None
+    if feats.val is not None:
+        val = tf.data.Dataset.from_tensor_slices((feats.val, feats.val_labels)).batch(batch_size)
+    return train, val
+
+
+def describe(feats: Features, seconds: float) -> str:
+    k, n, d = feats.train.shape
+    how = {"computed": f"computed in {seconds:.1f} s", "memory": "reused from this process",
+           "disk": "read from the disk cache"}[feats.source]
+    return (f"the head trains on cached backbone features ({n} images x {k} view{'s' if k > 1 else ''}, "
+            f"{d} features each; {how})")
+
+
+def timed_features(model, datasets, cfg) -> tuple[Features, float]:
+    t = time.perf_counter()
+    feats = get_features(model, datasets, cfg)
+    return feats, time.perf_counter() - t
