@@ -77,6 +77,7 @@ def test_compute_metrics_on_known_predictions():
 def test_compute_metrics_small_class_count_has_no_top5():
     m = compute_metrics([0, 1, 2], np.eye(3)[[0, 2, 2]], ["x", "y", "z"])
     assert "top5_accuracy" not in m
+    assert "top5_accuracy" not in compute_metrics(range(5), np.eye(5), list("abcde"))   # always 1 with 5
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert "file" not in m["highest_loss"][0]
     with pytest.raises(ValueError, match="shape"):

@@ -295,7 +295,7 @@ def test_cli_run_without_model_exits_2_with_one_line(tmp_path):
     proc = _cli("--run", str(run), cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kfine.export: error:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("kfine: error:"), proc.stderr
     assert str(run / "model.keras") in lines[0]
     assert not (run / "export").exists()
 
