@@ -549,10 +549,10 @@ def values_at(obj, key: str):
             items = node.items() if isinstance(node, dict) else enumerate(node or ())
             for k, v in items:
                 yield from walk(v, rest, f"{prefix}.{k}")
-        elif dataclasses.is_dataclass(node):
+        elif dataclasses.is_dataclass(node) and head in {f.name for f in dataclasses.fields(node)}:
             yield from walk(getattr(node, head), rest, f"{prefix}.{head}" if prefix else head)
         else:
-            raise KeyError(f"{key}: no field {head!r} at {prefix or 'the top'}")
+            raise KeyError(f"{key}: no field {head!r} in {prefix or 'the config'}")
     return list(walk(obj, key.split("."), ""))
 
 

@@ -138,6 +138,8 @@ def test_cli_end_to_end(tmp_path):
     assert str(rd) in p.stdout
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
     assert load_config(rd / "config.yaml").train.epochs == 2
+    assert read_json(rd / "run_info.json") == {"weights": {"requested": None, "used": "random",
+                                                           "note": "scratch_cnn trains from scratch"}}
     bad = _cli(["--config", str(cfg_file), "train.epoch=2"])
     assert bad.returncode == 2 and "unknown key train.epoch" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -257,6 +257,9 @@ def test_resume_after_sigkill_skips_finished_trials(tmp_path):
         proc.wait()
     first = first_log.read_text()
     assert finished_trials(first) and len(finished_trials(first)) < 3
+    # kfine numbers trials as KerasTuner prints them: its "Running Trial #1" is kfine's "trial #1"
+    kt_numbers = re.findall(r"^Search: Running Trial #(\d+)$", first, flags=re.M)
+    assert kt_numbers and kt_numbers == [str(int(t) + 1) for t in started_trials(first)], first[-3000:]
     assert not (sd / "results.csv").exists()
 
     second = subprocess.run([sys.executable, "-m", "kfine.tune", "--resume", str(sd)], cwd=REPO, env=env(),
