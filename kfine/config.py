@@ -4,6 +4,11 @@ Every section is a frozen dataclass. Loading is strict: an unknown key, a wrong 
 outside a fixed menu is a ``ConfigError`` that names the key and what is allowed. Overrides use
 dotted paths with list indices (``train.phases.1.start_epoch=5``) and are parsed with
 ``yaml.safe_load`` so ``1e-3``, ``true``, ``[32, 64]`` and ``null`` mean what they mean in YAML.
+
+``check_config(cfg)`` then checks the values (ranges, menus against kfine's registries, stage
+names, sums, image size against the backbone) before anything is created or read; every entry
+point calls it. Its table ``CHECKS`` has one line per key: a new field adds its check there.
+A YAML syntax error is one line: ``file:line:column: invalid YAML: ...``.
 """
 from __future__ import annotations
 
@@ -437,7 +442,10 @@ def one_of(*values):
 
 def optional(check):
     """null, or what ``check`` allows."""
-    return lambda v: None if v is None else (None if check(v) is None else f"null or {check(v)}")
+    def check_optional(v):
+        allowed = None if v is None else check(v)
+        return None if allowed is None else f"null or {allowed}"
+    return check_optional
 
 
 def menu(ref: str):
