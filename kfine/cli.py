@@ -42,6 +42,9 @@ def run_command(body, *errors: type[BaseException]) -> int:
         return body() or 0
     except ERRORS + errors as e:
         return fail(e)
+    except KeyboardInterrupt:
+        print("kfine: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 # ----------------------------------------------------------------------------- reference configs
