@@ -353,8 +353,6 @@ def build_training(cfg: Config, datasets):
 
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory."""
-    from kfine import data as kdata
-
     check_config(cfg)          # [A] every value checked before a run directory exists
     phase_spans(cfg)           # check the phase list before spending time on data
     if resume is not None:
