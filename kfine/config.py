@@ -4,10 +4,16 @@ Every section is a frozen dataclass. Loading is strict: an unknown key, a wrong 
 outside a fixed menu is a ``ConfigError`` that names the key and what is allowed. Overrides use
 dotted paths with list indices (``train.phases.1.start_epoch=5``) and are parsed with
 ``yaml.safe_load`` so ``1e-3``, ``true``, ``[32, 64]`` and ``null`` mean what they mean in YAML.
+
+``check_config(cfg)`` then checks the values (ranges, menus against kfine's registries, stage
+names, sums, image size against the backbone) before anything is created or read; every entry
+point calls it. Its table ``CHECKS`` has one line per key: a new field adds its check there.
+A YAML syntax error is one line: ``file:line:column: invalid YAML: ...``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -78,7 +84,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class HeadConfig:
     """Classifier on the backbone's pooled features: linear, or Dense/activation/Dropout blocks."""
-    type: Literal["linear", "mlp"] = "linear"
+    type: str = "linear"                             # a key of kfine.model.HEADS
     units: tuple[int, ...] = ()                      # mlp hidden sizes, e.g. [512]
     activation: str = "relu"
     dropout: float = 0.0                             # after the pooling (linear) / each block (mlp)
@@ -133,7 +139,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    name: str = "adam"                               # a key of kfine.optim.OPTIMIZERS
     momentum: float = 0.9                            # sgd / rmsprop
     nesterov: bool = False
     weight_decay: float = 0.0                        # decoupled (adamw, sgd, adam via Keras)
@@ -182,13 +188,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     enabled: bool = True
-    formats: tuple[str, ...] = ("saved_model",)      # saved_model | onnx | keras
+    formats: tuple[str, ...] = ("saved_model",)      # kfine.export.FORMATS: saved_model | onnx | keras
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """KerasTuner search over config keys (python -m kfine.tune)."""
-    tuner: Literal["random", "bayesian", "hyperband", "grid"] = "random"
+    tuner: str = "random"                            # a key of kfine.tune.TUNERS
     objective: str = "val_accuracy"
     direction: Optional[Literal["min", "max"]] = None
     max_trials: int = 10
@@ -344,18 +350,13 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e})") from None
+        out.append((key.strip(), value))
     return out
-
-
-def cli_error(err: Exception) -> int:
-    """Print ``err`` as one line for a command-line tool and return its exit status, 2.
-    KFINE_DEBUG=1 re-raises it instead, with the traceback."""
-    import sys
-    if os.environ.get("KFINE_DEBUG"):
-        raise err
-    print(f"kfine: error: {err}", file=sys.stderr)
-    return 2
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -366,8 +367,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        with open(p) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data = loaded
@@ -377,6 +377,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for key, value in parse_overrides(overrides or []):
         set_path(full, key, value)
     return build(Config, full)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML; a syntax error is one line: file:line:column, the problem, its context."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        context = ""
+        if e.context and e.context_mark:
+            context = f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        raise ConfigError(f"{where}: invalid YAML: {e.problem}{context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
 
 
 def _merge(dst: dict, src: dict) -> None:
@@ -403,3 +419,254 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     atomic_write_text(path, text)
+
+
+# ----------------------------------------------------------------------------- checking values
+# load_config checks keys and types; check_config checks values, before a run directory is made
+# or any data is read. Each entry of CHECKS is one line: a dotted key (``*`` = every list item or
+# mapping key) and a check, a function value -> None if allowed, else what is allowed. RULES are
+# the checks that look at several keys. A new field adds its line here. Menus are the registries
+# themselves ("module:NAME"), imported only while checking, so config.py never imports TensorFlow
+# and a new registry entry needs no change here.
+def at_least(lo):
+    return lambda v: None if v >= lo else f">= {lo}"
+
+
+def above(lo):
+    return lambda v: None if v > lo else f"> {lo}"
+
+
+def in_range(lo, hi, closed: bool = False):
+    """lo <= v < hi (``closed``: lo <= v <= hi)."""
+    if closed:
+        return lambda v: None if lo <= v <= hi else f"in [{lo}, {hi}]"
+    return lambda v: None if lo <= v < hi else f"in [{lo}, {hi})"
+
+
+def one_of(*values):
+    return lambda v: None if v in values else f"one of [{', '.join(_show(x) for x in values)}]"
+
+
+def optional(check):
+    """null, or what ``check`` allows."""
+    def check_optional(v):
+        allowed = None if v is None else check(v)
+        return None if allowed is None else f"null or {allowed}"
+    return check_optional
+
+
+def menu(ref: str):
+    """A key of the registry ``module:NAME`` (a dict or tuple of names)."""
+    def check(v):
+        names = registry(ref)
+        return None if v in names else f"one of {sorted(names)}"
+    return check
+
+
+def registry(ref: str):
+    import importlib
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def activation_name(v):
+    import keras
+    try:
+        keras.activations.get(v)
+    except ValueError:
+        return "the name of a keras.activations function (relu, gelu, swish, tanh, ...)"
+    return None
+
+
+def run_name(v):
+    return None if v and "/" not in v and "\\" not in v and v not in (".", "..") else \
+        "a non-empty folder name without path separators"
+
+
+FRACTION = in_range(0.0, 1.0)       # 0 <= v < 1
+
+CHECKS = {
+    "name": run_name,
+    "seed": at_least(0),
+    "data.val_fraction": FRACTION,
+    "data.test_fraction": FRACTION,
+    "data.batch_size": at_least(1),
+    "data.cache_size": optional(lambda v: at_least(1)(min(v) if isinstance(v, tuple) else v)),
+    "data.max_pixels": optional(at_least(1)),
+    "data.limit_per_class": optional(at_least(1)),
+    "data.augment.crop_scale.*": in_range(0.0, 1.0, closed=True),
+    "data.augment.rotation": at_least(0.0),
+    "data.augment.translation": FRACTION,
+    "data.augment.zoom": FRACTION,
+    "data.augment.shear": at_least(0.0),
+    "data.augment.brightness": at_least(0.0),
+    "data.augment.contrast": at_least(0.0),
+    "data.augment.saturation": at_least(0.0),
+    "data.augment.hue": in_range(0.0, 0.5, closed=True),
+    "model.backbone": menu("kfine.model:BACKBONES"),
+    "model.head.type": menu("kfine.model:HEADS"),
+    "model.head.units.*": at_least(1),
+    "model.head.activation": activation_name,
+    "model.head.dropout": FRACTION,
+    "model.scratch.filters.*": at_least(1),
+    "model.scratch.kernel_size": at_least(1),
+    "model.scratch.activation": activation_name,
+    "model.scratch.dense_units": at_least(1),
+    "model.scratch.dropout": FRACTION,
+    "train.epochs": at_least(1),
+    "train.phases.*.start_epoch": at_least(0),
+    "train.phases.*.freeze.strategy": menu("kfine.freeze:STRATEGIES"),
+    "train.phases.*.freeze.fraction": in_range(0.0, 1.0, closed=True),
+    "train.optimizer.name": menu("kfine.optim:OPTIMIZERS"),
+    "train.optimizer.momentum": FRACTION,
+    "train.optimizer.weight_decay": at_least(0.0),
+    "train.optimizer.clipnorm": optional(above(0.0)),
+    "train.schedule.learning_rate": at_least(0.0),
+    "train.schedule.warmup_epochs": at_least(0.0),
+    "train.schedule.min_learning_rate": at_least(0.0),
+    "train.schedule.step_epochs": above(0.0),
+    "train.schedule.gamma": above(0.0),
+    "train.lr_multipliers.*": at_least(0.0),
+    "train.label_smoothing": FRACTION,
+    "train.class_weight": one_of(None, "balanced"),
+    "train.steps_per_epoch": optional(at_least(1)),
+    "train.checkpoint.every_epochs": at_least(0),
+    "train.checkpoint.keep": at_least(1),
+    "train.early_stopping.patience": at_least(0),
+    "train.early_stopping.min_delta": at_least(0.0),
+    "train.verbose": one_of(0, 1, 2),
+    "export.formats.*": menu("kfine.export:FORMATS"),
+    "search.tuner": menu("kfine.tune:TUNERS"),
+    "search.max_trials": at_least(1),
+    "search.executions_per_trial": at_least(1),
+    "search.max_epochs": optional(at_least(1)),
+}
+
+
+def _show(v) -> str:
+    """A value as the user wrote it (YAML's null, lists for tuples)."""
+    v = to_dict(v)
+    return "null" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else repr(v)
+
+
+def bad_value(key: str, value, allowed: str, subject: str | None = None) -> ConfigError:
+    """keras-hub's style: what the key (or ``subject``) must be, then what it received."""
+    return ConfigError(f"{subject or key} must be {allowed}. Received: {key}={_show(value)}")
+
+
+def values_at(obj, key: str):
+    """(concrete key, value) for a dotted key with ``*`` wildcards."""
+    def walk(node, parts, prefix):
+        if not parts:
+            yield prefix, node
+            return
+        head, rest = parts[0], parts[1:]
+        if head == "*":
+            items = node.items() if isinstance(node, dict) else enumerate(node or ())
+            for k, v in items:
+                yield from walk(v, rest, f"{prefix}.{k}")
+        elif dataclasses.is_dataclass(node) and head in {f.name for f in dataclasses.fields(node)}:
+            yield from walk(getattr(node, head), rest, f"{prefix}.{head}" if prefix else head)
+        else:
+            raise KeyError(f"{key}: no field {head!r} in {prefix or 'the config'}")
+    return list(walk(obj, key.split("."), ""))
+
+
+def _phases_in_order(cfg: Config) -> None:
+    starts = [p.start_epoch for p in cfg.train.phases]
+    if not starts:
+        raise bad_value("train.phases", [], "a list of at least one phase")
+    if starts[0] != 0:
+        raise bad_value("train.phases.0.start_epoch", starts[0], "0 (the first phase starts the run)")
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise bad_value("train.phases", [to_dict(p) for p in cfg.train.phases],
+                        f"phases whose start_epoch values increase (got {starts})")
+    hyperband = cfg.search.tuner == "hyperband" and cfg.search.space   # it picks the epochs itself
+    if starts[-1] >= cfg.train.epochs and not hyperband:
+        raise bad_value(f"train.phases.{len(starts) - 1}.start_epoch", starts[-1],
+                        f"< train.epochs ({cfg.train.epochs}); raise train.epochs or drop the phase")
+
+
+def _fractions_sum(cfg: Config) -> None:
+    d = cfg.data
+    if d.val_fraction + d.test_fraction >= 1:
+        raise bad_value("data.val_fraction", d.val_fraction,
+                        f"such that data.val_fraction + data.test_fraction < 1 (data.test_fraction is "
+                        f"{d.test_fraction}: nothing would be left to train on)")
+
+
+def _cache_holds_the_crop(cfg: Config) -> None:
+    """The cached image must be at least the crop: a centre crop cannot be larger than its image."""
+    d = cfg.data
+    if isinstance(d.cache_size, int) and d.cache_size < max(d.image_size):
+        raise bad_value("data.cache_size", d.cache_size, f">= the larger side of data.image_size "
+                        f"({max(d.image_size)}): the shorter side of the cached image is what the crop is cut from")
+    if isinstance(d.cache_size, tuple) and (d.cache_size[0] < d.image_size[0] or d.cache_size[1] < d.image_size[1]):
+        raise bad_value("data.cache_size", d.cache_size, f"at least data.image_size {list(d.image_size)} in both sides")
+
+
+def _image_size_fits_backbone(cfg: Config) -> None:
+    from kfine.model import min_input_size
+    low = min_input_size(cfg.model.backbone)
+    if min(cfg.data.image_size) < low:
+        raise bad_value("data.image_size", cfg.data.image_size,
+                        f"two sizes >= {low} (the smallest input {cfg.model.backbone} accepts)")
+
+
+def _freeze_specs_complete(cfg: Config) -> None:
+    import re
+    for i, phase in enumerate(cfg.train.phases):
+        f, key = phase.freeze, f"train.phases.{i}.freeze"
+        if f.strategy == "stages" and not f.trainable_from:
+            raise bad_value(f"{key}.trainable_from", f.trainable_from,
+                            "the first stage that trains (e.g. conv4, or layer3) for strategy stages")
+        if f.strategy == "regex":
+            try:
+                re.compile(f.pattern or "")
+            except re.error as e:
+                raise bad_value(f"{key}.pattern", f.pattern, f"a valid regular expression ({e})") from None
+            if not f.pattern:
+                raise bad_value(f"{key}.pattern", f.pattern, "a regex of the layer names that train, for strategy regex")
+
+
+def _stage_names(cfg: Config) -> None:
+    """trainable_from and lr_multipliers keys name stages of the configured backbone."""
+    named = [(f"train.phases.{i}.freeze.trainable_from", p.freeze.trainable_from, p.freeze.trainable_from, None)
+             for i, p in enumerate(cfg.train.phases) if p.freeze.strategy == "stages"]
+    named += [(f"train.lr_multipliers.{k}", k, v, "train.lr_multipliers keys")
+              for k, v in cfg.train.lr_multipliers.items() if k not in ("head", "fc", "backbone")]
+    if not named:
+        return
+    from kfine.model import STAGE_ALIASES
+    stages = backbone_stage_names(cfg.model)
+    aliases = sorted(k for k, v in STAGE_ALIASES.items() if v in stages and k != "fc")
+    for key, name, value, subject in named:
+        if name not in stages and STAGE_ALIASES.get(name) not in stages:
+            allowed = f"a stage of {cfg.model.backbone}: one of {stages}" + (f" (aliases: {aliases})" if aliases else "")
+            raise bad_value(key, value, allowed + (", head or backbone" if subject else ""), subject)
+
+
+def backbone_stage_names(model_cfg: ModelConfig) -> list[str]:
+    """The backbone's stages in order, from the model itself (built at 32x32, random weights)."""
+    from kfine.freeze import backbone_stages
+    from kfine.model import build_model
+    model = build_model(dataclasses.replace(model_cfg, weights=None), 2, (32, 32))
+    return backbone_stages(model, model_cfg.backbone)
+
+
+RULES = [_phases_in_order, _fractions_sum, _cache_holds_the_crop, _image_size_fits_backbone, _freeze_specs_complete,
+         _stage_names]
+
+
+def check_config(cfg: Config) -> Config:
+    """Every value of ``cfg`` within what kfine can run, else a ConfigError naming the full key,
+    the value and what is allowed. Call before creating a run directory or reading data; it
+    imports the registries it checks against (kfine.model, kfine.freeze, ... : Keras)."""
+    for key, check in CHECKS.items():
+        for where, value in values_at(cfg, key):
+            allowed = check(value)
+            if allowed is not None:
+                raise bad_value(where, value, allowed)
+    for rule in RULES:
+        rule(cfg)
+    return cfg

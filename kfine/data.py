@@ -201,28 +201,31 @@ def check_data(cfg: DataConfig, seed: int = 0, image_size=None, datasets: Datase
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kfine import cli
     ap = argparse.ArgumentParser(prog="python -m kfine.data", description="Audit an image dataset.")
     sub = ap.add_subparsers(dest="command", required=True)
     chk = sub.add_parser("check", help="counts, unreadable files, duplicates, leakage, small images")
-    chk.add_argument("target", metavar="ROOT_OR_CONFIG", help="a dataset folder (layout auto) or a YAML config")
+    chk.add_argument("target", metavar="ROOT_OR_CONFIG",
+                     help="a dataset folder (layout auto), a YAML config, or a reference config's name")
     chk.add_argument("--out", help="write DIR/data_check.json and DIR/plots/samples_<class>.png")
     chk.add_argument("--samples", type=int, default=10, help="images in the sample grid")
     chk.add_argument("--class", dest="class_name", help="class for the sample grid (default: random)")
     args = ap.parse_args(argv)
+    return cli.run_command(lambda: _check_command(args))
+
+
+def _check_command(args) -> int:
+    from kfine.config import check_config, load_config
     seed = 0
-    try:
-        if Path(args.target).is_file() and args.target.endswith((".yaml", ".yml")):
-            from kfine.config import load_config
-            full = load_config(args.target)
-            cfg, seed = full.data, full.seed
-        else:
-            cfg = DataConfig(root=args.target)
-        report = check_data(cfg, seed)
-        if not report["counts"].get("train"):
-            raise DataError(f"{args.target}: no training images (no train split)")
-    except ValueError as e:   # DataError, ConfigError
-        print(f"kfine: error: {e}", file=sys.stderr)
-        return 2
+    if Path(args.target).is_dir():
+        cfg = DataConfig(root=args.target)
+    else:   # a config file or a reference config's name: checked like any run's
+        from kfine.cli import find_config
+        full = check_config(load_config(find_config(args.target)))
+        cfg, seed = full.data, full.seed
+    report = check_data(cfg, seed)
+    if not report["counts"].get("train"):
+        raise DataError(f"{args.target}: no training images (no train split)")
     print(audit.format_check(report))
     if args.out:
         from kfine.plots import plot_samples
@@ -230,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(Path(args.out) / "data_check.json", report)
         names = report["class_names"]
         if args.class_name is not None and args.class_name not in names:
-            print(f"kfine: --class {args.class_name!r} is not one of {names}", file=sys.stderr)
-            return 2
+            raise DataError(f"--class {args.class_name!r} is not one of {names}")
         name = args.class_name or names[int(np.random.default_rng(seed).integers(len(names)))]
         if report["source"] != "tfds":
             root, layout = sources.folder_root(cfg)

@@ -30,7 +30,8 @@ def compute_metrics(labels, probs, class_names, files=None, top_k: int = 5,
                     n_confused: int = 10, n_worst: int = 20) -> dict:
     """All evaluation numbers from true labels (N,) and predicted probabilities (N, C).
 
-    Returns a JSON-able dict: n, accuracy, loss, top5_accuracy (only with >= 5 classes),
+    Returns a JSON-able dict: n, accuracy, loss, top5_accuracy (only with more than 5 classes:
+    with 5 or fewer it is always 1),
     macro / weighted precision-recall-F1, per_class (one dict per class), confusion_matrix
     (rows = true, columns = predicted), most_confused (off-diagonal pairs, most frequent first)
     and highest_loss (the worst images, with their file when ``files`` is given).
@@ -52,7 +53,7 @@ def compute_metrics(labels, probs, class_names, files=None, top_k: int = 5,
     out: dict = {"n": n, "num_classes": c,
                  "accuracy": float((pred == labels).mean()),
                  "loss": float(losses.mean())}
-    if c >= top_k:
+    if c > top_k:
         topk = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         out[f"top{top_k}_accuracy"] = float((topk == labels[:, None]).any(axis=1).mean())
 
@@ -216,10 +217,11 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     run_dir = Path(run_dir)
     cfg = None
     if datasets is None or model is None:
-        from kfine.config import load_config, replace
+        from kfine.config import check_config, load_config, replace
         cfg = load_config(run_dir / "config.yaml")
         if data_root is not None:
             cfg = replace(cfg, [f"data.root={data_root}"])
+        check_config(cfg)
     if datasets is None:   # the run's own split (splits.csv), not one re-drawn from the seed
         from kfine import data as kdata
         saved = run_dir / "splits.csv"
@@ -243,7 +245,9 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     if dataset is None:
         raise ValueError(f"no {split!r} split in this data to evaluate on")
 
-    probs, labels, sample = predict_dataset(model, dataset, keep=GRID_SIZE, seed=0)
+    from kfine.log import progress
+    with progress(f"evaluating on the {split} split"):
+        probs, labels, sample = predict_dataset(model, dataset, keep=GRID_SIZE, seed=0)
     files = _check_files((getattr(datasets, "files", None) or {}).get(split), labels)
     metrics = compute_metrics(labels, probs, class_names, files=files)
     metrics["split"] = split
@@ -258,8 +262,10 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     # requested other split gets its own file so it does not overwrite the test predictions
     csv_name = "predictions.csv" if requested == "test" else f"predictions_{split}.csv"
     write_csv(run_dir / csv_name, rows)
-    write_plots(run_dir, split, metrics, class_names, labels, probs, sample)
+    plots = write_plots(run_dir, split, metrics, class_names, labels, probs, sample)
     print(format_metrics(metrics), flush=True)
+    print(f"kfine: wrote {run_dir / 'metrics.json'}, {run_dir / csv_name}, "
+          f"{', '.join(str(p.relative_to(run_dir)) for p in plots)}", flush=True)
     if report:
         from kfine.report import write_report
         write_report(run_dir)
@@ -281,14 +287,16 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="dataset root (overrides data.root of the run's config)")
     ap.add_argument("--no-report", action="store_true", help="do not rewrite report.html")
     args = ap.parse_args(argv)
+    from kfine import cli
+    return cli.run_command(lambda: _main(args))
+
+
+def _main(args) -> None:
     run = Path(args.run)
     missing = missing_run_file(run, ("config.yaml", "model.keras"))
     if missing:
-        print(f"kfine.evaluate: {missing}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(missing)
     evaluate_run(run, split=args.split, data_root=args.data, report=not args.no_report)
-    print(f"kfine: wrote {run / 'metrics.json'}, {run / 'predictions.csv'}, {run / 'plots'}/", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ import numpy as np
 
 # TensorFlow and Keras are imported inside the functions that use them, so that the CLI can
 # report a wrong run directory in one line (TensorFlow's import prints its own log lines).
-from kfine.config import ConfigError, load_config
-from kfine.rundir import atomic_write_bytes, missing_run_file, read_json
+from kfine.config import check_config, load_config
+from kfine.log import progress
+from kfine.rundir import atomic_write_bytes, missing_run_file, read_json, write_json
 
 FORMATS = ("saved_model", "onnx", "keras")
 SAVED_MODEL_VERSION = "1"
@@ -129,10 +130,12 @@ def _write_saved_model(model, class_names, image_size, out_dir: Path, transform=
     bytes_fn, tensor_fn = _serving_fns(model, class_names, image_size, transform)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", bytes_fn,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint("serving_tensor", tensor_fn,
-                         input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="image")])
+    endpoints = {
+        "serving_default": archive.add_endpoint(
+            "serving_default", bytes_fn, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]),
+        "serving_tensor": archive.add_endpoint(
+            "serving_tensor", tensor_fn, input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="image")]),
+    }
     base = out_dir / "saved_model"
     final = base / SAVED_MODEL_VERSION
     base.mkdir(parents=True, exist_ok=True)
@@ -143,7 +146,22 @@ def _write_saved_model(model, class_names, image_size, out_dir: Path, transform=
         _replace_dir(tmp / "sm", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    write_json(out_dir / "signatures.json", describe_signatures(endpoints))
     return final
+
+
+def describe_signatures(endpoints: dict) -> dict:
+    """{signature: {"inputs": {name: {dtype, shape}}, "outputs": {...}}} of the exported
+    functions, read from their traced graphs: what the report and a client can rely on."""
+    def spec(t):
+        return {"dtype": t.dtype.name, "shape": [None if d is None else int(d) for d in t.shape.as_list()]}
+    out = {}
+    for name, fn in endpoints.items():
+        concrete = fn.get_concrete_function()
+        args = concrete.structured_input_signature[0]
+        out[name] = {"inputs": {a.name: spec(a) for a in args},
+                     "outputs": {k: spec(v) for k, v in sorted(concrete.structured_outputs.items())}}
+    return out
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -246,18 +264,21 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
     written = {}
     import keras
     if keras.backend.backend() != "tensorflow" and set(formats) - {"keras"}:
-        written = _export_in_tensorflow(model, class_names, image_size, out_dir,
-                                        [f for f in formats if f != "keras"], check_images, transform)
+        tf_formats = [f for f in formats if f != "keras"]
+        with progress(f"exporting {', '.join(tf_formats)} to {out_dir} (in a TensorFlow subprocess)"):
+            written = _export_in_tensorflow(model, class_names, image_size, out_dir, tf_formats, check_images,
+                                            transform)
         formats = [f for f in formats if f == "keras"]
     for fmt in formats:
-        if fmt == "saved_model":
-            written[fmt] = str(_write_saved_model(model, class_names, image_size, out_dir, transform))
-        elif fmt == "onnx":
-            data = onnx_bytes(model, image_size, check_images)
-            atomic_write_bytes(out_dir / "model.onnx", data)
-            written[fmt] = str(out_dir / "model.onnx")
-        else:
-            written[fmt] = str(_write_keras(model, out_dir))
+        with progress(f"exporting {fmt} to {out_dir}"):
+            if fmt == "saved_model":
+                written[fmt] = str(_write_saved_model(model, class_names, image_size, out_dir, transform))
+            elif fmt == "onnx":
+                data = onnx_bytes(model, image_size, check_images)
+                atomic_write_bytes(out_dir / "model.onnx", data)
+                written[fmt] = str(out_dir / "model.onnx")
+            else:
+                written[fmt] = str(_write_keras(model, out_dir))
     return written
 
 
@@ -304,7 +325,7 @@ def export_run(run_dir, formats=None, out_dir=None) -> dict[str, str]:
     missing = missing_run_file(run_dir, ("model.keras", "class_names.json", "config.yaml"))
     if missing:
         raise ExportError(missing)
-    cfg = load_config(config_path)
+    cfg = check_config(load_config(config_path))
     import keras
     import kfine.model  # noqa: F401  (registers kfine>Preprocess, needed to load model.keras)
     model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
@@ -324,14 +345,12 @@ def main(argv=None) -> int:
                         help="repeatable; default: the run's export.formats")
     parser.add_argument("--out", help="output directory (default RUN/export)")
     args = parser.parse_args(argv)
-    try:
-        written = export_run(args.run, args.formats, args.out)
-    except (ExportError, ConfigError) as e:
-        print(f"kfine.export: error: {e}", file=sys.stderr)
-        return 2
-    for fmt, path in written.items():
-        print(f"{fmt}: {path}")
-    return 0
+    from kfine import cli
+
+    def work():
+        for fmt, path in export_run(args.run, args.formats, args.out).items():
+            print(f"{fmt}: {path}")
+    return cli.run_command(work)
 
 
 if __name__ == "__main__":

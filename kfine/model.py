@@ -116,6 +116,11 @@ STAGE_ALIASES = {"layer1": "conv2", "layer2": "conv3", "layer3": "conv4", "layer
                  "stem": "conv1", "fc": "head"}
 
 
+def min_input_size(backbone_name: str) -> int:
+    """The smallest image side the backbone accepts (keras.applications refuses < 32 px)."""
+    return 32 if BACKBONES[backbone_name]["app"] else 1
+
+
 def stage_of(backbone_name: str, layer_name: str) -> str:
     return BACKBONES[backbone_name]["stage_of"](layer_name)
 
@@ -137,25 +142,40 @@ def build_scratch_cnn(cfg: ScratchConfig, input_shape) -> keras.Model:
     return keras.Model(inputs, x, name="backbone")
 
 
+def _mark(backbone: keras.Model, used: str, note: str = "") -> keras.Model:
+    """Record on the backbone which weights it really starts from (see ``weights_info``)."""
+    backbone.weights_used, backbone.weights_note = used, note
+    return backbone
+
+
+def weights_info(model: keras.Model) -> dict:
+    """{"used": "imagenet" | "random" | a weights file, "note": why} for a model built by
+    build_model: what the run's report states (a failed download falls back to random)."""
+    backbone = get_backbone(model)
+    return {"used": getattr(backbone, "weights_used", "unknown"), "note": getattr(backbone, "weights_note", "")}
+
+
 def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Model:
     entry = BACKBONES[cfg.backbone]
     ctor = getattr(keras.applications, entry["app"])
     kwargs = dict(include_top=False, input_shape=input_shape, pooling=pooling)
     weights = cfg.weights
     if weights in (None, "none", "null", "random"):
-        return ctor(weights=None, **kwargs)
+        return _mark(ctor(weights=None, **kwargs), "random", "model.weights is null" if weights is None else f"model.weights: {weights}")
     if weights == "imagenet":
         try:
             if os.environ.get("KFINE_OFFLINE"):   # air-gapped machines: do not even try
                 raise RuntimeError("KFINE_OFFLINE is set")
-            return ctor(weights="imagenet", **kwargs)
+            return _mark(ctor(weights="imagenet", **kwargs), "imagenet")
         except Exception as e:  # offline, proxy, corrupt cache: keras raises plain Exception
             where = f"~/.keras/models/ (the file keras.applications.{entry['app']} downloads)"
             if cfg.weights_fallback == "random":
                 print(f"kfine: ImageNet weights for {cfg.backbone} could not be downloaded "
                       f"({str(e).splitlines()[0][:120]}); continuing from random initialisation "
                       f"(weights_fallback: random).", flush=True)
-                return ctor(weights=None, **kwargs)
+                return _mark(ctor(weights=None, **kwargs), "random",
+                             f"ImageNet weights could not be loaded ({str(e).splitlines()[0][:120]}); "
+                             f"weights_fallback: random")
             raise ModelError(
                 f"could not download ImageNet weights for {cfg.backbone}: {str(e).splitlines()[0][:200]}. "
                 f"Put the weights file in {where}, or set model.weights to a local "
@@ -173,14 +193,14 @@ def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Mod
     except Exception as e:
         raise ModelError(f"model.weights: {path} does not fit backbone {cfg.backbone} "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    return model
+    return _mark(model, str(path))
 
 
 def build_backbone(cfg: ModelConfig, input_shape) -> keras.Model:
     if cfg.backbone not in BACKBONES:
         raise ModelError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
     if cfg.backbone == "scratch_cnn":
-        return build_scratch_cnn(cfg.scratch, input_shape)
+        return _mark(build_scratch_cnn(cfg.scratch, input_shape), "random", "scratch_cnn trains from scratch")
     backbone = _build_application(cfg, input_shape, cfg.head.pooling)
     backbone.name = "backbone"
     return backbone

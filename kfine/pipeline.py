@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from kfine.log import quiet_stderr
 from kfine.sources import BadImageError, scan_files
 
 CACHE_VERSION = 1            # bump when what the cache holds changes (the resize below)
@@ -352,7 +353,8 @@ def _bad_reason(path: str) -> str:
     if not data:
         return "empty file (0 bytes)"
     try:
-        decode(data)
+        with quiet_stderr():
+            decode(data)
     except (tf.errors.OpError, ValueError) as e:
         msg = getattr(e, "message", None) or str(e)
         msg = re.sub(r"\s*\[Op:\w+\]", "", re.sub(r"\{\{[^}]*\}\}\s*", "", msg)).strip() or type(e).__name__
@@ -408,7 +410,8 @@ def _build_cache(keys, cfg, info, images, progress, final):
                                cfg.cache_size, cfg.image_size, final),
                     {k: bad[k] for k in keys if k in bad})
     if cfg.cache == "none" and images is None:   # decode to find bad files, keep nothing
-        ok = {int(i) for i, _ in _decoded(keys, cfg).map(lambda i, img: (i, 0)).as_numpy_iterator()}
+        with quiet_stderr():
+            ok = {int(i) for i, _ in _decoded(keys, cfg).map(lambda i, img: (i, 0)).as_numpy_iterator()}
         bad = {k: _bad_reason(k) for i, k in enumerate(keys) if i not in ok}
         return ImageCache([k for k in keys if k not in bad], None, None, None, cfg.cache_size, cfg.image_size), bad
 
@@ -419,9 +422,10 @@ def _build_cache(keys, cfg, info, images, progress, final):
     done = np.zeros(len(keys), bool)
     source = _decoded(keys, cfg) if images is None else images.enumerate().map(
         lambda i, img: (i, to_cache(img, cfg.cache_size, cfg.image_size)), num_parallel_calls=AUTOTUNE)
-    for i, img in source.as_numpy_iterator():
-        offsets[i], shapes[i], done[i] = buf.append(img), img.shape[:2], True
-        BUILT["decoded"] += 1
+    with quiet_stderr():   # libjpeg prints to stderr on a broken file; kfine reports it by path
+        for i, img in source.as_numpy_iterator():
+            offsets[i], shapes[i], done[i] = buf.append(img), img.shape[:2], True
+            BUILT["decoded"] += 1
         if progress is not None:
             progress(1)
     bad = {k: (_bad_reason(k) if images is None else "could not be decoded") for k, d in zip(keys, done) if not d}

@@ -106,19 +106,24 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=5)
     args = ap.parse_args(argv)
+    from kfine import cli
+    return cli.run_command(lambda: _main(args))
+
+
+def _main(args) -> None:
     run = Path(args.run)
     missing = missing_run_file(run, ("model.keras", "class_names.json"))
     if missing:
-        print(f"kfine.predict: {missing}", file=sys.stderr)
-        return 2
-    try:
-        paths = collect_paths(args.images)
-    except FileNotFoundError as e:
-        print(f"kfine.predict: {e}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(missing)
+    if args.batch_size < 1 or args.top_k < 1:
+        raise ValueError(f"--batch-size and --top-k must be >= 1. Received: --batch-size {args.batch_size} "
+                         f"--top-k {args.top_k}")
+    if (run / "config.yaml").is_file():   # the run's config, checked as every entry point does
+        from kfine.config import check_config, load_config
+        check_config(load_config(run / "config.yaml"))
+    paths = collect_paths(args.images)
     if not paths:
-        print(f"kfine.predict: no image files found in {args.images}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"no image files found in {args.images}")
     model, class_names, image_size = load_run_model(run)
     rows, bad = predict_files(model, paths, class_names, image_size, args.batch_size, args.top_k,
                               transform=run_transform(run) if (run / "config.yaml").exists() else None)
@@ -128,7 +133,6 @@ def main(argv=None) -> int:
     write_csv(args.out, rows, csv_columns(args.top_k, len(class_names)))
     print(f"kfine: wrote {len(rows) - len(bad)} predictions to {args.out}"
           + (f" ({len(bad)} unreadable images listed with an error)" if bad else ""), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

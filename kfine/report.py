@@ -96,6 +96,12 @@ def section_summary(run_dir: Path, shown: set) -> str:
         cards.append(f'<div class=card><span class=muted>{escape(split)} accuracy</span>'
                      f'<b>{100 * m["accuracy"]:.2f}%</b><span class=muted>{escape(str(m.get("n", "")))} images'
                      f'{", top-5 %.2f%%" % (100 * m["top5_accuracy"]) if "top5_accuracy" in m else ""}</span></div>')
+    weights = (_read_json(run_dir / "run_info.json") or {}).get("weights")
+    if isinstance(weights, dict) and weights.get("used"):
+        fell_back = weights.get("requested") not in (None, weights["used"]) and weights["used"] == "random"
+        cards.append(f'<div class=card><span class=muted>backbone weights</span><b{" class=warn" if fell_back else ""}>'
+                     f'{escape(Path(str(weights["used"])).name)}</b><span class=muted>'
+                     f'{escape(weights.get("note") or "")}</span></div>')
     hist = run_dir / "history.csv"
     if hist.exists():
         from kfine.plots import read_history_csv
@@ -269,10 +275,26 @@ def section_export(run_dir: Path, shown: set) -> str:
         return ""
     note = ""
     if (export / "saved_model").is_dir():
-        note = ("<p>Serve the SavedModel in <code>export/saved_model/</code> (TensorFlow Serving): it takes raw "
-                "RGB images (0..255, float) and returns class probabilities in class_names.json order.</p>")
+        note = ("<p>Serve the SavedModel in <code>export/saved_model/</code> (TensorFlow Serving). Its "
+                "<code>serving_default</code> signature takes encoded images (JPEG, PNG, GIF or BMP files' "
+                "bytes, any size) and decodes and resizes them itself; <code>serving_tensor</code> takes "
+                "decoded RGB images at the training size. Probabilities are in class_names.json order.</p>"
+                + _signatures_table(export / "signatures.json"))
     return ("<section id=export><h2>Model files</h2>" + note
             + table(["file", "size"], [[f, _size(s)] for f, s in items]) + "</section>")
+
+
+def _signatures_table(path: Path) -> str:
+    """The exported signatures (export/signatures.json, written from the traced functions)."""
+    sigs = _read_json(path)
+    if not isinstance(sigs, dict):
+        return ""
+    def shape(spec):
+        return "[" + ", ".join("N" if d is None else str(d) for d in spec.get("shape", [])) + "]"
+    rows = [[name, kind, arg, spec.get("dtype", ""), shape(spec)]
+            for name, sig in sigs.items() for kind in ("inputs", "outputs")
+            for arg, spec in (sig.get(kind) or {}).items()]
+    return "<h3>Signatures as exported</h3>" + table(["signature", "", "name", "dtype", "shape"], rows, left=5)
 
 
 # results first, then how they were made

@@ -2,6 +2,8 @@
 
     python -m kfine.train                                  # the demo (configs/demo.yaml)
     python -m kfine.train --config FILE [key=value ...]    # e.g. train.epochs=5 data.batch_size=32
+    python -m kfine.train --config vlg50_resnet50          # a reference config by name
+    python -m kfine.train --list-configs                   # the reference configs
     python -m kfine.train --resume RUN_DIR                 # continue a killed run where it stopped
 
 A phase is a span of epochs with one freeze spec: ``train.phases[i].start_epoch`` is the 0-based
@@ -20,10 +22,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kfine.config import Config, ConfigError, cli_error, load_config, replace, save_config, to_dict
+from kfine import cli
+from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
 from kfine.rundir import atomic_write_text, read_json, write_json
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"          # a reference config (kfine.cli.find_config): configs/demo.yaml
 
 
 class TrainingError(RuntimeError):
@@ -238,7 +241,7 @@ def compile_model(model, optimizer, cfg: Config, num_classes: int) -> None:
     import keras
     from kfine.optim import make_loss
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    if num_classes >= 5:
+    if num_classes > 5:   # with 5 classes or fewer top-5 accuracy is always 1
         metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"))
     if hasattr(optimizer, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
         optimizer.set_active_variables(model.trainable_variables)
@@ -350,19 +353,40 @@ def build_training(cfg: Config, datasets):
 
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory."""
-    from kfine import data as kdata
-    from kfine.audit import format_check
-    from kfine.sources import write_splits
-
-    spans = phase_spans(cfg)   # check the phase list before spending time on data
+    check_config(cfg)          # [A] every value checked before a run directory exists
+    phase_spans(cfg)           # check the phase list before spending time on data
     if resume is not None:
         run_dir = Path(resume)
     else:
         run_dir = prepare_run_dir(cfg, overwrite)
         save_config(cfg, run_dir / "config.yaml")
     print(f"kfine: run directory {run_dir}", flush=True)
-    setup_backend(cfg)
+    try:   # [A] a new run that fails before its first epoch leaves no run directory behind
+        datasets, model, optimizer, schedule, start_epoch, history = _prepare(cfg, run_dir, resume)
+    except BaseException:
+        if resume is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"kfine: removed {run_dir} (the run stopped before training)", file=sys.stderr, flush=True)
+        raise
 
+    history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
+    _save_model_atomic(model, run_dir / "model.keras")
+    result = RunResult(run_dir=run_dir, history=history, model=model)
+    finish_run(cfg, run_dir, model, datasets, result)
+    print(f"kfine: done. Outputs in {run_dir}/ (model.keras, history.csv, plots/, metrics.json, "
+          f"report.html{', export/' if cfg.export.enabled else ''})", flush=True)
+    return result
+
+
+def _prepare(cfg: Config, run_dir: Path, resume: Path | None):
+    """Everything before the first epoch: data (its split saved in splits.csv, or read back from
+    it on resume) and its audit, model, optimizer, resume state."""
+    from kfine import data as kdata
+    from kfine.audit import format_check
+    from kfine.model import weights_info
+    from kfine.sources import write_splits
+
+    setup_backend(cfg)
     saved = run_dir / "splits.csv"
     datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if resume and saved.exists() else None,
                                    verbose=True)
@@ -381,6 +405,8 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
 
     # on resume the weights come from the backup: no download
     model, optimizer, schedule = build_training(replace(cfg, ["model.weights=null"]) if resume else cfg, datasets)
+    if resume is None:   # [A] what the backbone really started from (the report shows it)
+        write_json(run_dir / "run_info.json", {"weights": {"requested": cfg.model.weights, **weights_info(model)}})
 
     start_epoch, history = 0, []
     if resume is not None:
@@ -389,15 +415,9 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
         if start_epoch >= cfg.train.epochs:
             print(f"kfine: {run_dir} already finished its {cfg.train.epochs} epochs; finishing outputs", flush=True)
         else:
-            print(f"kfine: resuming at epoch {start_epoch} (phase {phase_at(spans, start_epoch)})", flush=True)
-
-    history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
-    _save_model_atomic(model, run_dir / "model.keras")
-    result = RunResult(run_dir=run_dir, history=history, model=model)
-    finish_run(cfg, run_dir, model, datasets, result)
-    print(f"kfine: done. Outputs in {run_dir}/ (model.keras, history.csv, plots/, metrics.json, "
-          f"report.html{', export/' if cfg.export.enabled else ''})", flush=True)
-    return result
+            print(f"kfine: resuming at epoch {start_epoch} (phase {phase_at(phase_spans(cfg), start_epoch)})",
+                  flush=True)
+    return datasets, model, optimizer, schedule, start_epoch, history
 
 
 def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -> None:
@@ -435,24 +455,27 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kfine.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (default: the demo, configs/demo.yaml)")
+    cli.add_config_arguments(ap, default=DEMO_CONFIG)
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
     ap.add_argument("--overwrite", action="store_true", help="replace runs/<name> instead of runs/<name>-2")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 data.batch_size=32")
     args = ap.parse_args(argv)
-    try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            if not (run_dir / "config.yaml").exists():
-                raise TrainingError(f"{run_dir} is not a kfine run directory (no config.yaml)")
-            cfg = load_config(run_dir / "config.yaml", args.overrides)
-            run(cfg, resume=run_dir)
-        else:
-            cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-            run(cfg, overwrite=args.overwrite)
-    except (ConfigError, TrainingError, ValueError, FileNotFoundError) as e:
-        return cli_error(e)
-    return 0
+    if args.list_configs:
+        print(cli.format_config_list(search=False))
+        return 0
+    return cli.run_command(lambda: _main(args), TrainingError)
+
+
+def _main(args) -> None:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise TrainingError(f"{run_dir} is not a kfine run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        run(cfg, resume=run_dir)
+    else:
+        cfg = load_config(cli.find_config(args.config or DEMO_CONFIG), args.overrides)
+        run(cfg, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

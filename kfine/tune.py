@@ -1,6 +1,7 @@
 """Hyperparameter search: KerasTuner over config keys, each trial a kfine.train run.
 
     python -m kfine.tune                                   # small demo search (configs/tune_demo.yaml)
+    python -m kfine.tune --list-configs                    # the reference configs with a search section
     python -m kfine.tune --config FILE [key=value ...]     # search declared in FILE's `search` section
     python -m kfine.tune --resume SEARCH_DIR               # go on with an interrupted search
     python -m kfine.tune --config FILE --resume            # the same, for runs/<name>-search
@@ -54,10 +55,11 @@ from typing import Any
 
 import yaml
 
-from kfine.config import Config, ConfigError, cli_error, load_config, replace, to_dict
+from kfine import cli
+from kfine.config import Config, ConfigError, check_config, load_config, replace, to_dict
 from kfine.rundir import atomic_write_bytes, atomic_write_text
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
+DEMO_CONFIG = "tune_demo"     # a reference config (kfine.cli.find_config): configs/tune_demo.yaml
 
 SPEC_FIELDS = {            # spec type -> the fields it takes (besides `type`)
     "choice": {"values"},
@@ -119,6 +121,17 @@ class Param:
         if self.type == "float":
             return float(value)
         return value
+
+
+def trial_number(trial_id: str) -> str:
+    """KerasTuner's number of a trial, as it prints it (``Search: Running Trial #1`` for id "0":
+    ids are the 0-based count of trials, zero-padded)."""
+    return f"#{int(trial_id) + 1}" if str(trial_id).isdigit() else str(trial_id)
+
+
+def trial_label(trial_id: str) -> str:
+    """A trial in kfine's messages: its number and its directory, e.g. ``#1 (tuner/trial_0)``."""
+    return f"{trial_number(trial_id)} (tuner/trial_{trial_id})"
 
 
 def yaml_value(value) -> str:
@@ -209,7 +222,7 @@ def parse_space(cfg: Config) -> list[Param]:
             candidates = [False, True]
         for v in candidates:   # every value must make a valid config
             try:
-                replace(cfg, [f"{key}={yaml_value(v)}"])
+                check_config(replace(cfg, [f"{key}={yaml_value(v)}"]))
             except ConfigError as e:
                 raise ConfigError(f"{where}: {yaml_value(v)} is not a valid value for this key: {e}") from None
         params.append(p)
@@ -349,7 +362,7 @@ def _tuner_class():
         def run_trial(self, trial, *args, **kwargs):
             hp = trial.hyperparameters
             shown = " ".join(trial_overrides(self.hypermodel.params, hp.values))
-            print(f"kfine: trial {trial.trial_id} started: {shown}", flush=True)
+            print(f"kfine: trial {trial_label(trial.trial_id)} started: {shown}", flush=True)
             results = []
             for execution in range(self.executions_per_trial):
                 trial_dir = Path(self.get_trial_dir(trial.trial_id))
@@ -359,11 +372,11 @@ def _tuner_class():
                 try:
                     results.append(self.hypermodel.fit(hp, None, trial_dir=trial_dir, execution=execution))
                 except Exception as e:
-                    print(f"kfine: trial {trial.trial_id} failed: {type(e).__name__}: {e}", flush=True)
+                    print(f"kfine: trial {trial_label(trial.trial_id)} failed: {type(e).__name__}: {e}", flush=True)
                     raise
             obj = self.oracle.objective.name
             score = sum(r[obj] for r in results) / len(results)
-            print(f"kfine: trial {trial.trial_id} finished: {obj}={score:.4f}", flush=True)
+            print(f"kfine: trial {trial_label(trial.trial_id)} finished: {obj}={score:.4f}", flush=True)
             return results
 
         def load_model(self, trial):
@@ -446,7 +459,7 @@ def format_results(rows: list[dict], objective: str, direction: str) -> str:
     rest = [r for r in rows if r["score"] == ""]
     keys = [k for k in (rows[0] if rows else {}) if k not in ("trial_id", "status", "score")]
     header = ["trial", "status", objective] + keys
-    table = [header] + [[r["trial_id"], r["status"], f"{r['score']:.4f}" if r["score"] != "" else "-"]
+    table = [header] + [[trial_number(r["trial_id"]), r["status"], f"{r['score']:.4f}" if r["score"] != "" else "-"]
                         + [str(r.get(k, "")) for k in keys] for r in done + rest]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
@@ -478,7 +491,7 @@ def plot_search(results_csv, out_dir, objective: str = "score", direction: str |
         written.append(out_dir / name)
 
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(rows) + 2), 3.5))
-    xs = [r["trial_id"] for r in scored]
+    xs = [trial_number(r["trial_id"]) for r in scored]
     ys = [float(r["score"]) for r in scored]
     direction = direction or ("max" if any(s in objective.lower() for s in _MAX_DIRECTIONS) else "min")
     ax.plot(range(len(xs)), ys, "o-", color="tab:blue", label=objective)
@@ -521,7 +534,7 @@ def write_best(cfg: Config, params: list[Param], trial, search_dir: Path) -> tup
     best = replace(best, ["search.space={}", f"name={cfg.name}-best"])
     path = search_dir / "best.yaml"
     chosen = "".join(f"#   {o}\n" for o in trial_overrides(params, trial.hyperparameters.values))
-    header = (f"# Best trial {trial.trial_id} of the search in {search_dir} "
+    header = (f"# Best trial {trial_label(trial.trial_id)} of the search in {search_dir} "
               f"({cfg.search.objective} = {trial.score:.4f}). A full kfine.train config:\n"
               f"#   python -m kfine.train --config {path}\n"
               f"# Its searched values:\n{chosen}")
@@ -557,6 +570,7 @@ def search(cfg: Config, search_dir: Path | None = None, resume: bool = False,
     from kfine.config import save_config
     from kfine.train import phase_spans, prepare_run_dir
 
+    check_config(cfg)                                # every value, before the search directory exists
     params = parse_space(cfg)                        # bad keys fail here, before any training
     if cfg.search.tuner != "hyperband":
         phase_spans(cfg)
@@ -609,7 +623,7 @@ def search(cfg: Config, search_dir: Path | None = None, resume: bool = False,
     best = tuner.oracle.get_best_trials(1)
     if best and best[0].score is not None:
         result.best_path, result.best_config = write_best(cfg, params, best[0], search_dir)
-        print(f"\nkfine: best trial {best[0].trial_id}: {cfg.search.objective} = {best[0].score:.4f}. "
+        print(f"\nkfine: best trial {trial_label(best[0].trial_id)}: {cfg.search.objective} = {best[0].score:.4f}. "
               f"Its config: {result.best_path}\n  train it: python -m kfine.train --config "
               f"{result.best_path}", flush=True)
     else:
@@ -633,29 +647,32 @@ def pin_overrides(cfg: Config, overrides: list[str]) -> Config:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kfine.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config with a search section (default: configs/tune_demo.yaml)")
+    cli.add_config_arguments(ap, default=DEMO_CONFIG)
     ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="SEARCH_DIR",
                     help="go on with an interrupted search (its directory, or runs/<name>-search of --config)")
     ap.add_argument("--overwrite", action="store_true", help="start the search directory over")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. search.max_trials=5 train.epochs=3")
     args = ap.parse_args(argv)
+    if args.list_configs:
+        print(cli.format_config_list(search=True))
+        return 0
     overrides = list(args.overrides)
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).is_dir():
         overrides.insert(0, args.resume)             # `--resume key=value`: a flag, then an override
         args.resume = True
-    try:
-        if isinstance(args.resume, str):
-            search_dir = Path(args.resume)
-            if not (search_dir / "config.yaml").exists():
-                raise SearchError(f"{search_dir} is not a kfine search directory (no config.yaml)")
-            cfg = pin_overrides(load_config(search_dir / "config.yaml", overrides), overrides)
-            search(cfg, search_dir=search_dir, resume=True)
-        else:
-            cfg = pin_overrides(load_config(args.config or DEMO_CONFIG, overrides), overrides)
-            search(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    except (ConfigError, SearchError, ValueError, FileNotFoundError) as e:
-        return cli_error(e)
-    return 0
+    return cli.run_command(lambda: _main(args, overrides), SearchError)
+
+
+def _main(args, overrides: list[str]) -> None:
+    if isinstance(args.resume, str):
+        search_dir = Path(args.resume)
+        if not (search_dir / "config.yaml").exists():
+            raise SearchError(f"{search_dir} is not a kfine search directory (no config.yaml)")
+        cfg = pin_overrides(load_config(search_dir / "config.yaml", overrides), overrides)
+        search(cfg, search_dir=search_dir, resume=True)
+    else:
+        cfg = pin_overrides(load_config(cli.find_config(args.config or DEMO_CONFIG), overrides), overrides)
+        search(cfg, resume=bool(args.resume), overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

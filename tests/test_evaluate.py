@@ -77,6 +77,7 @@ def test_compute_metrics_on_known_predictions():
 def test_compute_metrics_small_class_count_has_no_top5():
     m = compute_metrics([0, 1, 2], np.eye(3)[[0, 2, 2]], ["x", "y", "z"])
     assert "top5_accuracy" not in m
+    assert "top5_accuracy" not in compute_metrics(range(5), np.eye(5), list("abcde"))   # always 1 with 5
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert "file" not in m["highest_loss"][0]
     with pytest.raises(ValueError, match="shape"):
@@ -142,7 +143,9 @@ def test_evaluate_run_with_given_model_falls_back_to_val(tiny_model, tmp_path, c
                                val=tf.data.Dataset.from_tensor_slices((images, labels)).batch(3),
                                files={"val": files})
     m = evaluate_run(run, model=tiny_model, datasets=datasets)
-    assert "no test split" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no test split" in out and "kfine: evaluating on the val split: done in" in out
+    assert f"kfine: wrote {run / 'metrics.json'}, {run / 'predictions.csv'}, plots/confusion_val.png" in out
     assert m["split"] == "val"
     saved = json.loads((run / "metrics.json").read_text())
     assert set(saved) == {"train", "val"} and saved["train"] == {"accuracy": 0.5}
@@ -157,6 +160,11 @@ def test_evaluate_run_with_given_model_falls_back_to_val(tiny_model, tmp_path, c
     for name in ("confusion_val.png", "per_class_accuracy_val.png", "predictions_val.png", "history.png"):
         assert (run / "plots" / name).stat().st_size > 1000
     assert (run / "report.html").exists()
+    # --split val asked for: its own CSV, and the message names the file really written
+    evaluate_run(run, model=tiny_model, datasets=datasets, split="val", report=False)
+    out = capsys.readouterr().out
+    assert f"kfine: wrote {run / 'metrics.json'}, {run / 'predictions_val.csv'}, plots/confusion_val.png" in out
+    assert (run / "predictions_val.csv").is_file()
 
 
 def test_evaluate_cli_end_to_end(tiny_model, tmp_path):

@@ -179,7 +179,8 @@ def test_layout_and_signatures(exported):
         del want["onnx"]
     assert exported["written"] == {k: str(export / v) for k, v in want.items()}
     assert (export / "saved_model" / "1" / "saved_model.pb").is_file()
-    assert sorted(p.name for p in export.iterdir()) == sorted(Path(v).parts[0] for v in want.values())
+    assert sorted(p.name for p in export.iterdir()) == sorted([Path(v).parts[0] for v in want.values()]
+                                                              + ["signatures.json"])
     assert [p.name for p in (export / "saved_model").iterdir()] == ["1"]   # no temp dirs left
     child = exported["child"]
     assert child["kfine_imported"] is False
@@ -187,6 +188,14 @@ def test_layout_and_signatures(exported):
     assert child["default_inputs"] == ["image_bytes"] and child["tensor_inputs"] == ["image"]
     assert child["default_outputs"] == {"probabilities": "float32", "class_index": "int64",
                                         "class_name": "string", "valid": "bool"}
+    # signatures.json (what report.html shows) says what the SavedModel, loaded without kfine, has
+    sigs = json.loads((export / "signatures.json").read_text())
+    assert sorted(sigs) == child["signatures"]
+    assert list(sigs["serving_default"]["inputs"]) == child["default_inputs"]
+    assert list(sigs["serving_tensor"]["inputs"]) == child["tensor_inputs"]
+    assert {k: v["dtype"] for k, v in sigs["serving_default"]["outputs"].items()} == child["default_outputs"]
+    assert sigs["serving_default"]["inputs"]["image_bytes"] == {"dtype": "string", "shape": [None]}
+    assert sigs["serving_tensor"]["inputs"]["image"] == {"dtype": "float32", "shape": [None, *SIZE, 3]}
 
 
 def test_png_at_the_cache_size_matches_keras_on_its_raw_centre_crop(exported):
@@ -310,7 +319,7 @@ def test_cli_run_without_model_exits_2_with_one_line(tmp_path):
     proc = _cli("--run", str(run), cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kfine.export: error:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("kfine: error:"), proc.stderr
     assert str(run / "model.keras") in lines[0]
     assert not (run / "export").exists()
 

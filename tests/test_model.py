@@ -5,7 +5,7 @@ import pytest
 import keras
 
 from kfine.config import HeadConfig, ModelConfig, ScratchConfig
-from kfine.model import BACKBONES, ModelError, build_model, get_backbone
+from kfine.model import BACKBONES, ModelError, build_model, get_backbone, weights_info
 
 
 def test_preprocessing_inside_matches_keras_preprocess_input():
@@ -57,6 +57,8 @@ def test_weights_from_local_file(tmp_path):
     a = get_backbone(src).get_layer("conv3_block2_2_conv").kernel.numpy()
     b = get_backbone(loaded).get_layer("conv3_block2_2_conv").kernel.numpy()
     np.testing.assert_array_equal(a, b)
+    assert weights_info(loaded) == {"used": str(path), "note": ""}
+    assert weights_info(src)["used"] == "random"
 
 
 def test_weights_that_do_not_fit(tmp_path):
@@ -79,6 +81,10 @@ def test_imagenet_offline(capsys):
     out = capsys.readouterr().out
     assert "random initialisation" in out and len(out.strip().splitlines()) == 1
     assert model.output_shape == (None, 3)
+    info = weights_info(model)          # what run_info.json and the report state: not "imagenet"
+    assert info["used"] == "random" and "weights_fallback: random" in info["note"]
+    scratch = build_model(ModelConfig(backbone="scratch_cnn", weights="imagenet"), 3, (32, 32))
+    assert weights_info(scratch)["used"] == "random"       # scratch_cnn ignores model.weights
 
 
 def test_unknown_backbone_and_head():

@@ -116,6 +116,28 @@ def test_full_report_sections_links_and_escaping(tmp_path):
     assert html.count("<table>") >= 6
 
 
+def test_report_states_the_weights_used_and_the_signatures_as_exported(tmp_path):
+    run = make_full_run(tmp_path / "r")
+    (run / "run_info.json").write_text(json.dumps({"weights": {
+        "requested": "imagenet", "used": "random",
+        "note": "ImageNet weights could not be loaded (offline); weights_fallback: random"}}))
+    (run / "export" / "signatures.json").write_text(json.dumps({
+        "serving_default": {"inputs": {"image_bytes": {"dtype": "string", "shape": [None]}},
+                            "outputs": {"probabilities": {"dtype": "float32", "shape": [None, 3]}}},
+        "serving_tensor": {"inputs": {"image": {"dtype": "float32", "shape": [None, 32, 32, 3]}},
+                           "outputs": {"probabilities": {"dtype": "float32", "shape": [None, 3]}}}}))
+    html = render_report(run)
+    assert "backbone weights</span><b class=warn>random</b>" in html           # the fallback, flagged
+    assert "ImageNet weights could not be loaded (offline); weights_fallback: random" in html
+    assert "raw RGB images (0..255, float)" not in html and "takes encoded images" in html
+    assert "<td class=l>serving_default</td><td class=l>inputs</td><td class=l>image_bytes</td>" \
+           "<td class=l>string</td><td class=l>[N]</td>" in html
+    assert "<td class=l>[N, 32, 32, 3]</td>" in html
+    (run / "run_info.json").write_text(json.dumps({"weights": {"requested": "imagenet", "used": "imagenet",
+                                                               "note": ""}}))
+    assert "backbone weights</span><b>imagenet</b>" in render_report(run)
+
+
 def test_report_shows_only_what_exists(tmp_path):
     run = tmp_path / "bare"
     run.mkdir()

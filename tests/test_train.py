@@ -113,8 +113,9 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
 def test_bad_phase_lists(tmp_path):
     cfg = load_config(None, tiny(tmp_path, "train.epochs=2",
                                  "train.phases=[{start_epoch: 0}, {start_epoch: 5}]"))
-    with pytest.raises(ConfigError, match="train.epochs is 2"):
+    with pytest.raises(ConfigError, match=r"train.phases.1.start_epoch must be < train.epochs \(2\)"):
         run(cfg)
+    assert not (tmp_path / "runs").exists()   # checked before a run directory is made
 
 
 def test_class_weights_balanced():
@@ -138,6 +139,8 @@ def test_cli_end_to_end(tmp_path):
     assert str(rd) in p.stdout
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
     assert load_config(rd / "config.yaml").train.epochs == 2
+    assert read_json(rd / "run_info.json") == {"weights": {"requested": None, "used": "random",
+                                                           "note": "scratch_cnn trains from scratch"}}
     bad = _cli(["--config", str(cfg_file), "train.epoch=2"])
     assert bad.returncode == 2 and "unknown key train.epoch" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -3,6 +3,7 @@ best.yaml training again, resume after SIGKILL, and KerasTuner's chief/worker mo
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,14 +57,20 @@ def env():
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
+def _trials(text: str, event: str) -> list[str]:
+    """Trial ids from kfine's lines `kfine: trial #N (tuner/trial_ID) <event>:`, where N is
+    KerasTuner's own number for that trial (`Search: Running Trial #N`): ID + 1."""
+    found = re.findall(rf"^kfine: trial #(\d+) \(tuner/trial_(\w+)\) {event}:", text, flags=re.M)
+    assert all(int(n) == int(tid) + 1 for n, tid in found), found
+    return [tid for _, tid in found]
+
+
 def finished_trials(text: str) -> list[str]:
-    return [line.split()[2].rstrip(":") for line in text.splitlines() if line.startswith("kfine: trial ")
-            and " finished:" in line]
+    return _trials(text, "finished")
 
 
 def started_trials(text: str) -> list[str]:
-    return [line.split()[2] for line in text.splitlines() if line.startswith("kfine: trial ")
-            and " started:" in line]
+    return _trials(text, "started")
 
 
 # ----------------------------------------------------------------------------- the space
@@ -250,6 +257,9 @@ def test_resume_after_sigkill_skips_finished_trials(tmp_path):
         proc.wait()
     first = first_log.read_text()
     assert finished_trials(first) and len(finished_trials(first)) < 3
+    # kfine numbers trials as KerasTuner prints them: its "Running Trial #1" is kfine's "trial #1"
+    kt_numbers = re.findall(r"^Search: Running Trial #(\d+)$", first, flags=re.M)
+    assert kt_numbers and kt_numbers == [str(int(t) + 1) for t in started_trials(first)], first[-3000:]
     assert not (sd / "results.csv").exists()
 
     second = subprocess.run([sys.executable, "-m", "kfine.tune", "--resume", str(sd)], cwd=REPO, env=env(),
