@@ -148,11 +148,19 @@ def test_color_jitter_has_torchvision_semantics():
     assert len(both) == 2
 
 
-def test_upscaling_crops_skip_antialiasing_only_where_it_changes_nothing():
-    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (100, 120, 3)), tf.float32)
-    a = tf.image.resize(x, (224, 224), antialias=True)
-    b = tf.image.resize(x, (224, 224))
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-3)
+def test_crops_are_antialiased_where_it_matters():
+    """Upscales: bilinear is antialiased bilinear. Strong downscales (> 1.5x): antialiased. Mild
+    ones (every crop of the default cache is within 0.76..1.32x) are bilinear."""
+    rng = np.random.default_rng(0)
+    up = tf.constant(rng.integers(0, 256, (100, 120, 3)), tf.uint8)
+    np.testing.assert_allclose(pipeline.resize_crop(up, (224, 224)).numpy(),
+                               tf.image.resize(tf.cast(up, tf.float32), (224, 224), antialias=True).numpy(), atol=1e-3)
+    big = tf.constant(rng.integers(0, 256, (400, 380, 3)), tf.uint8)
+    np.testing.assert_array_equal(pipeline.resize_crop(big, (224, 224)).numpy(),
+                                  tf.image.resize(tf.cast(big, tf.float32), (224, 224), antialias=True).numpy())
+    mild = tf.constant(rng.integers(0, 256, (290, 260, 3)), tf.uint8)
+    np.testing.assert_array_equal(pipeline.resize_crop(mild, (224, 224)).numpy(),
+                                  tf.image.resize(mild, (224, 224)).numpy())
 
 
 # ----------------------------------------------------------------------------- one eval transform
@@ -311,3 +319,18 @@ def test_balanced_sampling_draws_every_class_equally_often(tmp_path):
     plain = data.make_datasets(replace(cfg, sampling="uniform"), seed=0)
     assert np.mean(np.concatenate([y.numpy() for _, y in plain.train]) == 1) == pytest.approx(8 / 48)
     assert "data.sampling: balanced" in data.check_data(replace(cfg, sampling="uniform"))["warnings"][0]
+
+
+def test_large_jpegs_decode_at_a_dct_scale_to_the_same_cached_image(tmp_path):
+    """An 800x600 photo-like JPEG for a 37 px cache decodes at 1/8 scale (100x75) in the DCT
+    domain, then resizes: the same cached shape, and within a grey level or two of decoding at
+    full size and resizing that."""
+    yy, xx = np.mgrid[0:600, 0:800]
+    img = np.stack([128 + 100 * np.sin(xx / 40.0), 128 + 100 * np.cos(yy / 30.0), (xx + yy) % 256 * 0 + 90], -1)
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    data = tf.constant(buf.getvalue())
+    fast = pipeline.decode_to_cache(data, None, (32, 32)).numpy()
+    full = pipeline.to_cache(pipeline.decode(data), None, (32, 32)).numpy()
+    assert fast.shape == full.shape == (37, 49, 3)
+    assert np.abs(fast.astype(float) - full).mean() < 2.0
