@@ -230,9 +230,10 @@ class _Kfine:
         return [(v, a) for v, a in zip(_built_variables(self), _ema_averages(self)) if a is not None]
 
     def reset_ema(self) -> None:
-        """Every average := its variable's current value."""
+        """Every average := its variable's current value (a copy: on JAX an assigned array is
+        shared, and the trainer cannot donate one buffer twice)."""
         for v, a in self.ema_pairs():
-            a.assign(v)
+            a.assign(ops.copy(v))
 
     def _update_model_variables_moving_average(self, trainable_variables):
         # Keras' EMA update (first step: the average takes the value), over the variables this
@@ -254,9 +255,9 @@ class _Kfine:
         the raw weights across phases and writes the averages in once (``apply_ema_weights``)."""
 
     def apply_ema_weights(self) -> None:
-        """Write the averages into the model variables (the end of training)."""
-        if self.use_ema:
-            super().finalize_variable_values(_built_variables(self))
+        """Write the averages into the model variables (copies, see ``reset_ema``)."""
+        for v, a in self.ema_pairs():
+            v.assign(ops.copy(a))
 
     def get_config(self):
         return {**super().get_config(), "weight_decay": self.decay_rate or None,
@@ -330,7 +331,7 @@ def build_optimizer(cfg: OptimizerConfig, learning_rate, variables=None, multipl
         kwargs["gradient_accumulation_steps"] = int(accumulate_steps)
     if ema is not None and ema.enabled:
         kwargs.update(use_ema=True, ema_momentum=ema.momentum)
-    opt = OPTIMIZERS[cfg.name](**kwargs)
+    opt = OPTIMIZERS[cfg.name](name=cfg.name, **kwargs)   # a fixed name: stable variable paths
     if variables is not None:
         opt.build(variables)
         opt.set_variable_options(multipliers, decay)
@@ -351,7 +352,7 @@ def ema_weights(model):
     pairs = opt.ema_pairs() if hasattr(opt, "ema_pairs") else []
     raw = [ops.convert_to_numpy(v) for v, _ in pairs]
     for v, a in pairs:
-        v.assign(a)
+        v.assign(ops.copy(a))
     try:
         yield
     finally:

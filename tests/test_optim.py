@@ -382,3 +382,63 @@ def test_label_smoothing_loss_matches_the_formula():
     expected = float(np.mean(-(target * np.log(p)).sum(axis=1)))
     assert loss == pytest.approx(expected, rel=1e-5)
     assert float(make_loss(0.0, 3)(y, p)) == pytest.approx(float(np.mean(-np.log(p[[0, 1], y]))), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- a whole run
+def test_a_run_with_ema_accumulation_layer_decay_and_bn_stats(tmp_path):
+    """train.run end to end: the history's lr counts optimizer updates (accumulation), phases.json
+    records the BN mode and the lr multipliers, the final model, model.keras, the last periodic
+    checkpoint and the exported SavedModel all hold the EMA weights."""
+    import tensorflow as tf
+    from conftest import make_folder
+    from kfine.config import load_config
+    from kfine.optim import inner_optimizer
+    from kfine.rundir import read_json
+    from kfine.train import read_history, run
+
+    root = make_folder(tmp_path / "data", "single", per_class=8)
+    cfg = load_config(None, [
+        f"runs_dir={tmp_path / 'runs'}", f"data.root={root}", "data.image_size=[32,32]", "data.batch_size=4",
+        "model.weights=null", "train.verbose=0", "data.augment.enabled=false", "name=t", "model.backbone=scratch_cnn",
+        "model.scratch={filters: [4, 4, 8, 8, 8], batchnorm: true, dense_units: 8, dropout: 0.0}",
+        "train.epochs=2", "train.accumulate_steps=2", "train.ema={enabled: true, momentum: 0.5}",
+        "train.layer_decay=0.5", "train.schedule={name: cosine, learning_rate: 0.01}",
+        "train.optimizer={name: sgd, momentum: 0.9, weight_decay: 0.001, weight_decay_mode: l2}",
+        "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}, bn: stats},"
+        " {start_epoch: 1, freeze: {strategy: stages, trainable_from: block4}}]",
+        "train.checkpoint.every_epochs=1", "export.formats=[saved_model]"])
+    result = run(cfg)
+    rd = result.run_dir
+    # the schedule counts updates: 2 batches per update, epochs rounded up to whole updates
+    n_train = sum(read_json(rd / "data_check.json")["counts"]["train"].values())
+    spe = -(-(-(-n_train // 4)) // 2) * 2
+    opt = inner_optimizer(result.model.optimizer)
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == 2 * spe // 2
+    sched = make_schedule(cfg.train.schedule, spe, 2, accumulate_steps=2)
+    hist = read_history(rd / "history.csv")
+    assert [r["lr"] for r in hist] == pytest.approx([float(sched.at_update((e + 1) * spe // 2 - 1)) for e in (0, 1)])
+    phases = read_json(rd / "phases.json")
+    assert [p["bn"] for p in phases] == ["stats", "train"]
+    rows = {r["stage"]: r for r in phases[0]["summary"]}
+    assert rows["block5"]["lr_mult"] == 0.5 and rows["block1"]["lr_mult"] == 0.5 ** 5
+    assert rows["block1"]["bn_training"] == 1 and rows["block1"]["trainable"] == 0    # bn: stats
+    # the model holds the averages, and so do model.keras, the last checkpoint and the export
+    final = [np.array(v.numpy()) for v in result.model.weights]
+    averages = {id(v): a.numpy() for v, a in opt.ema_pairs()}
+    assert len(averages) > 0
+    for v in result.model.weights:
+        if id(v) in averages:
+            np.testing.assert_array_equal(v.numpy(), averages[id(v)])
+    for path in (rd / "model.keras", rd / "checkpoints" / "epoch_0001.keras"):
+        saved = keras.saving.load_model(path, compile=False)
+        for a, b in zip(saved.weights, final):
+            np.testing.assert_array_equal(a.numpy(), b)
+    # per-epoch validation ran on the averages too (SwapEMAWeights): the last epoch's val_loss is
+    # the final (EMA) model's loss on the validation split
+    from kfine import data as kdata
+    val = kdata.make_datasets(cfg.data, cfg.seed).val
+    assert result.model.evaluate(val, verbose=0, return_dict=True)["loss"] == pytest.approx(hist[-1]["val_loss"], rel=1e-4)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    served = tf.saved_model.load(str(rd / "export" / "saved_model" / "1"))
+    got = served.signatures["serving_tensor"](image=tf.constant(x))["probabilities"].numpy()
+    np.testing.assert_allclose(got, keras.ops.convert_to_numpy(result.model(x, training=False)), atol=1e-5)
