@@ -137,7 +137,8 @@ def schedule_gamma(cfg: ScheduleConfig) -> float:
 # ----------------------------------------------------------------------------- Keras internals
 # Keras gives an optimizer subclass the variables it was built with, their index and its EMA
 # variables only through these attributes (the subclassing example in keras' base_optimizer.py
-# uses _get_variable_index too). Everything kfine reads from Keras' private API is here.
+# uses _get_variable_index too). Everything kfine reads from Keras' private API is here; the one
+# private hook it overrides is _Kfine._update_model_variables_moving_average (Keras' EMA step).
 def _built_variables(opt) -> list:
     return opt._trainable_variables
 

@@ -170,6 +170,18 @@ def test_momentum_only_where_the_optimizer_has_it():
             build_optimizer(cfg, 0.1, [a])
 
 
+def test_optimizer_and_schedule_survive_serialisation():
+    """model.keras stores the optimizer by its config: kfine's decay and the schedule come back."""
+    sched = make_schedule(ScheduleConfig("cosine", 0.1), 10, 4, accumulate_steps=2)
+    a, = variables([1.0])
+    opt = build_optimizer(OptimizerConfig(name="adamw", weight_decay=0.01), sched, [a], accumulate_steps=2)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert type(again).__name__ == "AdamW" and again.name == "adamw"
+    assert (again.decay_rate, again.weight_decay_mode, again.weight_decay) == (0.01, "decoupled", None)
+    assert again.gradient_accumulation_steps == 2
+    assert isinstance(again._learning_rate, EpochSchedule) and again._learning_rate.get_config() == sched.get_config()
+
+
 # ----------------------------------------------------------------------------- schedules
 def test_schedules():
     cos = make_schedule(ScheduleConfig("cosine", 0.1), steps_per_epoch=10, total_epochs=4)
