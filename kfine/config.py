@@ -125,6 +125,10 @@ class FreezeConfig:
 class PhaseConfig:
     start_epoch: int = 0
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    # BatchNorm statistics (kfine.freeze.BN_MODES): train = they move where the strategy trains BN
+    # (Keras); stats = they move in every BN layer, frozen ones too (PyTorch model.train());
+    # frozen = they never move (every BN in inference mode). gamma/beta follow the strategy.
+    bn: Literal["frozen", "stats", "train"] = "train"
 
 
 @dataclass(frozen=True)
@@ -134,16 +138,20 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0                       # linear warmup from 0
     min_learning_rate: float = 0.0                   # cosine floor
     step_epochs: float = 5.0                         # step: decay every N epochs
-    gamma: float = 0.1                               # step / exponential factor
+    gamma: Optional[float] = None                    # step: factor (null = 0.1, StepLR's);
+                                                     # exponential: factor per epoch, required
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
     name: str = "adam"                               # a key of kfine.optim.OPTIMIZERS
-    momentum: float = 0.9                            # sgd / rmsprop
-    nesterov: bool = False
-    weight_decay: float = 0.0                        # decoupled (adamw, sgd, adam via Keras)
-    clipnorm: Optional[float] = None
+    momentum: Optional[float] = None                 # sgd / rmsprop only; null = none (0.0)
+    nesterov: bool = False                           # sgd with momentum only
+    weight_decay: float = 0.0
+    weight_decay_mode: Literal["decoupled", "l2"] = "decoupled"   # l2 = PyTorch Adam/SGD(weight_decay)
+    no_decay: tuple[str, ...] = ("bn", "bias")       # not decayed: bn (norm gamma/beta), bias
+    clipnorm: Optional[float] = None                 # clip each variable's gradient norm
+    global_clipnorm: Optional[float] = None          # clip the norm of all gradients (clip_grad_norm_)
 
 
 @dataclass(frozen=True)
@@ -169,12 +177,23 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """Exponential moving average of the weights (the optimizer's use_ema), used for validation,
+    checkpoints, evaluation and export."""
+    enabled: bool = False
+    momentum: float = 0.99                           # per optimizer update; ~1/(1-momentum) updates
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     phases: tuple[PhaseConfig, ...] = (PhaseConfig(),)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr_multipliers: dict[str, float] = field(default_factory=dict)  # group -> factor
+    layer_decay: Optional[float] = None              # head 1, last stage d, the one before d^2, ...
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    accumulate_steps: int = 1                        # batches per optimizer update (1 = off)
     label_smoothing: float = 0.0
     class_weight: Optional[str] = None               # null | balanced
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
@@ -518,15 +537,20 @@ CHECKS = {
     "train.phases.*.freeze.strategy": menu("kfine.freeze:STRATEGIES"),
     "train.phases.*.freeze.fraction": in_range(0.0, 1.0, closed=True),
     "train.optimizer.name": menu("kfine.optim:OPTIMIZERS"),
-    "train.optimizer.momentum": FRACTION,
+    "train.optimizer.momentum": optional(FRACTION),
     "train.optimizer.weight_decay": at_least(0.0),
+    "train.optimizer.no_decay.*": one_of("bn", "bias"),
     "train.optimizer.clipnorm": optional(above(0.0)),
+    "train.optimizer.global_clipnorm": optional(above(0.0)),
     "train.schedule.learning_rate": at_least(0.0),
     "train.schedule.warmup_epochs": at_least(0.0),
     "train.schedule.min_learning_rate": at_least(0.0),
     "train.schedule.step_epochs": above(0.0),
-    "train.schedule.gamma": above(0.0),
+    "train.schedule.gamma": optional(above(0.0)),
     "train.lr_multipliers.*": at_least(0.0),
+    "train.layer_decay": optional(lambda v: None if 0.0 < v <= 1.0 else "in (0.0, 1.0]"),
+    "train.ema.momentum": FRACTION,
+    "train.accumulate_steps": at_least(1),
     "train.label_smoothing": FRACTION,
     "train.class_weight": one_of(None, "balanced"),
     "train.steps_per_epoch": optional(at_least(1)),

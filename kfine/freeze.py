@@ -5,10 +5,23 @@ on the backbone's layers. The head (layers ``head_*``) always trains: it is new 
 Keras honours a change of ``trainable`` only at the next ``compile()``, so a change of strategy is
 a new phase (kfine.train.fit_phases), never a flag flipped inside ``fit``.
 
-BatchNorm: Keras 3 normalises with batch statistics and updates the moving mean/variance only when
-``training and layer.trainable``. A frozen BN layer therefore runs in inference mode (its moving
-statistics stay put: no "drift while frozen"); a trainable one (``bn_and_head``) learns gamma/beta
-and updates its statistics.
+BatchNorm has two parts that a phase controls separately. gamma/beta are weights: they train
+where the strategy trains the layer. The moving statistics follow ``phase.bn`` (``BN_MODES``):
+
+    train   statistics move where the strategy trains the BN layer, stay put where it freezes it
+            (Keras' own semantics; the default)
+    stats   statistics move in every BN layer, frozen ones too, while frozen gamma/beta stay fixed
+            (PyTorch's ``model.train()`` over layers with ``requires_grad=False``)
+    frozen  statistics never move: every BN layer runs in inference mode, also where gamma/beta
+            train (Keras' fine-tuning guide: call the base model with ``training=False``)
+
+Keras 3 normalises with batch statistics and updates the moving mean/variance only when
+``training and layer.trainable``, and an optimizer trains the variables whose own ``trainable``
+flag is set (``model.trainable_variables`` filters variables, not layers). So ``stats`` makes a
+frozen BN layer trainable with ``gamma.trainable = beta.trainable = False``, and ``frozen`` makes
+a trained BN layer non-trainable with ``gamma.trainable = beta.trainable = True``. Both are
+public Keras attributes; setting ``layer.trainable`` resets its variables' flags, so the BN mode is
+applied last, after the strategy (``apply_freeze`` does both).
 
 What a "layer" is for ``fraction``: a backbone layer that carries weights (for ResNet50: 53 Conv2D +
 53 BatchNormalization = 106 layers), counted in the backbone's topological order; the first
@@ -22,7 +35,7 @@ import re
 import keras
 
 from kfine.config import FreezeConfig
-from kfine.model import BACKBONES, STAGE_ALIASES, get_backbone, head_layers, stage_of
+from kfine.model import BACKBONES, STAGE_ALIASES, get_backbone, head_layers, layer_stages
 
 
 class FreezeError(ValueError):
@@ -39,11 +52,11 @@ def _weight_layers(backbone) -> list:
 
 def backbone_stages(model: keras.Model, backbone_name: str) -> list[str]:
     """The backbone's stages in order of appearance (e.g. conv1..conv5 for ResNet)."""
+    stages = layer_stages(get_backbone(model), backbone_name)
     seen: list[str] = []
     for layer in _weight_layers(get_backbone(model)):
-        s = stage_of(backbone_name, layer.name)
-        if s not in seen:
-            seen.append(s)
+        if stages[layer.name] not in seen:
+            seen.append(stages[layer.name])
     return seen
 
 
@@ -86,8 +99,9 @@ def _stages(model, backbone_name, spec):
     stages = backbone_stages(model, backbone_name)
     first = stages.index(resolve_stage(spec.trainable_from, stages))
     trainable = set(stages[first:])
+    stage = layer_stages(get_backbone(model), backbone_name)
     for layer in get_backbone(model).layers:
-        layer.trainable = stage_of(backbone_name, layer.name) in trainable
+        layer.trainable = stage[layer.name] in trainable
 
 
 def _regex(model, backbone_name, spec):
@@ -111,10 +125,40 @@ STRATEGIES = {
 }
 
 
-def apply_freeze(model: keras.Model, backbone_name: str, spec: FreezeConfig) -> None:
-    """Set ``trainable`` on every layer for ``spec``. Takes effect at the next ``compile()``."""
+def _bn_train(bn_layers):
+    pass                        # the strategy decided: statistics move where the layer trains
+
+
+def _bn_stats(bn_layers):
+    for layer in bn_layers:
+        if not layer.trainable:
+            layer.trainable = True              # batch statistics, moving ones updated ...
+            for w in _affine(layer):
+                w.trainable = False             # ... while gamma/beta stay fixed
+
+
+def _bn_frozen(bn_layers):
+    for layer in bn_layers:
+        if layer.trainable:
+            layer.trainable = False             # inference mode: statistics fixed ...
+            for w in _affine(layer):
+                w.trainable = True              # ... while gamma/beta train as the strategy says
+
+
+def _affine(layer) -> list:
+    return [w for w in (layer.gamma, layer.beta) if w is not None]
+
+
+BN_MODES = {"train": _bn_train, "stats": _bn_stats, "frozen": _bn_frozen}
+
+
+def apply_freeze(model: keras.Model, backbone_name: str, spec: FreezeConfig, bn: str = "train") -> None:
+    """Set ``trainable`` on every layer for ``spec``, then the BatchNorm mode ``bn`` (BN_MODES).
+    Takes effect at the next ``compile()``."""
     if spec.strategy not in STRATEGIES:
         raise FreezeError(f"unknown freeze strategy {spec.strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if bn not in BN_MODES:
+        raise FreezeError(f"unknown BatchNorm mode bn: {bn!r}; choose one of {sorted(BN_MODES)}")
     if backbone_name not in BACKBONES:
         raise FreezeError(f"unknown backbone {backbone_name!r}")
     backbone = get_backbone(model)
@@ -122,11 +166,45 @@ def apply_freeze(model: keras.Model, backbone_name: str, spec: FreezeConfig) -> 
     STRATEGIES[spec.strategy](model, backbone_name, spec)
     for layer in head_layers(model):
         layer.trainable = True
+    bn_layers = [l for l in backbone.layers if _is_bn(l)]
+    for layer in bn_layers:
+        # gamma/beta back in step with their layer: on TensorFlow `layer.trainable = x` is skipped
+        # when it already is x (KerasAutoTrackable), so a previous phase's BN mode would linger
+        for w in _affine(layer):
+            w.trainable = layer.trainable
+    BN_MODES[bn](bn_layers)
 
 
 def backbone_frozen(model: keras.Model) -> bool:
-    """True when no backbone weight trains: its features can then be computed once and cached."""
-    return not any(l.trainable for l in _weight_layers(get_backbone(model)))
+    """True when no backbone variable trains (BatchNorm statistics may still move: see
+    ``features_frozen``)."""
+    backbone = {id(w) for w in get_backbone(model).weights}
+    return not any(id(v) in backbone for v in model.trainable_variables)
+
+
+_STOCHASTIC = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
+               keras.layers.GaussianDropout, keras.layers.AlphaDropout)
+
+
+def features_frozen(model: keras.Model, phase) -> tuple[bool, str]:
+    """Whether the backbone's output in training is a pure function of the image in ``phase``
+    (a kfine.config.PhaseConfig already applied with ``apply_freeze``), so its features can be
+    computed once and cached; and why (not). True only when no backbone variable trains, every
+    BatchNorm runs in inference mode (never under ``bn: stats``) and no Dropout-like layer inside
+    the backbone is active in training (EfficientNet's stochastic depth)."""
+    backbone = get_backbone(model)
+    ids = {id(w) for w in backbone.weights}
+    training = [v.path for v in model.trainable_variables if id(v) in ids]
+    if training:
+        return False, f"{len(training)} backbone variables train in this phase (e.g. {training[0]})"
+    moving = [l.name for l in backbone.layers if _is_bn(l) and l.trainable]
+    if moving:
+        why = " (bn: stats)" if getattr(phase, "bn", None) == "stats" else ""
+        return False, f"BatchNorm statistics follow the batches in {len(moving)} layers{why}"
+    noisy = [l.name for l in backbone.layers if isinstance(l, _STOCHASTIC) and getattr(l, "rate", 1.0) > 0]
+    if noisy:
+        return False, f"{len(noisy)} Dropout-like backbone layers are active in training (e.g. {noisy[0]})"
+    return True, "no backbone variable trains and every BatchNorm runs in inference mode"
 
 
 def _size(w) -> int:
@@ -136,22 +214,27 @@ def _size(w) -> int:
     return n
 
 
-def trainable_summary(model: keras.Model, backbone_name: str) -> list[dict]:
-    """Per stage (and the head): trainable and frozen parameter counts, and BN layers training."""
+def trainable_summary(model: keras.Model, backbone_name: str, lr_multipliers: dict | None = None) -> list[dict]:
+    """Per stage (and the head): trainable and frozen parameter counts, BN layers in training mode
+    (their statistics follow the batches), and with ``lr_multipliers`` (stage -> factor, as from
+    kfine.optim.stage_multipliers) each stage's learning-rate factor."""
     rows: dict[str, dict] = {}
+    trains = {id(v) for v in model.trainable_variables}
 
     def add(stage, layer):
         r = rows.setdefault(stage, {"stage": stage, "trainable": 0, "frozen": 0, "bn_training": 0})
-        n = sum(_size(w) for w in layer.trainable_weights)
-        # Keras sets variable.trainable from the layer, so count parameters by name: BN moving
-        # statistics are state, not parameters.
-        total = sum(_size(w) for w in layer.weights if not w.name.startswith("moving_"))
+        # BN moving statistics are state, not parameters: counted in neither column
+        params = [w for w in layer.weights if not (_is_bn(layer) and w.name.startswith("moving_"))]
+        n = sum(_size(w) for w in params if id(w) in trains)
         r["trainable"] += n
-        r["frozen"] += total - n
+        r["frozen"] += sum(_size(w) for w in params) - n
         r["bn_training"] += int(_is_bn(layer) and layer.trainable)
+        if lr_multipliers is not None:
+            r["lr_mult"] = lr_multipliers.get(stage, 1.0)
 
+    stages = layer_stages(get_backbone(model), backbone_name)
     for layer in _weight_layers(get_backbone(model)):
-        add(stage_of(backbone_name, layer.name), layer)
+        add(stages[layer.name], layer)
     for layer in head_layers(model):
         if layer.weights:
             add("head", layer)
@@ -159,9 +242,11 @@ def trainable_summary(model: keras.Model, backbone_name: str) -> list[dict]:
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'stage':<10}{'trainable':>12}{'frozen':>12}  BN training"]
+    mult = any("lr_mult" in r for r in rows)
+    lines = [f"{'stage':<10}{'trainable':>12}{'frozen':>12}  BN training" + ("  lr x" if mult else "")]
     for r in rows:
-        lines.append(f"{r['stage']:<10}{r['trainable']:>12,}{r['frozen']:>12,}  {r['bn_training']}")
+        extra = f"  {r['lr_mult']:g}" if "lr_mult" in r else ""
+        lines.append(f"{r['stage']:<10}{r['trainable']:>12,}{r['frozen']:>12,}  {r['bn_training']:>11}{extra}")
     t = sum(r["trainable"] for r in rows)
     f = sum(r["frozen"] for r in rows)
     lines.append(f"{'total':<10}{t:>12,}{f:>12,}")

@@ -67,30 +67,38 @@ class Preprocess(layers.Layer):
 
 
 # ----------------------------------------------------------------------------- backbones
-def _resnet_stage(name: str) -> str:
+# Stages by layer name. A stage function returns the stage a layer's name says, or None where the
+# name says nothing (the input layer, ResNetV2's post_bn/post_relu, the pooling, the scratch CNN's
+# flatten); ``layer_stages`` puts such a layer in the stage of the layer before it (the first
+# stage for leading layers), so every layer belongs to a stage that holds weights.
+def _resnet_stage(name: str) -> str | None:
     m = re.match(r"(conv[1-5]|pool1)_", name)
-    return ("conv1" if m.group(1) == "pool1" else m.group(1)) if m else "input"
+    return ("conv1" if m.group(1) == "pool1" else m.group(1)) if m else None
 
 
-def _efficientnet_stage(name: str) -> str:
+def _efficientnet_stage(name: str) -> str | None:
     m = re.match(r"block(\d)", name)
     if m:
         return f"block{m.group(1)}"
-    return "top" if name.startswith("top") else "stem"
+    if name.startswith("top"):
+        return "top"
+    return "stem" if name.startswith("stem") else None
 
 
-def _mobilenetv2_stage(name: str) -> str:
+def _mobilenetv2_stage(name: str) -> str | None:
     m = re.match(r"block_(\d+)_", name)
     if m:
         return f"block{int(m.group(1))}"
     if name.startswith("expanded_conv"):
         return "block0"
-    return "top" if name.startswith(("Conv_1", "out_relu")) else "stem"
+    if name.startswith(("Conv_1", "out_relu")):
+        return "top"
+    return "stem" if name.startswith(("Conv1", "bn_Conv1")) else None
 
 
-def _scratch_stage(name: str) -> str:
-    m = re.match(r"(block\d)_", name)
-    return m.group(1) if m else "stem"
+def _scratch_stage(name: str) -> str | None:
+    m = re.match(r"(block\d+)_", name)
+    return m.group(1) if m else None
 
 
 def _application(fn_name: str, preprocess: str, stage_of):
@@ -121,8 +129,22 @@ def min_input_size(backbone_name: str) -> int:
     return 32 if BACKBONES[backbone_name]["app"] else 1
 
 
-def stage_of(backbone_name: str, layer_name: str) -> str:
+def stage_of(backbone_name: str, layer_name: str) -> str | None:
+    """The stage a layer's name says, or None (``layer_stages`` gives every layer's stage)."""
     return BACKBONES[backbone_name]["stage_of"](layer_name)
+
+
+def layer_stages(backbone: keras.Model, backbone_name: str) -> dict[str, str]:
+    """Layer name -> stage for every layer of ``backbone``. A layer whose name names no stage
+    belongs to the stage of the layer before it (in the model's topological order); leading ones
+    to the first named stage. So ResNet50V2's post_bn (after conv5) is in conv5, the input in conv1."""
+    named = [(layer.name, stage_of(backbone_name, layer.name)) for layer in backbone.layers]
+    current = next((s for _, s in named if s is not None), "backbone")
+    stages = {}
+    for name, stage in named:
+        current = stage or current
+        stages[name] = current
+    return stages
 
 
 def build_scratch_cnn(cfg: ScratchConfig, input_shape) -> keras.Model:

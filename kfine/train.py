@@ -118,7 +118,8 @@ def make_callbacks(cfg: Config, run_dir: Path, history: list[dict], phase: int, 
                 raise TrainingError(f"loss became NaN/inf at epoch {epoch} ({logs}); lower "
                                     f"train.schedule.learning_rate or set train.optimizer.clipnorm")
             opt = self.model.optimizer
-            lr = float(keras.ops.convert_to_numpy(schedule(max(int(opt.iterations.numpy()) - 1, 0))))
+            updates = int(keras.ops.convert_to_numpy(opt.iterations))   # optimizer updates so far
+            lr = float(keras.ops.convert_to_numpy(schedule.at_update(max(updates - 1, 0))))
             row = {"epoch": epoch, "phase": phase, "lr": lr, **{k: float(v) for k, v in logs.items()}}
             history[:] = [r for r in history if r["epoch"] < epoch] + [row]
             write_history(run_dir / "history.csv", history)
@@ -171,6 +172,7 @@ def save_checkpoints(cfg: Config, run_dir: Path, model, epoch: int, history: lis
     """best.keras when the monitored metric improves, epoch_XXXX.keras every ``every_epochs``
     epochs (keeping the newest ``keep``). Each write is atomic. The last epoch's state is the
     resume backup (backup/, written every epoch) and, at the end, model.keras."""
+    from kfine.optim import ema_weights
     c = cfg.train.checkpoint
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir(exist_ok=True)
@@ -178,10 +180,12 @@ def save_checkpoints(cfg: Config, run_dir: Path, model, epoch: int, history: lis
     if values:
         best = max(values) if _monitor_mode(cfg) == "max" else min(values)
         if values[-1] == best and history[-1].get(c.monitor) == best:
-            _save_model_atomic(model, ckpt / "best.keras")
+            with ema_weights(model):   # train.ema: checkpoints hold the averaged weights
+                _save_model_atomic(model, ckpt / "best.keras")
             write_json(ckpt / "best.json", {"epoch": epoch, c.monitor: best})
     if c.every_epochs and (epoch + 1) % c.every_epochs == 0:
-        _save_model_atomic(model, ckpt / f"epoch_{epoch:04d}.keras")
+        with ema_weights(model):
+            _save_model_atomic(model, ckpt / f"epoch_{epoch:04d}.keras")
         periodic = sorted(ckpt.glob("epoch_*.keras"))
         for old in periodic[: max(0, len(periodic) - max(c.keep, 1))]:
             old.unlink()
@@ -254,9 +258,9 @@ def trainable_union(model, backbone_name: str, cfg: Config) -> list:
     from kfine.freeze import apply_freeze
     ids = set()
     for phase in cfg.train.phases:
-        apply_freeze(model, backbone_name, phase.freeze)
+        apply_freeze(model, backbone_name, phase.freeze, phase.bn)
         ids |= {id(v) for v in model.trainable_variables}
-    apply_freeze(model, backbone_name, cfg.train.phases[0].freeze)
+    apply_freeze(model, backbone_name, cfg.train.phases[0].freeze, cfg.train.phases[0].bn)
     return [v for v in model.weights if id(v) in ids]
 
 
@@ -280,6 +284,7 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
     checkpoints and resume backups (a tuner trial is resumed by the tuner, not by epoch)."""
     import keras
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
+    from kfine.optim import stage_multipliers
 
     spans = phase_spans(cfg)
     history = history if history is not None else []
@@ -294,15 +299,19 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
         if end <= start_epoch:
             continue
         first = max(first, start_epoch)
-        apply_freeze(model, cfg.model.backbone, phase.freeze)
-        rows = trainable_summary(model, cfg.model.backbone)
+        apply_freeze(model, cfg.model.backbone, phase.freeze, phase.bn)
+        mults = stage_multipliers(model, cfg.model.backbone, cfg.train.lr_multipliers, cfg.train.layer_decay)
+        rows = trainable_summary(model, cfg.model.backbone, mults)
         print(f"\nkfine: phase {i} (epochs {first}..{end - 1}): freeze {phase.freeze.strategy}"
-              f"{_freeze_detail(phase.freeze)}\n{format_summary(rows)}", flush=True)
+              f"{_freeze_detail(phase.freeze)}, bn: {phase.bn}\n{format_summary(rows)}", flush=True)
         phases_log = [p for p in phases_log if p["index"] < i] + [
-            {"index": i, "start_epoch": first, "end_epoch": end, "freeze": to_dict(phase.freeze), "summary": rows}]
+            {"index": i, "start_epoch": first, "end_epoch": end, "freeze": to_dict(phase.freeze),
+             "bn": phase.bn, "summary": rows}]
         write_json(run_dir / "phases.json", phases_log)
         compile_model(model, optimizer, cfg, num_classes)
         phase_callbacks = make_callbacks(cfg, run_dir, history, i, schedule, keep_checkpoints) + list(callbacks)
+        if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
+            phase_callbacks.append(keras.callbacks.SwapEMAWeights())
         if cfg.train.early_stopping.patience:
             early = early or keras.callbacks.EarlyStopping(
                 monitor=cfg.train.early_stopping.monitor, patience=cfg.train.early_stopping.patience,
@@ -326,11 +335,16 @@ def _freeze_detail(spec) -> str:
 
 
 def steps_per_epoch(cfg: Config, datasets) -> int:
+    """Batches per epoch, rounded up to whole optimizer updates (train.accumulate_steps)."""
     n = sum(datasets.counts.get("train", {}).values())
     if not n:   # unknown size (a tfds split without metadata): count batches once
-        return max(1, sum(1 for _ in datasets.train))
-    steps = math.ceil(n / cfg.data.batch_size)
-    return min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
+        steps = max(1, sum(1 for _ in datasets.train))
+    else:
+        steps = math.ceil(n / cfg.data.batch_size)
+    if cfg.train.steps_per_epoch:
+        steps = min(steps, cfg.train.steps_per_epoch)
+    a = cfg.train.accumulate_steps
+    return -(-steps // a) * a
 
 
 def setup_backend(cfg: Config) -> None:
@@ -342,18 +356,24 @@ def setup_backend(cfg: Config) -> None:
 def build_training(cfg: Config, datasets):
     """Model, optimizer (built over every variable any phase trains) and LR schedule."""
     from kfine.model import build_model
-    from kfine.optim import build_optimizer, make_schedule, variable_multipliers
+    from kfine.optim import (build_optimizer, check_train, decay_flags, make_schedule,
+                             variable_multipliers)
+    t = cfg.train
+    check_train(t)
     model = build_model(cfg.model, len(datasets.class_names), cfg.data.image_size)
-    schedule = make_schedule(cfg.train.schedule, steps_per_epoch(cfg, datasets), cfg.train.epochs)
+    schedule = make_schedule(t.schedule, steps_per_epoch(cfg, datasets), t.epochs, t.accumulate_steps)
     variables = trainable_union(model, cfg.model.backbone, cfg)
-    mults = variable_multipliers(model, cfg.model.backbone, cfg.train.lr_multipliers, variables)
-    optimizer = build_optimizer(cfg.train.optimizer, schedule, variables, mults)
+    mults = variable_multipliers(model, cfg.model.backbone, t.lr_multipliers, variables, t.layer_decay)
+    decay = decay_flags(model, t.optimizer.no_decay, variables)
+    optimizer = build_optimizer(t.optimizer, schedule, variables, mults, decay, t.ema, t.accumulate_steps)
     return model, optimizer, schedule
 
 
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory."""
+    from kfine.optim import apply_ema_weights, check_train
     check_config(cfg)          # [A] every value checked before a run directory exists
+    check_train(cfg.train)
     phase_spans(cfg)           # check the phase list before spending time on data
     if resume is not None:
         run_dir = Path(resume)
@@ -370,6 +390,8 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
         raise
 
     history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
+    if apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation and export use the averages
+        print("kfine: the model now holds the EMA weights (train.ema)", flush=True)
     _save_model_atomic(model, run_dir / "model.keras")
     result = RunResult(run_dir=run_dir, history=history, model=model)
     finish_run(cfg, run_dir, model, datasets, result)

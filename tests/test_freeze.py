@@ -4,15 +4,29 @@ import pytest
 
 import keras
 
-from kfine.config import FreezeConfig, ModelConfig
-from kfine.freeze import STRATEGIES, FreezeError, apply_freeze, backbone_frozen, trainable_summary
+import typing
+
+from kfine.config import FreezeConfig, ModelConfig, PhaseConfig
+from kfine.freeze import (BN_MODES, STRATEGIES, FreezeError, apply_freeze, backbone_frozen, features_frozen,
+                          trainable_summary)
 from kfine.model import build_model, get_backbone, stage_of
+
+
+_INITIAL = {}
 
 
 @pytest.fixture(scope="module")
 def model():
     keras.utils.set_random_seed(0)
-    return build_model(ModelConfig(weights=None), 3, (32, 32))
+    m = build_model(ModelConfig(weights=None), 3, (32, 32))
+    _INITIAL["weights"] = [np.array(w.numpy()) for w in m.weights]
+    return m
+
+
+@pytest.fixture
+def pristine(model):
+    """The fixture model's initial weights (other tests train it, with SGD 0.1 up to NaN)."""
+    return _INITIAL["weights"]
 
 
 SPECS = {
@@ -89,16 +103,95 @@ def test_backbone_frozen_is_queryable(model):
     assert not backbone_frozen(model)
 
 
+# ----------------------------------------------------------------------------- BatchNorm modes
+def _one_step(model, pristine):
+    """One real train step from the initial weights; returns ``moved(variable)``."""
+    model.set_weights(pristine)
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    before = {id(w): np.array(w.numpy()) for w in model.weights}
+    x = np.random.default_rng(2).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    model.train_on_batch(x, np.array([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+    return lambda w: not np.array_equal(before[id(w)], w.numpy())
+
+
+# what moves after one step, with conv1..conv4 frozen and conv5 trained (stages from conv5):
+# (frozen BN statistics, frozen gamma/beta, trained BN statistics, trained gamma/beta)
+BN_EXPECTED = {
+    "train": (False, False, True, True),     # Keras: a frozen BN layer runs in inference mode
+    "stats": (True, False, True, True),      # PyTorch model.train(): statistics move everywhere
+    "frozen": (False, False, False, True),   # every BN in inference mode; gamma/beta still train
+}
+
+
+def test_bn_modes_are_the_config_menu():
+    hints = typing.get_type_hints(PhaseConfig)
+    assert sorted(typing.get_args(hints["bn"])) == sorted(BN_MODES) == sorted(BN_EXPECTED)
+    assert PhaseConfig().bn == "train"
+
+
+@pytest.mark.parametrize("mode", sorted(BN_EXPECTED))
+def test_bn_mode_after_a_real_train_step(model, pristine, mode):
+    apply_freeze(model, "resnet50", FreezeConfig("stages", trainable_from="conv5"), mode)
+    moved = _one_step(model, pristine)
+    bb = get_backbone(model)
+    frozen_bn, trained_bn = bb.get_layer("conv4_block6_3_bn"), bb.get_layer("conv5_block3_3_bn")
+    assert any(w is frozen_bn.moving_mean for w in model.weights)       # state the resume backup saves
+    got = (moved(frozen_bn.moving_mean) and moved(frozen_bn.moving_variance),
+           moved(frozen_bn.gamma) or moved(frozen_bn.beta),
+           moved(trained_bn.moving_mean) and moved(trained_bn.moving_variance),
+           moved(trained_bn.gamma) and moved(trained_bn.beta))
+    assert got == BN_EXPECTED[mode]
+    for layer in ("conv1_conv", "conv4_block6_3_conv"):                  # frozen kernels: bit-identical
+        assert not moved(bb.get_layer(layer).kernel)
+    assert moved(bb.get_layer("conv5_block3_3_conv").kernel)
+    # every frozen BN layer agrees (not just the one looked at)
+    frozen_layers = [l for l in bb.layers if isinstance(l, keras.layers.BatchNormalization)
+                     and not l.name.startswith("conv5_")]
+    assert all(moved(l.moving_mean) == BN_EXPECTED[mode][0] and not moved(l.gamma) for l in frozen_layers)
+
+
+def test_bn_and_head_with_frozen_statistics_trains_only_gamma_beta(model, pristine):
+    apply_freeze(model, "resnet50", FreezeConfig("bn_and_head"), "frozen")
+    rows = {r["stage"]: r for r in trainable_summary(model, "resnet50")}
+    assert rows["conv2"]["bn_training"] == 0 and rows["conv2"]["trainable"] > 0
+    moved = _one_step(model, pristine)
+    bn = get_backbone(model).get_layer("conv3_block2_1_bn")
+    assert moved(bn.gamma) and not moved(bn.moving_mean) and not moved(bn.moving_variance)
+
+
+def test_features_frozen_only_when_the_backbone_is_a_pure_function(model):
+    cases = [("backbone", "train", True), ("backbone", "frozen", True), ("backbone", "stats", False),
+             ("bn_and_head", "train", False), ("stages", "frozen", False)]
+    for strategy, bn, expected in cases:
+        phase = PhaseConfig(freeze=FreezeConfig(strategy, trainable_from="conv5"), bn=bn)
+        apply_freeze(model, "resnet50", phase.freeze, phase.bn)
+        ok, why = features_frozen(model, phase)
+        assert ok == expected, (strategy, bn, why)
+        if bn == "stats":
+            assert "bn: stats" in why
+    # a backbone with an active Dropout (EfficientNet's stochastic depth) is no pure function either
+    inp = keras.Input((4,))
+    backbone = keras.Model(inp, keras.layers.Dropout(0.2)(keras.layers.Dense(3)(inp)), name="backbone")
+    x = keras.Input((4,))
+    toy = keras.Model(x, keras.layers.Dense(2, name="head_logits")(backbone(x)))
+    backbone.trainable = False
+    ok, why = features_frozen(toy, PhaseConfig())
+    assert not ok and "Dropout" in why
+
+
 @pytest.mark.parametrize("spec, words", [
     (FreezeConfig("sideways"), ["unknown freeze strategy", "bn_and_head", "stages"]),
     (FreezeConfig("stages", trainable_from="conv9"), ["unknown stage", "conv5", "layer4"]),
     (FreezeConfig("stages"), ["trainable_from is required"]),
     (FreezeConfig("regex", pattern="("), ["not a valid regex"]),
     (FreezeConfig("fraction", fraction=1.5), ["[0, 1]"]),
+    ((FreezeConfig("backbone"), "moving"), ["bn: 'moving'", "stats"]),
 ])
 def test_bad_specs_name_the_problem(model, spec, words):
+    spec, bn = spec if isinstance(spec, tuple) else (spec, "train")
     with pytest.raises(FreezeError) as e:
-        apply_freeze(model, "resnet50", spec)
+        apply_freeze(model, "resnet50", spec, bn)
     for w in words:
         assert w in str(e.value)
 

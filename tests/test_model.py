@@ -93,3 +93,48 @@ def test_unknown_backbone_and_head():
     with pytest.raises(ModelError, match="linear"):
         build_model(ModelConfig(weights=None, head=HeadConfig(type="transformer")), 3, (32, 32))
     assert "resnet50" in BACKBONES and "scratch_cnn" in BACKBONES
+
+
+# ----------------------------------------------------------------------------- stages
+@pytest.fixture(scope="module")
+def all_backbones():
+    """Every listed backbone, built once (weights=None, 32 px)."""
+    from kfine.config import ScratchConfig
+    out = {}
+    for name in BACKBONES:
+        cfg = ModelConfig(backbone=name, weights=None, scratch=ScratchConfig(filters=(4, 4, 8, 8, 8)))
+        out[name] = build_model(cfg, 3, (32, 32))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_layer_belongs_to_a_real_stage_in_order(all_backbones, name):
+    """Every layer of every backbone is in a stage that holds weights (one a freeze spec or a
+    multiplier can name), and stages follow the layer order: no layer after conv5 is in 'input'."""
+    from kfine.freeze import backbone_stages
+    from kfine.model import layer_stages
+    model = all_backbones[name]
+    bb = get_backbone(model)
+    stages = backbone_stages(model, name)                    # stages of the weight-carrying layers
+    of = layer_stages(bb, name)
+    assert list(of) == [l.name for l in bb.layers]
+    assert set(of.values()) <= set(stages), set(of.values()) - set(stages)
+    order = [stages.index(of[l.name]) for l in bb.layers]
+    assert order == sorted(order), [l.name for l, a, b in zip(bb.layers[1:], order, order[1:]) if b < a][:3]
+    assert of[bb.layers[0].name] == stages[0] and of[bb.layers[-1].name] == stages[-1]
+    assert len(stages) >= 3
+
+
+def test_resnet50v2_post_bn_is_in_conv5_and_gets_its_multiplier(all_backbones):
+    from kfine.config import FreezeConfig
+    from kfine.freeze import apply_freeze
+    from kfine.model import layer_stages
+    from kfine.optim import variable_multipliers
+    model = all_backbones["resnet50v2"]
+    bb = get_backbone(model)
+    assert layer_stages(bb, "resnet50v2")["post_bn"] == "conv5"
+    apply_freeze(model, "resnet50v2", FreezeConfig("stages", trainable_from="conv5"))
+    assert bb.get_layer("post_bn").trainable and not bb.get_layer("conv4_block6_3_conv").trainable
+    vs = model.trainable_variables
+    mults = dict(zip([v.path for v in vs], variable_multipliers(model, "resnet50v2", {"conv5": 0.3}, vs)))
+    assert mults[bb.get_layer("post_bn").gamma.path] == 0.3
