@@ -70,6 +70,9 @@ class EpochCommit(keras.callbacks.Callback):
                **{k: float(v) for k, v in (logs or {}).items()}}
         self.saver.commit_epoch(self.model, epoch, self.phase, row, stopped=bool(self.model.stop_training))
 
+    def on_train_end(self, logs=None):
+        self.saver.end_phase(self.model)
+
 
 class EpochLog(keras.callbacks.Callback):
     """One line per epoch, e.g. ``epoch 3/8  phase 1  lr 0.00091  loss 0.4213  accuracy 0.8750

@@ -221,6 +221,19 @@ class CheckpointSaver:
         self._wait()   # the previous epoch's writes: one epoch in flight at most
         self._pending = self._pool.submit(self._write_commit, state, self._frozen, changed, names, tmp)
 
+    def end_phase(self, model) -> None:
+        """At a phase's end: check that what was written once for the phase did not change. A
+        layer that updated its variables while ``trainable`` was False would make a resume
+        silently wrong; this makes it loud (one host copy of the frozen variables per phase)."""
+        if not self.keep_files or self._frozen is None:
+            return
+        keyed = keyed_variables(model, model.optimizer)
+        moved = [k for k, a in self._frozen.arrays.items()
+                 if not np.array_equal(_to_numpy(keyed[k]), a, equal_nan=True)]
+        if moved:
+            raise TrainingError(f"variables of layers frozen in phase {self._frozen.phase} changed during "
+                                f"it: {_few(moved)}; kfine.checkpoint.frozen_keys must count them as changing")
+
     def close(self) -> None:
         """Wait for the last writes (raising their error, if any) and stop the writer thread."""
         if self._pool is None:
@@ -360,6 +373,9 @@ def load_backup(run_dir: Path, model, optimizer) -> dict:
     state = read_state(run_dir)
     if state is None:
         raise TrainingError(f"{run_dir} has no {BACKUP}/{STATE}: no epoch of it was committed")
+    if "files" not in state:
+        raise TrainingError(f"{run_dir / BACKUP} was written by an older kfine (arrays by position, "
+                            f"not by name) and cannot be resumed; start the run again")
     if state.get("finished"):
         load_weights(run_dir / "model.keras", model)
         return state

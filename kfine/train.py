@@ -63,6 +63,8 @@ def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     """runs/<name>; if it exists, runs/<name>-2, -3, ... (a finished run is never overwritten)."""
     base = cfg.run_dir
     if overwrite and base.exists():
+        from kfine.checkpoint import lock_run_dir
+        lock_run_dir(base).release()   # never remove a directory another process trains in
         shutil.rmtree(base)
     run_dir, i = base, 1
     while run_dir.exists() and any(run_dir.iterdir()):

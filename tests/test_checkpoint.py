@@ -120,6 +120,25 @@ def test_checkpoints_hold_the_epochs_weights_for_inference(committed):
     assert not [p for p in committed["run"].rglob(".*") if ".tmp" in p.name]
 
 
+def test_a_frozen_variable_that_changed_during_its_phase_is_an_error(committed, tmp_path):
+    """The backup writes frozen variables once per phase; if one changed after all (a layer that
+    updates its variables while trainable is False), the phase's end says so instead of leaving a
+    backup that would resume wrongly."""
+    model, opt = committed["model"], committed["opt"]
+    saver = CheckpointSaver(tmp_path / "run", committed["cfg"].train.checkpoint, 4)
+    saver.commit_epoch(model, 0, 0, {"epoch": 0, "phase": 0, "lr": 1e-3})
+    saver.end_phase(model)                                      # nothing moved
+    kernel = model.get_layer("backbone").get_layer("block1_conv").kernel
+    before = kernel.numpy()
+    kernel.assign(before + 1.0)
+    try:
+        with pytest.raises(TrainingError, match="model/block1_conv/kernel"):
+            saver.end_phase(model)
+    finally:
+        kernel.assign(before)
+        saver.close()
+
+
 def test_a_backup_refuses_a_model_with_another_variable_and_names_it(committed):
     import keras
     from kfine.train import build_training

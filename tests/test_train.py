@@ -219,5 +219,6 @@ def test_early_stopping_ends_the_run_early(tmp_path):
     cfg = load_config(None, tiny(tmp_path, "train.epochs=6", "model.backbone=scratch_cnn",
                                  "model.scratch.filters=[4,4,8,8,8]", "train.early_stopping.patience=1",
                                  "train.early_stopping.min_delta=1000"))   # nothing improves by 1000
-    hist = read_history(run(cfg).run_dir / "history.csv")
-    assert [r["epoch"] for r in hist] == [0, 1]
+    rd = run(cfg).run_dir
+    assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
+    assert read_json(rd / "backup" / "state.json")["stopped"]   # the commit records the stop
