@@ -12,21 +12,22 @@ in progress: history, checkpoints, the resume backup, and the run directory's lo
       backup/epoch_EEEE.npz        every other variable (model, optimizer, loss scale) after EEEE
       .lock                        the PID of the process that trains in the directory
 
-One commit point per epoch. At the end of epoch E, on the training thread, the values that
-changed are copied to host memory and the checkpoints due at E are saved to a temporary
-(``checkpoints/.e0003.tmpPID.keras``). A background thread then writes, in this order:
+One commit point per epoch. At the end of epoch E the training thread only copies the values
+that changed to host memory; a background thread then writes, in this order:
   1. the arrays (backup/*.npz, each atomically),
   2. backup/state.json naming them, with next_epoch = E + 1 and the history: the commit,
-  3. the checkpoints renamed into place, best.json, history.csv; older backup files removed.
+  3. the checkpoints due at E (from the host copy, through an inference clone of the model, to
+     ``checkpoints/.e0003.tmpPID.keras`` and renamed into place), best.json, history.csv; older
+     backup files removed.
 Training goes on meanwhile; the next epoch's end waits for this one's writes (one in flight).
 Killed before 2, ``--resume`` repeats epoch E (or, with no commit at all, starts the run over in
 place); killed after it, ``--resume`` restores epoch E's state and first writes what 3 did not
 (history.csv from state.json, epoch E's checkpoints from the restored model): an epoch is either
 committed, with everything that follows from it, or repeated.
 
-Checkpoints are for inference: the model without optimizer state (saved through a second
-functional view of the same layers, so nothing is copied), unless
-``train.checkpoint.save_optimizer``. The backup holds the only copy of the optimizer state. When
+Checkpoints and model.keras are for inference: the model without optimizer state, unless
+``train.checkpoint.save_optimizer`` (then a checkpoint is the model itself with its optimizer,
+saved on the training thread). The backup holds the only copy of the optimizer state. When
 the run has finished (model.keras written) the backup's arrays are deleted and state.json says
 ``finished``: model.keras holds the same weights and nothing trains on; ``--resume`` of a finished
 run loads model.keras and redoes the outputs (evaluation, plots, report, export).
