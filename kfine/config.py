@@ -160,6 +160,7 @@ class CheckpointConfig:
     keep: int = 3                                    # how many periodic ones to keep
     monitor: str = "val_accuracy"                    # for best.keras
     mode: Literal["auto", "min", "max"] = "auto"
+    save_optimizer: bool = False                     # checkpoints also hold the optimizer state
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    verbose: int = 1                                 # Keras fit verbosity (1 = progress bar)
+    verbose: int = 1                                 # 1: progress bar (a line per epoch when stdout
+                                                     # is not a terminal); 2: a line per epoch; 0: quiet
 
 
 @dataclass(frozen=True)

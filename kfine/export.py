@@ -129,7 +129,9 @@ def _write_saved_model(model, class_names, image_size, out_dir: Path, transform=
     h, w = int(image_size[0]), int(image_size[1])
     bytes_fn, tensor_fn = _serving_fns(model, class_names, image_size, transform)
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # No archive.track(model): add_endpoint already tracks every variable the endpoints use (as
+    # tf.Variables), and track() would add the Keras variables too, so the SavedModel stored each
+    # weight twice (189 MB instead of 94 MB for ResNet50). The model holds no lookup tables.
     endpoints = {
         "serving_default": archive.add_endpoint(
             "serving_default", bytes_fn, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]),

@@ -7,8 +7,8 @@
       phases.json          per phase: start epoch, freeze spec, trainable summary
       data_check.json      the data audit (counts, bad files, duplicates, leakage)
       skipped_files.txt    images that could not be decoded and were skipped
-      checkpoints/         epoch_XXXX.keras every N epochs, best.keras (+ best.json)
-      backup/              state for --resume (model, optimizer, epoch)
+      checkpoints/         best.keras (+ best.json), epoch_XXXX.keras every N epochs (for inference)
+      backup/              state for --resume (weights, optimizer, history: kfine.checkpoint)
       tensorboard/         TensorBoard logs
       plots/*.png          curves, confusion matrix, samples, predictions grid
       metrics.json         evaluation of the final model
@@ -16,13 +16,21 @@
       report.html          everything above on one page
       model.keras          the final model
       export/              SavedModel (and optional ONNX / .keras) for serving
+      .lock                held by the process that trains in the directory (kfine.checkpoint)
+
+Every file is written beside its final place under a hidden temporary name that carries the
+writer's PID (``.NAME.tmpPID``, see ``atomic_path``) and renamed over it, so a reader never sees
+half a file; a process killed mid-write leaves only such a temporary, which ``--resume`` removes.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def missing_run_file(run_dir: str | os.PathLike, names) -> str | None:
@@ -34,20 +42,46 @@ def missing_run_file(run_dir: str | os.PathLike, names) -> str | None:
     return None
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends
+    without an error, removed when it raises. ``suffix`` keeps an extension a writer insists on
+    (``.keras``): ``.best.tmp123.keras``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    stem = p.name[: -len(suffix)] if suffix and p.name.endswith(suffix) else p.name
+    tmp = p.with_name(f".{stem}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, p)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows of dicts -> CSV, atomically. Columns: ``columns`` or the union of the rows' keys in
+    order; a missing cell is empty. Floats are written with repr, so they read back exactly."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

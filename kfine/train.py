@@ -13,9 +13,7 @@ numbers everywhere (history.csv, checkpoints, backups) are 0-based epoch indices
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import os
 import shutil
 import sys
 import warnings
@@ -23,14 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfine import cli
+from kfine.checkpoint import TrainingError, read_history  # noqa: F401  (kfine.train's API too)
 from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
 from kfine.rundir import atomic_write_text, read_json, write_json
 
 DEMO_CONFIG = "demo"          # a reference config (kfine.cli.find_config): configs/demo.yaml
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, nothing to resume); the message says why."""
 
 
 @dataclass
@@ -71,6 +66,8 @@ def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     """runs/<name>; if it exists, runs/<name>-2, -3, ... (a finished run is never overwritten)."""
     base = cfg.run_dir
     if overwrite and base.exists():
+        from kfine.checkpoint import lock_run_dir
+        lock_run_dir(base).release()   # never remove a directory another process trains in
         shutil.rmtree(base)
     run_dir, i = base, 1
     while run_dir.exists() and any(run_dir.iterdir()):
@@ -80,70 +77,30 @@ def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     return run_dir
 
 
-def read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: (int(v) if k in ("epoch", "phase") else float(v)) for k, v in r.items() if v != ""}
-            for r in rows]
-
-
-def write_history(path: Path, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    lines = [",".join(keys)] + [",".join(_fmt(r.get(k, "")) for k in keys) for r in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v) -> str:
-    return repr(float(v)) if isinstance(v, float) else str(v)
-
-
 # ----------------------------------------------------------------------------- callbacks
-def make_callbacks(cfg: Config, run_dir: Path, history: list[dict], phase: int, schedule,
-                   keep_checkpoints: bool = True):
-    """The per-epoch bookkeeping: history.csv, backups for resume, checkpoints, logs."""
+def make_callbacks(cfg: Config, run_dir: Path, saver, phase: int, schedule, early=None) -> list:
+    """One phase's callbacks, in the order they run at an epoch's end: the NaN check first (nothing
+    of a NaN epoch is saved), early stopping before the commit (the commit records the stop), the
+    commit (history, backup, checkpoints: kfine.checkpoint), the progress line, TensorBoard, wandb."""
     import keras
-    import numpy as np
-
-    class EpochRecorder(keras.callbacks.Callback):
-        """Appends to history.csv and writes the resume backup at the end of every epoch."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            if any(not np.isfinite(v) for v in logs.values() if isinstance(v, float)):
-                self.model.stop_training = True
-                raise TrainingError(f"loss became NaN/inf at epoch {epoch} ({logs}); lower "
-                                    f"train.schedule.learning_rate or set train.optimizer.clipnorm")
-            opt = self.model.optimizer
-            updates = int(keras.ops.convert_to_numpy(opt.iterations))   # optimizer updates so far
-            lr = float(keras.ops.convert_to_numpy(schedule.at_update(max(updates - 1, 0))))
-            row = {"epoch": epoch, "phase": phase, "lr": lr, **{k: float(v) for k, v in logs.items()}}
-            history[:] = [r for r in history if r["epoch"] < epoch] + [row]
-            write_history(run_dir / "history.csv", history)
-            if keep_checkpoints:
-                save_checkpoints(cfg, run_dir, self.model, epoch, history)
-                save_backup(run_dir, self.model, epoch + 1)
-
-    class NaNGuard(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
-                self.model.stop_training = True
-                raise TrainingError(f"loss became NaN/inf in phase {phase}, batch {batch}; lower "
-                                    f"train.schedule.learning_rate or set train.optimizer.clipnorm")
-
-    cbs = [NaNGuard(), EpochRecorder(),
-           keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False)]
+    from kfine import callbacks as kc
+    cbs = [kc.StopOnNaN(phase)] + ([early] if early is not None else [])
+    cbs.append(kc.EpochCommit(saver, phase, schedule))
+    if kc.fit_verbosity(cfg.train.verbose):
+        cbs.append(kc.PhaseProgbar(cfg.train.epochs))
+    elif cfg.train.verbose:   # stdout is a file (CI, nohup, a cluster job) or verbose: 2
+        cbs.append(kc.EpochLog(cfg.train.epochs, phase, schedule))
+    cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
     if cfg.train.wandb.enabled:
         cbs.append(_wandb_callback(cfg, run_dir))
+    if kc.PauseForTest.wanted():
+        cbs.append(kc.PauseForTest())
     return cbs
 
 
 def _wandb_callback(cfg: Config, run_dir: Path):
     import keras
+    from kfine.callbacks import WandbLog
     try:
         import wandb
     except ImportError:
@@ -153,91 +110,7 @@ def _wandb_callback(cfg: Config, run_dir: Path):
     if wandb.run is None:
         wandb.init(project=cfg.train.wandb.project, entity=cfg.train.wandb.entity, name=run_dir.name,
                    config=to_dict(cfg), dir=str(run_dir))
-
-    class WandbLogger(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            wandb.log({"epoch": epoch, **(logs or {})})
-
-    return WandbLogger()
-
-
-def _monitor_mode(cfg: Config) -> str:
-    c = cfg.train.checkpoint
-    if c.mode != "auto":
-        return c.mode
-    return "max" if any(s in c.monitor for s in ("acc", "auc", "precision", "recall", "f1")) else "min"
-
-
-def save_checkpoints(cfg: Config, run_dir: Path, model, epoch: int, history: list[dict]) -> None:
-    """best.keras when the monitored metric improves, epoch_XXXX.keras every ``every_epochs``
-    epochs (keeping the newest ``keep``). Each write is atomic. The last epoch's state is the
-    resume backup (backup/, written every epoch) and, at the end, model.keras."""
-    from kfine.optim import ema_weights
-    c = cfg.train.checkpoint
-    ckpt = run_dir / "checkpoints"
-    ckpt.mkdir(exist_ok=True)
-    values = [r[c.monitor] for r in history if c.monitor in r]
-    if values:
-        best = max(values) if _monitor_mode(cfg) == "max" else min(values)
-        if values[-1] == best and history[-1].get(c.monitor) == best:
-            with ema_weights(model):   # train.ema: checkpoints hold the averaged weights
-                _save_model_atomic(model, ckpt / "best.keras")
-            write_json(ckpt / "best.json", {"epoch": epoch, c.monitor: best})
-    if c.every_epochs and (epoch + 1) % c.every_epochs == 0:
-        with ema_weights(model):
-            _save_model_atomic(model, ckpt / f"epoch_{epoch:04d}.keras")
-        periodic = sorted(ckpt.glob("epoch_*.keras"))
-        for old in periodic[: max(0, len(periodic) - max(c.keep, 1))]:
-            old.unlink()
-
-
-def _save_model_atomic(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def save_backup(run_dir: Path, model, next_epoch: int) -> None:
-    """Everything --resume needs: weights, optimizer variables, the next epoch. state.json is
-    written last and names the files, so a kill at any moment leaves a consistent backup."""
-    import numpy as np
-    backup = run_dir / "backup"
-    backup.mkdir(exist_ok=True)
-    # Plain arrays in model.weights / optimizer.variables order (the resumed run builds the same
-    # model from the same config): ~7x faster than save_weights, which also writes the optimizer.
-    weights = backup / f"epoch_{next_epoch:04d}.weights.npz"
-    opt_file = backup / f"epoch_{next_epoch:04d}.optimizer.npz"
-    for path, variables in ((weights, model.weights), (opt_file, _inner(model.optimizer).variables)):
-        with open(path, "wb") as f:
-            np.savez(f, *[np.asarray(v.numpy()) for v in variables])
-    write_json(backup / "state.json", {"next_epoch": next_epoch, "weights": weights.name,
-                                       "optimizer": opt_file.name})
-    for old in backup.glob("epoch_*"):
-        if old.name not in (weights.name, opt_file.name):
-            old.unlink()
-
-
-def _inner(optimizer):
-    """The optimizer that holds the state (unwraps Keras' LossScaleOptimizer)."""
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def load_backup(run_dir: Path, model, optimizer) -> int:
-    import numpy as np
-    state_file = run_dir / "backup" / "state.json"
-    if not state_file.exists():
-        raise TrainingError(f"{run_dir} has no backup/state.json: nothing to resume (it was "
-                            f"killed before its first epoch ended); start it again instead")
-    state = read_json(state_file)
-    for key, variables in (("weights", model.weights), ("optimizer", optimizer.variables)):
-        with np.load(run_dir / "backup" / state[key]) as data:
-            values = [data[f"arr_{i}"] for i in range(len(data.files))]
-        if [tuple(v.shape) for v in variables] != [a.shape for a in values]:
-            raise TrainingError(f"the {key} backup in {run_dir / 'backup'} does not match the model and "
-                                f"optimizer built from {run_dir / 'config.yaml'}")
-        for v, val in zip(variables, values):
-            v.assign(val)
-    return int(state["next_epoch"])
+    return WandbLog(wandb)
 
 
 # ----------------------------------------------------------------------------- training
@@ -247,8 +120,9 @@ def compile_model(model, optimizer, cfg: Config, num_classes: int) -> None:
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     if num_classes > 5:   # with 5 classes or fewer top-5 accuracy is always 1
         metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"))
-    if hasattr(optimizer, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
-        optimizer.set_active_variables(model.trainable_variables)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)   # under a LossScaleOptimizer
+    if hasattr(inner, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
+        inner.set_active_variables(model.trainable_variables)
     model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes),
                   metrics=metrics)
 
@@ -280,14 +154,29 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
     """Run every phase from ``start_epoch`` on: apply the freeze spec, log the trainable summary,
     compile (Keras reads ``trainable`` only at compile), fit the phase's epochs.
 
-    ``callbacks`` are added to every phase's fit (the tuner's); ``keep_checkpoints=False`` skips
-    checkpoints and resume backups (a tuner trial is resumed by the tuner, not by epoch)."""
+    Each epoch's end commits its history row, the resume backup and the checkpoints due
+    (kfine.checkpoint); a run resumed at ``start_epoch`` first writes what its last commit left
+    unwritten. ``callbacks`` are added to every phase's fit (the tuner's);
+    ``keep_checkpoints=False`` skips checkpoints and resume backups (a tuner trial is resumed by
+    the tuner, not by epoch). Returns the history, one row per epoch."""
+    from kfine.checkpoint import CheckpointSaver
+    saver = CheckpointSaver(run_dir, cfg.train.checkpoint, cfg.train.epochs, history, keep_checkpoints)
+    try:
+        saver.catch_up(model)
+        _fit_phases(model, cfg, datasets, run_dir, start_epoch, saver, optimizer, schedule, callbacks)
+    finally:
+        saver.close()   # waits for the last epoch's writes
+    return saver.history
+
+
+def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, saver, optimizer,
+                schedule, callbacks) -> None:
     import keras
+    from kfine.callbacks import fit_verbosity
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     from kfine.optim import stage_multipliers
 
     spans = phase_spans(cfg)
-    history = history if history is not None else []
     num_classes = len(datasets.class_names)
     phases_log = read_json(run_dir / "phases.json") if (run_dir / "phases.json").exists() else []
     cw = class_weights(cfg, datasets.counts, datasets.class_names)
@@ -304,29 +193,27 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
         rows = trainable_summary(model, cfg.model.backbone, mults)
         print(f"\nkfine: phase {i} (epochs {first}..{end - 1}): freeze {phase.freeze.strategy}"
               f"{_freeze_detail(phase.freeze)}, bn: {phase.bn}\n{format_summary(rows)}", flush=True)
-        phases_log = [p for p in phases_log if p["index"] < i] + [
-            {"index": i, "start_epoch": first, "end_epoch": end, "freeze": to_dict(phase.freeze),
+        phases_log = [p for p in phases_log if p["index"] < i] + [   # the configured start, also on resume
+            {"index": i, "start_epoch": phase.start_epoch, "end_epoch": end, "freeze": to_dict(phase.freeze),
              "bn": phase.bn, "summary": rows}]
         write_json(run_dir / "phases.json", phases_log)
         compile_model(model, optimizer, cfg, num_classes)
-        phase_callbacks = make_callbacks(cfg, run_dir, history, i, schedule, keep_checkpoints) + list(callbacks)
-        if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
-            phase_callbacks.append(keras.callbacks.SwapEMAWeights())
         if cfg.train.early_stopping.patience:
             early = early or keras.callbacks.EarlyStopping(
                 monitor=cfg.train.early_stopping.monitor, patience=cfg.train.early_stopping.patience,
                 min_delta=cfg.train.early_stopping.min_delta, restore_best_weights=False)
-            phase_callbacks.append(early)
+        phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early) + list(callbacks)
+        if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
+            phase_callbacks.append(keras.callbacks.SwapEMAWeights())
         with warnings.catch_warnings():   # the val set has no known size: Keras warns at its end
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             model.fit(train_ds, validation_data=datasets.val, initial_epoch=first, epochs=end,
                       steps_per_epoch=steps, class_weight=cw, shuffle=False,   # tf.data shuffles
-                      callbacks=phase_callbacks, verbose=cfg.train.verbose)
+                      callbacks=phase_callbacks, verbose=fit_verbosity(cfg.train.verbose))
         if early is not None and early.stopped_epoch > 0:
             print(f"kfine: early stopping at epoch {early.stopped_epoch} "
                   f"({cfg.train.early_stopping.monitor} stopped improving)", flush=True)
             break
-    return history
 
 
 def _freeze_detail(spec) -> str:
@@ -366,33 +253,67 @@ def build_training(cfg: Config, datasets):
     mults = variable_multipliers(model, cfg.model.backbone, t.lr_multipliers, variables, t.layer_decay)
     decay = decay_flags(model, t.optimizer.no_decay, variables)
     optimizer = build_optimizer(t.optimizer, schedule, variables, mults, decay, t.ema, t.accumulate_steps)
+    if t.precision == "mixed_float16":
+        optimizer = loss_scale_optimizer(optimizer, variables)
     return model, optimizer, schedule
 
 
+def loss_scale_optimizer(optimizer, variables):
+    """mixed_float16: one LossScaleOptimizer for the whole run. Keras' compile() wraps the
+    optimizer in a fresh one (scale back to 2**15) unless it is one already; built once, its
+    dynamic scale carries across phases and is in the resume backup."""
+    import keras
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(variables)
+    return optimizer
+
+
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
-    """One whole run: everything lands in the run directory."""
-    from kfine.optim import apply_ema_weights, check_train
-    check_config(cfg)          # [A] every value checked before a run directory exists
+    """One whole run: everything lands in the run directory, which this process locks while it
+    works in it (a second process on it stops with a message naming this one's PID)."""
+    from kfine import checkpoint
+    from kfine.optim import check_train
+
+    check_config(cfg)          # every value checked before a run directory exists
     check_train(cfg.train)
-    phase_spans(cfg)           # check the phase list before spending time on data
-    if resume is not None:
-        run_dir = Path(resume)
+    spans = phase_spans(cfg)
+    run_dir = Path(resume) if resume is not None else prepare_run_dir(cfg, overwrite)
+    lock = checkpoint.lock_run_dir(run_dir)
+    try:
+        return _run_locked(cfg, run_dir, resume is not None, spans)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans) -> RunResult:
+    from kfine import checkpoint
+    from kfine.optim import apply_ema_weights
+
+    state = None   # the last commit (kfine.checkpoint): None = train from epoch 0
+    if resume:
+        checkpoint.clean_temp_files(run_dir)   # what writes cut short by a kill left behind
+        state = checkpoint.read_state(run_dir)
+        if state is None:
+            print(f"kfine: {run_dir} has no finished epoch (it was stopped before epoch 0 ended); "
+                  f"starting it over in place", flush=True)
+            checkpoint.reset_run_dir(run_dir)
     else:
-        run_dir = prepare_run_dir(cfg, overwrite)
         save_config(cfg, run_dir / "config.yaml")
     print(f"kfine: run directory {run_dir}", flush=True)
-    try:   # [A] a new run that fails before its first epoch leaves no run directory behind
-        datasets, model, optimizer, schedule, start_epoch, history = _prepare(cfg, run_dir, resume)
+    try:
+        datasets, model, optimizer, schedule, start_epoch, history = _prepare(cfg, run_dir, state, spans)
     except BaseException:
-        if resume is None:
+        if not resume:   # a new run that fails before its first epoch leaves no run directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"kfine: removed {run_dir} (the run stopped before training)", file=sys.stderr, flush=True)
         raise
 
+    trains = start_epoch < cfg.train.epochs   # False: a finished run resumed to redo its outputs
     history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
-    if apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation and export use the averages
+    if trains and apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation, export use the averages
         print("kfine: the model now holds the EMA weights (train.ema)", flush=True)
-    _save_model_atomic(model, run_dir / "model.keras")
+    checkpoint.save_model(model, run_dir / "model.keras")   # for inference: no optimizer state
+    checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
     result = RunResult(run_dir=run_dir, history=history, model=model)
     finish_run(cfg, run_dir, model, datasets, result)
     print(f"kfine: done. Outputs in {run_dir}/ (model.keras, history.csv, plots/, metrics.json, "
@@ -400,22 +321,23 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
     return result
 
 
-def _prepare(cfg: Config, run_dir: Path, resume: Path | None):
-    """Everything before the first epoch: data (its split saved in splits.csv, or read back from
-    it on resume) and its audit, model, optimizer, resume state."""
-    from kfine import data as kdata
+def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans):
+    """Everything before the first epoch: the data (its split saved in splits.csv, or read back
+    from it: a resumed run trains on exactly the images it started with) and its audit, model,
+    optimizer, and the state of the last commit (``state``, None for a run from epoch 0)."""
+    from kfine import checkpoint, data as kdata
     from kfine.audit import format_check
     from kfine.model import weights_info
     from kfine.sources import write_splits
 
     setup_backend(cfg)
+    checkpoint.pause_for_test("data_check")
     saved = run_dir / "splits.csv"
-    datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if resume and saved.exists() else None,
-                                   verbose=True)
+    datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None, verbose=True)
     write_json(run_dir / "class_names.json", datasets.class_names)
-    if resume is None:
+    if not saved.exists():
         write_splits(datasets.index, saved)
-    if cfg.data.check and resume is None:
+    if cfg.data.check and state is None:
         report = kdata.check_data(cfg.data, cfg.seed, datasets=datasets)
         write_json(run_dir / "data_check.json", report)
         print(format_check(report), flush=True)
@@ -426,19 +348,20 @@ def _prepare(cfg: Config, run_dir: Path, resume: Path | None):
               f"(listed in {run_dir / 'skipped_files.txt'})", flush=True)
 
     # on resume the weights come from the backup: no download
-    model, optimizer, schedule = build_training(replace(cfg, ["model.weights=null"]) if resume else cfg, datasets)
-    if resume is None:   # [A] what the backbone really started from (the report shows it)
+    model, optimizer, schedule = build_training(replace(cfg, ["model.weights=null"]) if state else cfg, datasets)
+    if state is None:   # what the backbone really started from (the report shows it)
         write_json(run_dir / "run_info.json", {"weights": {"requested": cfg.model.weights, **weights_info(model)}})
 
     start_epoch, history = 0, []
-    if resume is not None:
-        start_epoch = load_backup(run_dir, model, optimizer)
-        history = [r for r in read_history(run_dir / "history.csv") if r["epoch"] < start_epoch]
-        if start_epoch >= cfg.train.epochs:
-            print(f"kfine: {run_dir} already finished its {cfg.train.epochs} epochs; finishing outputs", flush=True)
-        else:
-            print(f"kfine: resuming at epoch {start_epoch} (phase {phase_at(phase_spans(cfg), start_epoch)})",
+    if state is not None:
+        state = checkpoint.load_backup(run_dir, model, optimizer)
+        start_epoch, history = state["next_epoch"], state["history"]
+        if state["finished"] or state["stopped"] or start_epoch >= cfg.train.epochs:
+            print(f"kfine: {run_dir} already finished training ({len(history)} epochs); finishing outputs",
                   flush=True)
+            start_epoch = cfg.train.epochs
+        else:
+            print(f"kfine: resuming at epoch {start_epoch} (phase {phase_at(spans, start_epoch)})", flush=True)
     return datasets, model, optimizer, schedule, start_epoch, history
 
 

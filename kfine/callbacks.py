@@ -1,0 +1,137 @@
+"""The Keras callbacks of a kfine run; kfine.train.make_callbacks puts them in order.
+
+    StopOnNaN     a non-finite value in the epoch's logs -> TrainingError, before anything of
+                  that epoch is saved
+    EpochCommit   the epoch's history row, resume backup and checkpoints (kfine.checkpoint)
+    EpochLog      one line per epoch: epoch k/N, phase, lr, metrics, seconds (for logs that go to
+                  a file: stdout not a terminal, or train.verbose: 2)
+    PhaseProgbar  Keras' progress bar, its "Epoch k/N" counted over the whole run
+    WandbLog      the epoch's logs to Weights & Biases
+
+Keras' own are used where they fit (EarlyStopping, TensorBoard). TerminateOnNaN is not: it reads
+the loss after every batch, a host sync per training step; StopOnNaN reads the epoch's logs, so a
+NaN is caught at the end of the epoch in which it appears. Keras' CSVLogger, ModelCheckpoint and
+BackupAndRestore are not either: kfine's epoch has one commit point for all three
+(kfine.checkpoint), which is what makes a resume exact.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import keras
+
+from kfine.checkpoint import TrainingError, pause_for_test
+
+
+def current_lr(optimizer, schedule) -> float:
+    """The learning rate of the optimizer's last step (the schedule is a function of the step)."""
+    step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return float(keras.ops.convert_to_numpy(schedule(max(step - 1, 0))))
+
+
+def fit_verbosity(verbose: int) -> int:
+    """Keras' ``verbose`` for fit: its progress bar only for train.verbose 1 on a terminal."""
+    return 1 if verbose == 1 and sys.stdout.isatty() else 0
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    def __init__(self, phase: int):
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = {}
+        for k, v in (logs or {}).items():
+            try:
+                if not math.isfinite(float(v)):
+                    bad[k] = float(v)
+            except (TypeError, ValueError):
+                pass
+        if bad:
+            self.model.stop_training = True
+            raise TrainingError(f"loss became NaN/inf in epoch {epoch} (phase {self.phase}): {bad}; "
+                                f"nothing of that epoch was saved. Lower train.schedule.learning_rate "
+                                f"or set train.optimizer.clipnorm")
+
+
+class EpochCommit(keras.callbacks.Callback):
+    """The history row (epoch, phase, lr, the epoch's logs) and its commit by ``saver``
+    (kfine.checkpoint.CheckpointSaver). Runs after EarlyStopping, so the commit records a stop."""
+
+    def __init__(self, saver, phase: int, schedule):
+        super().__init__()
+        self.saver, self.phase, self.schedule = saver, phase, schedule
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, "phase": self.phase, "lr": current_lr(self.model.optimizer, self.schedule),
+               **{k: float(v) for k, v in (logs or {}).items()}}
+        self.saver.commit_epoch(self.model, epoch, self.phase, row, stopped=bool(self.model.stop_training))
+
+    def on_train_end(self, logs=None):
+        self.saver.end_phase(self.model)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One line per epoch, e.g. ``epoch 3/8  phase 1  lr 0.00091  loss 0.4213  accuracy 0.8750
+    val_loss 0.3980  val_accuracy 0.8906  12.4 s``."""
+
+    def __init__(self, total_epochs: int, phase: int, schedule):
+        super().__init__()
+        self.total, self.phase, self.schedule = total_epochs, phase, schedule
+        self._start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        parts = [f"epoch {epoch + 1}/{self.total}", f"phase {self.phase}",
+                 f"lr {current_lr(self.model.optimizer, self.schedule):.3g}"]
+        parts += [f"{k} {float(v):.4f}" for k, v in (logs or {}).items()]
+        parts.append(f"{time.perf_counter() - self._start:.1f} s")
+        print("  ".join(parts), flush=True)
+
+
+class PhaseProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar with "Epoch k/N" over the whole run: each phase is its own fit(), whose
+    ``epochs`` is the phase's end, and Keras prints no such line for a one-epoch fit."""
+
+    def __init__(self, total_epochs: int):
+        super().__init__()
+        self.total = total_epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total
+
+
+class WandbLog(keras.callbacks.Callback):
+    def __init__(self, wandb):
+        super().__init__()
+        self.wandb = wandb
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.wandb.log({"epoch": epoch, **(logs or {})})
+
+
+class PauseForTest(keras.callbacks.Callback):
+    """Test hook, only with KFINE_TEST_PAUSE=epoch@E: pause after the first batch of epoch E
+    (kfine.checkpoint.pause_for_test)."""
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch is not None:
+            epoch, self._epoch = self._epoch, None
+            pause_for_test(f"epoch@{epoch}")
+
+    @staticmethod
+    def wanted() -> bool:
+        return os.environ.get("KFINE_TEST_PAUSE", "").startswith("epoch@")

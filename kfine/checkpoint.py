@@ -1,0 +1,502 @@
+"""What a run keeps of each epoch, written so that a kill at any moment loses at most the epoch
+in progress: history, checkpoints, the resume backup, and the run directory's lock.
+
+    runs/<name>/
+      history.csv                  one row per committed epoch
+      checkpoints/best.keras       the best epoch so far by train.checkpoint.monitor (+ best.json)
+      checkpoints/epoch_EEEE.keras every train.checkpoint.every_epochs epochs (newest `keep`;
+                                   the last epoch's is model.keras)
+      backup/state.json            THE commit: next epoch, the history, the array files below
+      backup/frozen_pPP_eEEEE.npz  variables that cannot change in phase PP (frozen layers and
+                                   their optimizer slots): written once per phase
+      backup/epoch_EEEE.npz        every other variable (model, optimizer, loss scale) after EEEE
+      .lock                        the PID of the process that trains in the directory
+
+One commit point per epoch. At the end of epoch E the training thread only copies the values
+that changed to host memory; a background thread then writes, in this order:
+  1. the arrays (backup/*.npz, each atomically),
+  2. backup/state.json naming them, with next_epoch = E + 1 and the history: the commit,
+  3. the checkpoints due at E (from the host copy, through an inference clone of the model, to
+     ``checkpoints/.e0003.tmpPID.keras`` and renamed into place), best.json, history.csv; older
+     backup files removed.
+Training goes on meanwhile; the next epoch's end waits for this one's writes (one in flight).
+Killed before 2, ``--resume`` repeats epoch E (or, with no commit at all, starts the run over in
+place); killed after it, ``--resume`` restores epoch E's state and first writes what 3 did not
+(history.csv from state.json, epoch E's checkpoints from the restored model): an epoch is either
+committed, with everything that follows from it, or repeated.
+
+Checkpoints and model.keras are for inference: the model without optimizer state, unless
+``train.checkpoint.save_optimizer`` (then a checkpoint is the model itself with its optimizer,
+saved on the training thread). The backup holds the only copy of the optimizer state. When
+the run has finished (model.keras written) the backup's arrays are deleted and state.json says
+``finished``: model.keras holds the same weights and nothing trains on; ``--resume`` of a finished
+run loads model.keras and redoes the outputs (evaluation, plots, report, export).
+
+Arrays are keyed by name, never by position: ``model/<variable.path>``, ``optimizer/<variable.name>``
+and ``loss_scale/<name>`` (mixed_float16's dynamic loss scale, kept across phases and resumes), so
+a backup loaded into a model that gained or lost a variable (LoRA, EMA) fails naming it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kfine.rundir import atomic_path, read_json, write_csv, write_json
+
+BACKUP, CHECKPOINTS, STATE, LOCK = "backup", "checkpoints", "state.json", ".lock"
+
+# Optimizer slots that change only when their own variable trains (the update_step state of SGD,
+# Adam, AdamW and RMSprop, named "<variable path with _>_<slot>" by Keras). Everything else an
+# optimizer holds (step counter, EMA averages, gradient accumulators) counts as changing.
+PER_VARIABLE_SLOTS = ("momentum", "velocity", "velocity_hat", "average_gradient")
+
+# What an interrupted write leaves: .NAME.tmpPID[.ext] (kfine.rundir.atomic_path and checkpoint
+# temporaries), export/saved_model/.tmp-*/ and .1.oldPID/ (kfine.export).
+_TEMP_NAME = re.compile(r"^\.(.+\.tmp\d+(\..*)?|tmp-.*|.+\.old\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, a busy or unusable run directory); the message says why."""
+
+
+# ----------------------------------------------------------------------------- history
+def read_history(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k in ("epoch", "phase") else float(v)) for k, v in r.items() if v != ""}
+            for r in rows]
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    write_csv(path, rows)
+
+
+def best_epoch(history: list[dict], monitor: str, mode: str) -> int | None:
+    """The epoch with the best ``monitor`` value (a later epoch wins a tie), None if never logged."""
+    rows = [r for r in history if monitor in r]
+    if not rows:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(rows, key=lambda r: (sign * r[monitor], r["epoch"]))["epoch"]
+
+
+def monitor_mode(cfg) -> str:
+    """``train.checkpoint.mode``, with auto = max for accuracy-like metrics, else min."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "max" if any(s in cfg.monitor for s in ("acc", "auc", "precision", "recall", "f1")) else "min"
+
+
+# ----------------------------------------------------------------------------- variables by name
+def keyed_variables(model, optimizer=None) -> dict:
+    """Every variable a backup holds, by a name stable across processes: ``model/<path>``,
+    ``optimizer/<name>``, ``loss_scale/<name>``. A name used twice gets ``#2``, ``#3``, ..."""
+    out: dict = {}
+
+    def add(key, v):
+        k, n = key, 2
+        while k in out:
+            k, n = f"{key}#{n}", n + 1
+        out[k] = v
+
+    for v in model.weights:
+        add(f"model/{v.path}", v)
+    if optimizer is not None:
+        inner = getattr(optimizer, "inner_optimizer", None)
+        inner_ids = {id(v) for v in inner.variables} if inner is not None else None
+        for v in optimizer.variables:
+            owner = "optimizer" if inner_ids is None or id(v) in inner_ids else "loss_scale"
+            add(f"{owner}/{v.name}", v)
+    return out
+
+
+def frozen_keys(model, keyed: dict) -> set[str]:
+    """Keys of the variables that cannot change while ``model`` trains with its current trainable
+    flags: weights of frozen layers (a frozen BatchNorm runs in inference mode, so its statistics
+    stay) and their per-variable optimizer slots. A trainable layer's statistics change."""
+    changing = {id(v) for v in model.trainable_variables}
+    for layer in _leaf_layers(model):
+        if layer.trainable:
+            changing |= {id(v) for v in layer.weights}
+    frozen = [v for v in model.weights if id(v) not in changing]
+    ids = {id(v) for v in frozen}
+    slots = {f"optimizer/{v.path.replace('/', '_')}_{s}" for v in frozen for s in PER_VARIABLE_SLOTS}
+    return {k for k, v in keyed.items() if id(v) in ids or k in slots}
+
+
+def _leaf_layers(layer):
+    children = getattr(layer, "layers", None)
+    if children:
+        for child in children:
+            yield from _leaf_layers(child)
+    else:
+        yield layer
+
+
+def assign_by_key(keyed: dict, arrays: dict, where: str) -> None:
+    """Assign ``arrays[key]`` to each variable of ``keyed``: every key must be in both, with the
+    same shape, or nothing is assigned and the error names the keys."""
+    missing, extra = sorted(set(keyed) - set(arrays)), sorted(set(arrays) - set(keyed))
+    if missing or extra:
+        parts = ([f"not in it: {_few(missing)}"] if missing else []) + (
+            [f"not in the model or optimizer: {_few(extra)}"] if extra else [])
+        raise TrainingError(f"{where} does not match the model and optimizer built from the run's "
+                            f"config ({'; '.join(parts)})")
+    bad = [f"{k} {tuple(arrays[k].shape)} != {tuple(v.shape)}" for k, v in keyed.items()
+           if tuple(arrays[k].shape) != tuple(v.shape)]
+    if bad:
+        raise TrainingError(f"{where} does not match the model and optimizer built from the run's "
+                            f"config (saved shape != built shape: {_few(bad)})")
+    for k, v in keyed.items():
+        v.assign(arrays[k])
+
+
+def _few(items, n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _to_numpy(v) -> np.ndarray:
+    """A host copy of ``v`` that training cannot change (it goes on while the copy is written)."""
+    import keras
+    a = keras.ops.convert_to_numpy(v)
+    return a if a.flags.owndata else np.array(a)
+
+
+# ----------------------------------------------------------------------------- the saver
+class _Frozen:
+    """One phase's frozen variables: their file, keys and host copies (taken once per phase)."""
+
+    def __init__(self, phase: int, name: str, arrays: dict):
+        self.phase, self.name, self.arrays, self.written = phase, name, arrays, False
+
+
+class CheckpointSaver:
+    """The per-epoch bookkeeping of one run, as the module docstring describes: call
+    ``commit_epoch`` at each epoch's end, ``close`` at the end (waits for the writes).
+    ``keep_files=False`` writes history.csv only (a tuner trial: no backup, no checkpoints).
+
+    On the training thread only the host copy of what changed; on the writer thread the files,
+    and the checkpoints through a shadow: a clone of the model for inference, built once, whose
+    variables are set from the copy, so ``model`` can train on while its checkpoint is written.
+    With ``checkpoint.save_optimizer`` a checkpoint is the model itself, saved on the training
+    thread (the optimizer's state is part of it)."""
+
+    def __init__(self, run_dir: Path, cfg, epochs: int, history: list[dict] | None = None,
+                 keep_files: bool = True):
+        self.run_dir, self.cfg, self.epochs = Path(run_dir), cfg, epochs
+        self.history = list(history or [])
+        self.keep_files = keep_files
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "kfine-checkpoint") if keep_files else None
+        self._pending = None
+        self._frozen: _Frozen | None = None
+        self._view = None     # the model for inference (inference_view)
+        self._shadow = None   # its clone and the clone's variables by key, for checkpoints
+
+    # -- at each epoch's end, on the training thread
+    def commit_epoch(self, model, epoch: int, phase: int, row: dict, stopped: bool = False) -> None:
+        self.history = [r for r in self.history if r["epoch"] < epoch] + [row]
+        if not self.keep_files:
+            write_history(self.run_dir / "history.csv", self.history)
+            return
+        keyed = keyed_variables(model, model.optimizer)
+        if self._frozen is None or self._frozen.phase != phase:
+            self._frozen = _Frozen(phase, f"frozen_p{phase:02d}_e{epoch:04d}.npz",
+                                   {k: _to_numpy(keyed[k]) for k in frozen_keys(model, keyed)})
+        changed = {k: _to_numpy(v) for k, v in keyed.items() if k not in self._frozen.arrays}
+        names, tmp = self.due(epoch), None
+        # train.ema: checkpoints hold the averaged weights (the backup keeps the raw ones)
+        ema = {f"model/{v.path}": _to_numpy(a) for v, a in ema_pairs(model)} if names else {}
+        if names and self.cfg.save_optimizer:
+            tmp = self._save_temporary(model, epoch)
+        elif names and self._view is None:
+            self._view = inference_view(model)
+        state = {"next_epoch": epoch + 1, "files": [self._frozen.name, f"epoch_{epoch:04d}.npz"],
+                 "stopped": bool(stopped), "finished": False, "history": self.history}
+        self._wait()   # the previous epoch's writes: one epoch in flight at most
+        self._pending = self._pool.submit(self._write_commit, state, self._frozen, changed, names, tmp, ema)
+
+    def end_phase(self, model) -> None:
+        """At a phase's end: check that what was written once for the phase did not change. A
+        layer that updated its variables while ``trainable`` was False would make a resume
+        silently wrong; this makes it loud (one host copy of the frozen variables per phase)."""
+        if not self.keep_files or self._frozen is None:
+            return
+        keyed = keyed_variables(model, model.optimizer)
+        moved = [k for k, a in self._frozen.arrays.items()
+                 if not np.array_equal(_to_numpy(keyed[k]), a, equal_nan=True)]
+        if moved:
+            raise TrainingError(f"variables of layers frozen in phase {self._frozen.phase} changed during "
+                                f"it: {_few(moved)}; kfine.checkpoint.frozen_keys must count them as changing")
+
+    def close(self) -> None:
+        """Wait for the last writes (raising their error, if any) and stop the writer thread."""
+        if self._pool is None:
+            return
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        job, self._pending = self._pending, None
+        if job is not None:
+            job.result()
+
+    # -- on the writer thread
+    def _write_commit(self, state: dict, frozen: _Frozen, changed: dict, names: list, tmp, ema: dict) -> None:
+        backup, epoch = self.run_dir / BACKUP, state["next_epoch"] - 1
+        if not frozen.written:
+            _write_npz(backup / frozen.name, frozen.arrays)
+            frozen.written = True
+        _write_npz(backup / state["files"][1], changed)
+        pause_for_test(f"before_commit@{epoch}")
+        write_json(backup / STATE, state)                       # the commit
+        pause_for_test(f"after_commit@{epoch}")
+        if names and tmp is None:
+            tmp = self._save_shadow({**frozen.arrays, **changed, **ema}, epoch)
+        self._publish(tmp, names, epoch, state["history"])
+        write_history(self.run_dir / "history.csv", state["history"])
+        for old in backup.glob("*.npz"):
+            if old.name not in state["files"]:
+                old.unlink()
+
+    def _save_shadow(self, arrays: dict, epoch: int) -> Path:
+        """The checkpoint of epoch ``epoch`` from its host copy, through a clone of the model for
+        inference (built once, here), so that the model trains on meanwhile."""
+        if self._shadow is None:
+            import keras
+            shadow = keras.models.clone_model(self._view)
+            keyed = keyed_variables(shadow)
+            missing = sorted(set(keyed) - set(arrays))
+            if missing:   # a layer that does not clone by name: never save a checkpoint that is not the model
+                raise TrainingError(f"cannot write checkpoints of this model: its clone has {_few(missing)}")
+            self._shadow = shadow, keyed
+        shadow, keyed = self._shadow
+        for k, v in keyed.items():
+            v.assign(arrays[k])
+        return self._save_temporary(shadow, epoch, view=False)
+
+    # -- checkpoints
+    def due(self, epoch: int) -> list[str]:
+        """The checkpoint files epoch ``epoch`` should have, given the history so far."""
+        c, names = self.cfg, []
+        if best_epoch(self.history, c.monitor, monitor_mode(c)) == epoch:
+            names.append("best.keras")
+        if c.every_epochs and (epoch + 1) % c.every_epochs == 0 and epoch + 1 < self.epochs:
+            names.append(f"epoch_{epoch:04d}.keras")
+        return names
+
+    def _save_temporary(self, model, epoch: int, view: bool = True) -> Path:
+        from kfine.optim import ema_weights
+        tmp = self.run_dir / CHECKPOINTS / f".e{epoch:04d}.tmp{os.getpid()}.keras"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with ema_weights(model):   # train.ema: the averaged weights (a no-op otherwise)
+            (inference_view(model) if view and not self.cfg.save_optimizer else model).save(tmp)
+        return tmp
+
+    def _publish(self, tmp: Path | None, names: list, epoch: int, history: list[dict]) -> None:
+        """Rename a checkpoint temporary into its places (hard links: one write for best and
+        periodic), best.json, and keep the newest ``keep`` periodic ones."""
+        if tmp is None:
+            return
+        ckpt = self.run_dir / CHECKPOINTS
+        for name in names:
+            with atomic_path(ckpt / name, ".keras") as t:
+                _link_or_copy(tmp, t)
+        tmp.unlink(missing_ok=True)
+        if "best.keras" in names:
+            row = next(r for r in history if r["epoch"] == epoch)
+            write_json(ckpt / "best.json", {"epoch": epoch, self.cfg.monitor: row[self.cfg.monitor]})
+        periodic = sorted(ckpt.glob("epoch_*.keras"))
+        for old in periodic[: max(0, len(periodic) - max(self.cfg.keep, 1))]:
+            old.unlink()
+
+    # -- --resume
+    def catch_up(self, model) -> None:
+        """--resume: write what the last commit promised but a kill may have cut short, from the
+        restored state (``model`` holds the history's last epoch): history.csv and that epoch's
+        checkpoints."""
+        if not self.keep_files or not self.history:
+            return
+        write_history(self.run_dir / "history.csv", self.history)
+        epoch, ckpt = self.history[-1]["epoch"], self.run_dir / CHECKPOINTS
+        best = read_json(ckpt / "best.json") if (ckpt / "best.json").exists() else {}
+        have = {"best.keras": best.get("epoch") == epoch and (ckpt / "best.keras").exists()}
+        missing = [n for n in self.due(epoch) if not have.get(n, (ckpt / n).exists())]
+        if missing:
+            self._publish(self._save_temporary(model, epoch), missing, epoch, self.history)
+
+
+def ema_pairs(model) -> list:
+    """(model variable, its EMA average) when the model's optimizer keeps an EMA (train.ema)."""
+    from kfine.optim import inner_optimizer
+    opt = inner_optimizer(getattr(model, "optimizer", None))
+    return opt.ema_pairs() if hasattr(opt, "ema_pairs") else []
+
+
+def inference_view(model):
+    """A functional model over the same layers and variables as ``model`` that was never compiled:
+    saved, it holds the weights and no optimizer state (Keras 3 ignores include_optimizer)."""
+    import keras
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+def save_model(model, path: Path) -> None:
+    """``model`` for inference (no optimizer state) as a .keras file, atomically."""
+    with atomic_path(path, ".keras") as tmp:
+        inference_view(model).save(tmp)
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    with atomic_path(path, ".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:   # a file system without hard links
+        shutil.copyfile(src, dst)
+
+
+# ----------------------------------------------------------------------------- resume
+def read_state(run_dir: Path) -> dict | None:
+    """The last commit of ``run_dir`` (backup/state.json), or None if no epoch was committed."""
+    path = Path(run_dir) / BACKUP / STATE
+    return read_json(path) if path.exists() else None
+
+
+def load_backup(run_dir: Path, model, optimizer) -> dict:
+    """Assign the last commit's arrays to ``model`` and ``optimizer``; returns the state
+    (next_epoch, history, ...). A finished run's weights come from model.keras instead."""
+    run_dir = Path(run_dir)
+    state = read_state(run_dir)
+    if state is None:
+        raise TrainingError(f"{run_dir} has no {BACKUP}/{STATE}: no epoch of it was committed")
+    if "files" not in state:
+        raise TrainingError(f"{run_dir / BACKUP} was written by an older kfine (arrays by position, "
+                            f"not by name) and cannot be resumed; start the run again")
+    if state.get("finished"):
+        load_weights(run_dir / "model.keras", model)
+        return state
+    arrays = {}
+    for name in state["files"]:
+        with np.load(run_dir / BACKUP / name) as data:
+            arrays.update({k: data[k] for k in data.files})
+    assign_by_key(keyed_variables(model, optimizer), arrays, f"the backup in {run_dir / BACKUP}")
+    return state
+
+
+def load_weights(path: Path, model) -> None:
+    """The weights of the .keras file ``path`` assigned to ``model`` by variable path."""
+    import keras
+    import kfine.model  # noqa: F401  (registers kfine>Preprocess)
+    saved = keras.saving.load_model(path, compile=False)
+    assign_by_key(keyed_variables(model), {k: _to_numpy(v) for k, v in keyed_variables(saved).items()},
+                  str(path))
+
+
+def finish_backup(run_dir: Path) -> None:
+    """Once model.keras is written: mark the last commit finished and delete the backup's
+    arrays (model.keras holds the weights; the optimizer state has nothing left to train)."""
+    state = read_state(run_dir)
+    if state is None:
+        return
+    write_json(Path(run_dir) / BACKUP / STATE, {**state, "finished": True, "files": []})
+    for old in (Path(run_dir) / BACKUP).glob("*.npz"):
+        old.unlink()
+
+
+def reset_run_dir(run_dir: Path) -> None:
+    """Remove what a run killed before its first commit wrote of its training (history,
+    phases, checkpoints, backup), so that it starts over in place."""
+    run_dir = Path(run_dir)
+    for name in ("history.csv", "phases.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (CHECKPOINTS, BACKUP):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def clean_temp_files(run_dir: Path) -> list[Path]:
+    """Remove what writes interrupted by a kill left behind (see _TEMP_NAME); call it only while
+    holding the run directory's lock, so that no live writer's temporaries are removed."""
+    removed = []
+    for p in sorted(Path(run_dir).rglob(".*"), reverse=True):
+        if _TEMP_NAME.match(p.name) and p.exists():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+# ----------------------------------------------------------------------------- lock
+class RunLock:
+    """An exclusive flock on ``run_dir/.lock``, which holds the owner's PID. The kernel drops the
+    lock when its process dies, so a lock left by a killed process is simply taken over."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        import fcntl
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Lock ``run_dir`` for this process, or raise TrainingError naming the PID that holds it."""
+    import fcntl
+    path = Path(run_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _lock_pid(fd, wait=1.0)
+        os.close(fd)
+        raise TrainingError(f"{run_dir} is in use by another kfine process (PID {holder or '?'}), which "
+                            f"holds {path}; wait for it to end, or stop it and then --resume") from None
+    previous = _lock_pid(fd)
+    if previous and previous != os.getpid():
+        print(f"kfine: took over {path} from process {previous}, which is no longer running", flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return RunLock(fd, path)
+
+
+def _lock_pid(fd: int, wait: float = 0.0) -> int | None:
+    """The PID written in a lock file (the holder writes it just after locking: wait a moment)."""
+    deadline = time.monotonic() + wait
+    while True:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit() or time.monotonic() >= deadline:
+            return int(text) if text.isdigit() else None
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- test hook
+def pause_for_test(point: str) -> None:
+    """Test hook: with KFINE_TEST_PAUSE=<point>, write the file KFINE_TEST_PAUSE_MARKER and sleep
+    here, so that a test can SIGKILL the process at exactly this point. Points: data_check,
+    epoch@E (after the first batch of epoch E), before_commit@E, after_commit@E."""
+    if os.environ.get("KFINE_TEST_PAUSE") != point:
+        return
+    Path(os.environ["KFINE_TEST_PAUSE_MARKER"]).write_text(f"{os.getpid()}\n")
+    time.sleep(3600)

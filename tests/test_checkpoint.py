@@ -1,0 +1,403 @@
+"""kfine.checkpoint: the per-epoch commit and what it writes, backups keyed by variable path, the
+loss scale across phases and resumes, the run-directory lock, temporaries of killed writes, lean
+checkpoints and SavedModel, and SIGKILL at every moment of a run followed by --resume."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_folder
+from kfine import checkpoint
+from kfine.checkpoint import CheckpointSaver, TrainingError, keyed_variables, load_backup, read_history
+from kfine.config import load_config
+from kfine.rundir import read_json
+
+REPO = Path(__file__).resolve().parent.parent
+TWO_PHASES = "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 2, freeze: {strategy: none}}]"
+
+
+def tiny(tmp_path, *extra):
+    root = tmp_path / "data"
+    if not root.exists():
+        make_folder(root, "single", per_class=8)
+    return [f"runs_dir={tmp_path / 'runs'}", f"data.root={root}", "data.layout=single",
+            "data.image_size=[32,32]", "data.batch_size=8", "model.weights=null", "train.verbose=0",
+            "data.augment.enabled=false", "export.enabled=false", "name=t", "model.backbone=scratch_cnn",
+            "model.scratch.filters=[4,4,8,8,8]", "model.scratch.batchnorm=true", "model.scratch.dense_units=16",
+            "train.optimizer.name=adam", *extra]
+
+
+def numpy_of(keyed):
+    import keras
+    return {k: np.array(keras.ops.convert_to_numpy(v)) for k, v in keyed.items()}
+
+
+def weights_of(path):
+    import keras
+    import kfine.model  # noqa: F401
+    model = keras.saving.load_model(path, compile=False)
+    return model, {v.path: np.array(v.numpy()) for v in model.weights}
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory):
+    """Two epochs of phase 0 (backbone frozen) committed by a CheckpointSaver, with host copies of
+    every variable taken at each commit while training went on in between."""
+    import keras
+    from kfine.data import make_datasets
+    from kfine.freeze import apply_freeze
+    from kfine.train import build_training, compile_model
+    tmp = tmp_path_factory.mktemp("committed")
+    cfg = load_config(None, tiny(tmp, "train.epochs=4", TWO_PHASES, "train.checkpoint.every_epochs=1",
+                                 "train.checkpoint.keep=5"))
+    ds = make_datasets(cfg.data, cfg.seed)
+    keras.utils.set_random_seed(0)
+    model, opt, _ = build_training(cfg, ds)
+    apply_freeze(model, cfg.model.backbone, cfg.train.phases[0].freeze)
+    compile_model(model, opt, cfg, len(ds.class_names))
+    saver = CheckpointSaver(tmp / "run", cfg.train.checkpoint, cfg.train.epochs)
+    copies = []
+    for epoch, val in ((0, 0.5), (1, 0.25)):
+        model.fit(ds.train, epochs=1, verbose=0)
+        saver.commit_epoch(model, epoch, 0, {"epoch": epoch, "phase": 0, "lr": 1e-3, "val_accuracy": val})
+        copies.append(numpy_of(keyed_variables(model, opt)))
+        model.fit(ds.train, epochs=1, verbose=0)   # training goes on while the commit is written
+    saver.close()
+    return dict(cfg=cfg, ds=ds, model=model, opt=opt, run=tmp / "run", copies=copies)
+
+
+def test_a_commit_writes_frozen_variables_once_per_phase_and_the_rest_every_epoch(committed):
+    backup = committed["run"] / "backup"
+    state = read_json(backup / "state.json")
+    assert state["next_epoch"] == 2 and [r["epoch"] for r in state["history"]] == [0, 1]
+    assert state["files"] == ["frozen_p00_e0000.npz", "epoch_0001.npz"]
+    assert sorted(p.name for p in backup.iterdir()) == ["epoch_0001.npz", "frozen_p00_e0000.npz", "state.json"]
+    with np.load(backup / "frozen_p00_e0000.npz") as f, np.load(backup / "epoch_0001.npz") as e:
+        frozen, changing = set(f.files), set(e.files)
+    assert not frozen & changing
+    assert {"model/block1_conv/kernel", "model/block1_bn/moving_mean",          # a frozen layer's weights,
+            "optimizer/block1_conv_kernel_momentum"} <= frozen                   # its Adam slots
+    assert {"model/head_logits/kernel", "model/head_dense0/kernel", "optimizer/iteration"} <= changing
+    assert frozen | changing == set(keyed_variables(committed["model"], committed["opt"]))
+
+
+def test_the_backup_restores_the_committed_epoch_exactly(committed):
+    """Into a freshly built model and optimizer, by key: the values of epoch 1's end, not the
+    values training moved on to."""
+    import keras
+    from kfine.train import build_training
+    keras.utils.set_random_seed(1)
+    fresh, fresh_opt, _ = build_training(committed["cfg"], committed["ds"])
+    state = load_backup(committed["run"], fresh, fresh_opt)
+    assert state["next_epoch"] == 2
+    got, want = numpy_of(keyed_variables(fresh, fresh_opt)), committed["copies"][1]
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    now = numpy_of(keyed_variables(committed["model"], committed["opt"]))
+    assert not np.array_equal(now["model/head_logits/kernel"], want["model/head_logits/kernel"])
+    assert int(fresh_opt.iterations.numpy()) == int(want["optimizer/iteration"]) > 0
+
+
+def test_checkpoints_hold_the_epochs_weights_for_inference(committed):
+    """Written on the writer thread from the epoch's host copy while the model trained on: each
+    checkpoint has exactly that epoch's weights, and no optimizer state."""
+    ckpt = committed["run"] / "checkpoints"
+    assert read_json(ckpt / "best.json") == {"epoch": 0, "val_accuracy": 0.5}
+    for name, epoch in (("epoch_0000.keras", 0), ("epoch_0001.keras", 1), ("best.keras", 0)):
+        model, weights = weights_of(ckpt / name)
+        assert getattr(model, "optimizer", None) is None, name
+        want = committed["copies"][epoch]
+        assert weights.keys() == {k[len("model/"):] for k in want if k.startswith("model/")}
+        for path, value in weights.items():
+            np.testing.assert_array_equal(value, want[f"model/{path}"], err_msg=f"{name} {path}")
+    assert not [p for p in committed["run"].rglob(".*") if ".tmp" in p.name]
+
+
+def test_a_frozen_variable_that_changed_during_its_phase_is_an_error(committed, tmp_path):
+    """The backup writes frozen variables once per phase; if one changed after all (a layer that
+    updates its variables while trainable is False), the phase's end says so instead of leaving a
+    backup that would resume wrongly."""
+    model, opt = committed["model"], committed["opt"]
+    saver = CheckpointSaver(tmp_path / "run", committed["cfg"].train.checkpoint, 4)
+    saver.commit_epoch(model, 0, 0, {"epoch": 0, "phase": 0, "lr": 1e-3})
+    saver.end_phase(model)                                      # nothing moved
+    kernel = model.get_layer("backbone").get_layer("block1_conv").kernel
+    before = kernel.numpy()
+    kernel.assign(before + 1.0)
+    try:
+        with pytest.raises(TrainingError, match="model/block1_conv/kernel"):
+            saver.end_phase(model)
+    finally:
+        kernel.assign(before)
+        saver.close()
+
+
+def test_a_backup_refuses_a_model_with_another_variable_and_names_it(committed):
+    import keras
+    from kfine.train import build_training
+    fresh, fresh_opt, _ = build_training(committed["cfg"], committed["ds"])
+    fresh.get_layer("head_dense0").enable_lora(2)        # the model gained two variables
+    before = np.array(fresh.get_layer("head_logits").kernel.numpy())
+    with pytest.raises(TrainingError, match="model/head_dense0/lora_kernel_a"):
+        load_backup(committed["run"], fresh, fresh_opt)
+    np.testing.assert_array_equal(fresh.get_layer("head_logits").kernel.numpy(), before)  # nothing assigned
+    other_cfg = load_config(None, tiny(committed["run"].parent, "model.scratch.filters=[4,4,8,8,16]", TWO_PHASES,
+                                       "train.epochs=4"))
+    other, other_opt, _ = build_training(other_cfg, committed["ds"])
+    with pytest.raises(TrainingError, match=r"saved shape != built shape: model/block5_conv/kernel"):
+        load_backup(committed["run"], other, other_opt)
+    keras.utils.set_random_seed(0)
+
+
+def test_the_loss_scale_is_kept_across_phases_and_in_the_backup(tmp_path):
+    """mixed_float16: one LossScaleOptimizer for the run; a recompile at a phase change used to wrap
+    a fresh one (scale back to 2**15), and the backup did not hold the scale."""
+    import keras
+    from kfine.data import make_datasets
+    from kfine.freeze import apply_freeze
+    from kfine.train import build_training, compile_model
+    try:
+        cfg = load_config(None, tiny(tmp_path, "train.epochs=4", TWO_PHASES, "train.precision=mixed_float16",
+                                     "train.checkpoint.every_epochs=0"))
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        ds = make_datasets(cfg.data, cfg.seed)
+        model, opt, _ = build_training(cfg, ds)
+        assert isinstance(opt, keras.optimizers.LossScaleOptimizer)
+        opt.dynamic_scale.assign(64.0)
+        compile_model(model, opt, cfg, 3)
+        model.fit(ds.train, epochs=1, verbose=0)
+        scale0 = float(opt.dynamic_scale.numpy())
+        apply_freeze(model, cfg.model.backbone, cfg.train.phases[1].freeze)
+        compile_model(model, opt, cfg, 3)                  # the phase change
+        assert model.optimizer is opt and float(model.optimizer.dynamic_scale.numpy()) == scale0
+        model.fit(ds.train, epochs=1, verbose=0)
+        scale1 = float(opt.dynamic_scale.numpy())
+        assert scale1 in (scale0, scale0 / 2, scale0 / 4) and scale1 <= 64.0
+        saver = CheckpointSaver(tmp_path / "run", cfg.train.checkpoint, 4)
+        saver.commit_epoch(model, 2, 1, {"epoch": 2, "phase": 1, "lr": 1e-3})
+        saver.close()
+        fresh, fresh_opt, _ = build_training(cfg, ds)
+        assert float(fresh_opt.dynamic_scale.numpy()) == 2.0 ** 15
+        load_backup(tmp_path / "run", fresh, fresh_opt)
+        assert float(fresh_opt.dynamic_scale.numpy()) == scale1
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_the_run_directory_lock(tmp_path, capsys):
+    first = checkpoint.lock_run_dir(tmp_path)
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(TrainingError, match=f"in use by another kfine process \\(PID {os.getpid()}\\)"):
+        checkpoint.lock_run_dir(tmp_path)
+    first.release()
+    checkpoint.lock_run_dir(tmp_path).release()
+    assert "took over" not in capsys.readouterr().out      # a released lock is not a stale one
+    (tmp_path / ".lock").write_text("4194000\n")           # left by a killed process: nobody holds it
+    lock = checkpoint.lock_run_dir(tmp_path)
+    assert "took over" in capsys.readouterr().out and "4194000" not in (tmp_path / ".lock").read_text()
+    lock.release()
+
+
+def test_temporaries_of_interrupted_writes_are_found_and_removed(tmp_path):
+    temps = [tmp_path / "checkpoints" / ".best.tmp1234.keras", tmp_path / "checkpoints" / ".e0003.tmp99.keras",
+             tmp_path / ".history.csv.tmp77", tmp_path / "backup" / ".epoch_0002.tmp5.npz",
+             tmp_path / "export" / "saved_model" / ".tmp-abc_12" / "sm" / "saved_model.pb",
+             tmp_path / "export" / "saved_model" / ".1.old42" / "saved_model.pb"]
+    keep = [tmp_path / ".lock", tmp_path / "history.csv", tmp_path / "checkpoints" / "best.keras",
+            tmp_path / "export" / "saved_model" / "1" / "saved_model.pb"]
+    for p in temps + keep:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    removed = checkpoint.clean_temp_files(tmp_path)
+    assert all(p.exists() for p in keep)
+    assert not any(p.exists() for p in temps) and len(removed) == 6
+    assert not (tmp_path / "export" / "saved_model" / ".tmp-abc_12").exists()
+
+
+def test_saved_model_holds_each_variable_once_and_answers_like_keras(tmp_path):
+    """keras' ExportArchive.track(model) stored every variable twice (189 MB for a 94 MB ResNet50)."""
+    import keras
+    import tensorflow as tf
+    from kfine.config import ModelConfig, ScratchConfig
+    from kfine.export import export_model
+    from kfine.model import build_model
+    cfg = ModelConfig(backbone="scratch_cnn", weights=None,
+                      scratch=ScratchConfig(filters=(32,), dense_units=256, dropout=0.0))
+    model = build_model(cfg, 3, (32, 32))       # 16*16*32 -> 256: 2.1M parameters, 8.4 MB
+    nbytes = sum(int(np.prod(v.shape)) * 4 for v in model.weights)
+    export_model(model, ["a", "b", "c"], (32, 32), tmp_path / "export")
+    sm = tmp_path / "export" / "saved_model" / "1"
+    data = sum(p.stat().st_size for p in (sm / "variables").glob("variables.data-*"))
+    assert nbytes < data < 1.05 * nbytes, (data, nbytes)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    got = tf.saved_model.load(str(sm)).signatures["serving_tensor"](image=tf.constant(x))["probabilities"]
+    np.testing.assert_allclose(got.numpy(), keras.ops.convert_to_numpy(model(x)), atol=1e-6)
+
+
+def test_a_finished_run_keeps_no_optimizer_state_and_resume_redoes_missing_outputs(tmp_path):
+    import keras
+    from kfine.train import run
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=2", "export.enabled=true",
+                                 "train.checkpoint.every_epochs=1"))
+    result = run(cfg)
+    rd = result.run_dir
+    state = read_json(rd / "backup" / "state.json")
+    assert state["finished"] and state["files"] == [] and not list((rd / "backup").glob("*.npz"))
+    model, weights = weights_of(rd / "model.keras")
+    assert getattr(model, "optimizer", None) is None
+    for v in result.model.weights:
+        np.testing.assert_array_equal(weights[v.path], keras.ops.convert_to_numpy(v))
+    assert sorted(p.name for p in (rd / "checkpoints").glob("*.keras")) == ["best.keras", "epoch_0000.keras"]
+    shutil.rmtree(rd / "export")
+    (rd / "metrics.json").unlink()
+    again = run(cfg, resume=rd)
+    assert (rd / "export" / "saved_model" / "1" / "saved_model.pb").exists() and (rd / "metrics.json").exists()
+    assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
+    for v, w in zip(result.model.weights, again.model.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), keras.ops.convert_to_numpy(w))
+
+
+def test_a_checkpoint_keeps_the_optimizer_when_asked(tmp_path):
+    from kfine.train import run
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=2", "train.checkpoint.save_optimizer=true",
+                                 "train.checkpoint.monitor=val_loss"))
+    rd = run(cfg).run_dir
+    import keras
+    import kfine.optim  # noqa: F401  (registers kfine's optimizers)
+    model = keras.saving.load_model(rd / "checkpoints" / "best.keras")
+    assert int(model.optimizer.iterations.numpy()) > 0
+    assert any("velocity" in v.path for v in model.optimizer.variables)
+
+
+def test_phase_progress_bar_counts_epochs_over_the_run(capsys):
+    """Each phase is its own fit(); Keras printed no "Epoch 1/N" line for a one-epoch first phase."""
+    import keras
+    from kfine.callbacks import PhaseProgbar
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((4, 2), np.float32), np.zeros((4, 1), np.float32)
+    model.fit(x, y, epochs=1, verbose=1, callbacks=[PhaseProgbar(8)])
+    model.fit(x, y, initial_epoch=1, epochs=3, verbose=1, callbacks=[PhaseProgbar(8)])
+    out = capsys.readouterr().out
+    assert "Epoch 1/8" in out and "Epoch 2/8" in out and "Epoch 3/8" in out and "Epoch 2/3" not in out
+
+
+# ----------------------------------------------------------------------------- kills
+def _env(**extra):
+    env = {**os.environ, "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+    for k in ("KFINE_TEST_PAUSE", "KFINE_TEST_PAUSE_MARKER"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def _start(args, env, log):
+    return subprocess.Popen([sys.executable, "-m", "kfine.train", *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, proc, what, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"never reached {what} (exit {proc.returncode})")
+        time.sleep(0.01)
+
+
+def _resume(rd):
+    return subprocess.run([sys.executable, "-m", "kfine.train", "--resume", str(rd)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _temporaries(rd):
+    return [p for p in rd.rglob(".*") if checkpoint._TEMP_NAME.match(p.name)]
+
+
+def _kill_and_resume(tmp_path, point, epochs=3, extra=()):
+    """Start a run, SIGKILL it at ``point`` (a KFINE_TEST_PAUSE point, or "export": while the
+    SavedModel is being written), --resume it; returns (run dir, the resume's CompletedProcess)."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: t\n")
+    args = ["--config", str(cfg_file), *tiny(tmp_path, f"train.epochs={epochs}", "export.enabled=true",
+                                             "train.checkpoint.every_epochs=1", TWO_PHASES, *extra)]
+    marker = tmp_path / "paused"
+    rd = tmp_path / "runs" / "t"
+    env = _env() if point == "export" else _env(KFINE_TEST_PAUSE=point, KFINE_TEST_PAUSE_MARKER=str(marker))
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(args, env, log)
+        if point == "export":
+            _wait_for(lambda: list((rd / "export" / "saved_model").glob(".tmp-*/sm/variables")), proc, point)
+        else:
+            _wait_for(marker.exists, proc, point)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (rd / "export" / "saved_model" / "1").exists()   # killed before the end
+    return rd, _resume(rd)
+
+
+def _assert_complete(rd, resumed, epochs=3):
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    hist = read_history(rd / "history.csv")
+    assert [r["epoch"] for r in hist] == list(range(epochs))                 # every epoch once
+    assert [r["phase"] for r in hist] == [0, 0, 1][:epochs]
+    for f in ("model.keras", "metrics.json", "report.html", "export/saved_model/1/saved_model.pb",
+              "checkpoints/best.keras", "checkpoints/epoch_0000.keras", "checkpoints/epoch_0001.keras"):
+        assert (rd / f).exists(), f
+    assert not _temporaries(rd), _temporaries(rd)
+    assert read_json(rd / "backup" / "state.json")["finished"] and not list((rd / "backup").glob("*.npz"))
+    assert [p["start_epoch"] for p in read_json(rd / "phases.json")] == [0, 2]
+    best = read_json(rd / "checkpoints" / "best.json")
+    assert best["val_accuracy"] == max(r["val_accuracy"] for r in hist)
+
+
+def test_resume_after_a_kill_between_the_commit_and_history_csv(tmp_path):
+    """Killed after epoch 1's backup was committed but before history.csv and its checkpoints were
+    written: --resume writes them from the commit and goes on at epoch 2, in phase 1."""
+    rd, resumed = _kill_and_resume(tmp_path, "after_commit@1")
+    assert "resuming at epoch 2 (phase 1)" in resumed.stdout
+    _assert_complete(rd, resumed)
+
+
+def test_a_second_process_stops_naming_the_first_and_a_stale_lock_is_taken_over(tmp_path):
+    """A --resume while the run is alive (here: paused in its data check) stops with the lock
+    message; after a SIGKILL, --resume takes the lock over and starts the run over in place."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: t\n")
+    marker, rd = tmp_path / "paused", tmp_path / "runs" / "t"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(["--config", str(cfg_file), *tiny(tmp_path, "train.epochs=1")],
+                      _env(KFINE_TEST_PAUSE="data_check", KFINE_TEST_PAUSE_MARKER=str(marker)), log)
+        _wait_for(marker.exists, proc, "the data check")
+        second = _resume(rd)
+        assert second.returncode == 2 and f"PID {proc.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    third = _resume(rd)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"took over {rd / '.lock'} from process {proc.pid}" in third.stdout
+    assert "starting it over in place" in third.stdout
+    assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0] and (rd / "model.keras").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["data_check", "epoch@0", "before_commit@0", "after_commit@0", "epoch@1",
+                                   "export"])
+def test_resume_after_sigkill_at_every_moment(tmp_path, point):
+    rd, resumed = _kill_and_resume(tmp_path, point)
+    if point in ("data_check", "epoch@0", "before_commit@0"):
+        assert "starting it over in place" in resumed.stdout
+    elif point == "export":
+        assert "already finished training (3 epochs)" in resumed.stdout
+    else:
+        assert "resuming at epoch 1 (phase 0)" in resumed.stdout
+    _assert_complete(rd, resumed)
