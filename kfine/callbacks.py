@@ -61,17 +61,19 @@ class EpochCommit(keras.callbacks.Callback):
     """The history row (epoch, phase, lr, the epoch's logs) and its commit by ``saver``
     (kfine.checkpoint.CheckpointSaver). Runs after EarlyStopping, so the commit records a stop."""
 
-    def __init__(self, saver, phase: int, schedule):
+    def __init__(self, saver, phase: int, schedule, model=None):
         super().__init__()
         self.saver, self.phase, self.schedule = saver, phase, schedule
+        self.full = model   # the model to commit when fit() trains another (the head on cached features)
 
     def on_epoch_end(self, epoch, logs=None):
+        full = self.full or self.model
         row = {"epoch": epoch, "phase": self.phase, "lr": current_lr(self.model.optimizer, self.schedule),
                **{k: float(v) for k, v in (logs or {}).items()}}
-        self.saver.commit_epoch(self.model, epoch, self.phase, row, stopped=bool(self.model.stop_training))
+        self.saver.commit_epoch(full, epoch, self.phase, row, stopped=bool(self.model.stop_training))
 
     def on_train_end(self, logs=None):
-        self.saver.end_phase(self.model)
+        self.saver.end_phase(self.full or self.model)
 
 
 class EpochLog(keras.callbacks.Callback):

@@ -199,6 +199,11 @@ class TrainConfig:
     class_weight: Optional[str] = None               # null | balanced
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     steps_per_epoch: Optional[int] = None            # cap batches per epoch (quick runs)
+    feature_cache: Union[Literal["auto"], bool] = "auto"   # head-only phases on cached backbone features; off: false
+    feature_cache_views: int = 2                     # augmented views per image cached (augmentation on)
+    steps_per_execution: Union[int, Literal["auto"]] = "auto"   # train steps per compiled call
+    jit_compile: Union[bool, Literal["auto"]] = "auto"   # XLA; auto: Keras' own (on for GPU and JAX)
+    drop_remainder: Optional[bool] = None            # drop the last partial batch; null: when XLA compiles
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -553,6 +558,8 @@ CHECKS = {
     "train.layer_decay": optional(lambda v: None if 0.0 < v <= 1.0 else "in (0.0, 1.0]"),
     "train.ema.momentum": FRACTION,
     "train.accumulate_steps": at_least(1),
+    "train.feature_cache_views": at_least(1),
+    "train.steps_per_execution": lambda v: None if v == "auto" or v >= 1 else "'auto' or >= 1",
     "train.label_smoothing": FRACTION,
     "train.class_weight": one_of(None, "balanced"),
     "train.steps_per_epoch": optional(at_least(1)),

@@ -45,14 +45,14 @@ class Datasets:
     seed: int = 0
 
     def dataset(self, split: str, train: bool | None = None, batch: bool = True, shuffle: bool | None = None,
-                seed: int | None = None):
+                seed: int | None = None, drop_remainder: bool = False):
         """A fresh pipeline over ``split``: augmented training views (``train``, default for the
         train split) or eval views; unbatched with ``batch=False``; in file order with
         ``shuffle=False``; ``seed`` other than the run's draws other augmentations."""
         from kfine.pipeline import make_dataset
         train = split == "train" if train is None else train
         return make_dataset(self.cache, self.files[split], self.config, self.seed if seed is None else seed,
-                            train, batch, shuffle)
+                            train, batch, shuffle, drop_remainder)
 
 
 def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = False) -> Datasets:

@@ -50,12 +50,14 @@ class Features:
 
 
 def cache_reason(model, cfg, phase) -> str | None:
-    """None when ``phase`` can train on cached features, else why not (said in the log)."""
-    from kfine.freeze import backbone_frozen
-    if cfg.train.feature_cache == "off":
+    """None when ``phase`` (already applied with kfine.freeze.apply_freeze) can train on cached
+    features, else why not (said in the log)."""
+    from kfine.freeze import features_frozen
+    if cfg.train.feature_cache is False:   # YAML reads "off" as false
         return "train.feature_cache is off"
-    if not backbone_frozen(model):
-        return "backbone layers train in this phase"
+    frozen, why = features_frozen(model, phase)
+    if not frozen:
+        return why
     return None
 
 
@@ -160,7 +162,8 @@ def _save(feats: Features, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: int, steps: int):
+def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: int, steps: int,
+                     drop_remainder: bool = False):
     """(train, val) tf.data of (features, label) batches. Train: the same permutation per epoch
     as the image pipeline (a shuffle of the whole index with the run's seed, batched, repeated),
     and view ``epoch mod K`` of each image; epochs are counted from ``start_epoch``."""
@@ -175,7 +178,8 @@ def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: i
         return x, tf.gather(labels, idx)
 
     train = (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-             .batch(batch_size).repeat().enumerate().map(gather).prefetch(tf.data.AUTOTUNE))
+             .batch(batch_size, drop_remainder=drop_remainder).repeat().enumerate().map(gather)
+             .prefetch(tf.data.AUTOTUNE))
     val = None
     if feats.val is not None:
         val = tf.data.Dataset.from_tensor_slices((feats.val, feats.val_labels)).batch(batch_size)

@@ -559,7 +559,7 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCa
 
 # ----------------------------------------------------------------------------- datasets
 def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
-                 batch: bool = True, shuffle: bool | None = None) -> tf.data.Dataset:
+                 batch: bool = True, shuffle: bool | None = None, drop_remainder: bool = False) -> tf.data.Dataset:
     """(float32 image, int32 label) batches of ``files`` (each in the cache).
 
     train: a new permutation of the whole list every epoch (a shuffle whose buffer holds every
@@ -583,7 +583,7 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         ds = ds.map(lambda s, y: (eval_view(cache.load(s), size, cfg.eval_transform), y),
                     num_parallel_calls=AUTOTUNE)
     if batch:
-        ds = ds.batch(cfg.batch_size)
+        ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
     options = tf.data.Options()
     # val/test keep file order (predictions.csv lines up with `files`); train follows the config
     options.deterministic = bool(cfg.deterministic) if train and shuffle is not False else True

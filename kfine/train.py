@@ -78,14 +78,14 @@ def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
 
 
 # ----------------------------------------------------------------------------- callbacks
-def make_callbacks(cfg: Config, run_dir: Path, saver, phase: int, schedule, early=None) -> list:
+def make_callbacks(cfg: Config, run_dir: Path, saver, phase: int, schedule, early=None, model=None) -> list:
     """One phase's callbacks, in the order they run at an epoch's end: the NaN check first (nothing
     of a NaN epoch is saved), early stopping before the commit (the commit records the stop), the
     commit (history, backup, checkpoints: kfine.checkpoint), the progress line, TensorBoard, wandb."""
     import keras
     from kfine import callbacks as kc
     cbs = [kc.StopOnNaN(phase)] + ([early] if early is not None else [])
-    cbs.append(kc.EpochCommit(saver, phase, schedule))
+    cbs.append(kc.EpochCommit(saver, phase, schedule, model))
     if kc.fit_verbosity(cfg.train.verbose):
         cbs.append(kc.PhaseProgbar(cfg.train.epochs))
     elif cfg.train.verbose:   # stdout is a file (CI, nohup, a cluster job) or verbose: 2
@@ -114,7 +114,9 @@ def _wandb_callback(cfg: Config, run_dir: Path):
 
 
 # ----------------------------------------------------------------------------- training
-def compile_model(model, optimizer, cfg: Config, num_classes: int) -> None:
+def compile_model(model, optimizer, cfg: Config, num_classes: int, steps: int | None = None) -> None:
+    """Compile for this phase (Keras reads ``trainable`` at compile); ``steps``: the epoch's steps,
+    from which ``train.steps_per_execution: auto`` is chosen."""
     import keras
     from kfine.optim import make_loss
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
@@ -124,7 +126,37 @@ def compile_model(model, optimizer, cfg: Config, num_classes: int) -> None:
     if hasattr(inner, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
         inner.set_active_variables(model.trainable_variables)
     model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes),
-                  metrics=metrics)
+                  metrics=metrics, jit_compile=cfg.train.jit_compile,
+                  steps_per_execution=execution_steps(cfg, steps) if steps else 1)
+
+
+def execution_steps(cfg: Config, steps: int, cap: int = 32) -> int:
+    """Train steps per compiled call: ``train.steps_per_execution``, or (auto) the largest divisor
+    of the epoch's steps up to ``cap``, so that an epoch ends on a call's end (Keras runs every
+    call to its full length, which would take steps from the next epoch) and kfine's callbacks,
+    which act at epoch ends only, see every epoch. Fewer host round trips per epoch: what matters
+    when a step is short (the head on cached features, a GPU)."""
+    from kfine.callbacks import PauseForTest
+    if cfg.train.steps_per_execution != "auto":
+        return int(cfg.train.steps_per_execution)
+    if PauseForTest.wanted():   # the kill tests pause mid-epoch, in a batch callback
+        return 1
+    return max(d for d in range(1, min(cap, steps) + 1) if steps % d == 0)
+
+
+def drops_remainder(cfg: Config) -> bool:
+    """train.drop_remainder, or (null) whether training steps are XLA-compiled (JAX, or the
+    TensorFlow backend on a GPU): a last partial batch would compile a second program there. On a
+    CPU every image is seen every epoch, as PyTorch's DataLoader does by default."""
+    import keras
+    if cfg.train.drop_remainder is not None:
+        return cfg.train.drop_remainder
+    if cfg.train.jit_compile != "auto":
+        return bool(cfg.train.jit_compile)
+    if keras.backend.backend() == "jax":
+        return True
+    import tensorflow as tf
+    return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
 
 
 def trainable_union(model, backbone_name: str, cfg: Config) -> list:
@@ -172,6 +204,7 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
 def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, saver, optimizer,
                 schedule, callbacks) -> None:
     import keras
+    from kfine import features
     from kfine.callbacks import fit_verbosity
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     from kfine.optim import stage_multipliers
@@ -182,7 +215,8 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     cw = class_weights(cfg, datasets.counts, datasets.class_names)
     # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
     # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
-    train_ds, steps = datasets.train.repeat(), steps_per_epoch(cfg, datasets)
+    steps = steps_per_epoch(cfg, datasets)
+    train_ds = (datasets.dataset("train", drop_remainder=True) if drops_remainder(cfg) else datasets.train).repeat()
     early = None
     for i, (phase, (first, end)) in enumerate(zip(cfg.train.phases, spans)):
         if end <= start_epoch:
@@ -197,19 +231,31 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
             {"index": i, "start_epoch": phase.start_epoch, "end_epoch": end, "freeze": to_dict(phase.freeze),
              "bn": phase.bn, "summary": rows}]
         write_json(run_dir / "phases.json", phases_log)
-        compile_model(model, optimizer, cfg, num_classes)
+        fit_model, fit_train, fit_val = model, train_ds, datasets.val
+        reason = features.cache_reason(model, cfg, phase)
+        if reason is None:   # the head trains on backbone features computed once (kfine.features)
+            feats, seconds = features.timed_features(model, datasets, cfg)
+            print(f"kfine: phase {i}: {features.describe(feats, seconds)}", flush=True)
+            fit_model = features.head_model(model)
+            fit_train, fit_val = features.feature_datasets(feats, cfg.data.batch_size, datasets.seed, first,
+                                                           steps, drops_remainder(cfg))
+        else:
+            print(f"kfine: phase {i}: no feature cache: {reason}", flush=True)
+        compile_model(model, optimizer, cfg, num_classes, steps)   # the full model: what is committed
+        if fit_model is not model:
+            compile_model(fit_model, optimizer, cfg, num_classes, steps)
         if cfg.train.early_stopping.patience:
             early = early or keras.callbacks.EarlyStopping(
                 monitor=cfg.train.early_stopping.monitor, patience=cfg.train.early_stopping.patience,
                 min_delta=cfg.train.early_stopping.min_delta, restore_best_weights=False)
-        phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early) + list(callbacks)
+        phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early, model) + list(callbacks)
         if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
             phase_callbacks.append(keras.callbacks.SwapEMAWeights())
         with warnings.catch_warnings():   # the val set has no known size: Keras warns at its end
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            model.fit(train_ds, validation_data=datasets.val, initial_epoch=first, epochs=end,
-                      steps_per_epoch=steps, class_weight=cw, shuffle=False,   # tf.data shuffles
-                      callbacks=phase_callbacks, verbose=fit_verbosity(cfg.train.verbose))
+            fit_model.fit(fit_train, validation_data=fit_val, initial_epoch=first, epochs=end,
+                          steps_per_epoch=steps, class_weight=cw, shuffle=False,   # tf.data shuffles
+                          callbacks=phase_callbacks, verbose=fit_verbosity(cfg.train.verbose))
         if early is not None and early.stopped_epoch > 0:
             print(f"kfine: early stopping at epoch {early.stopped_epoch} "
                   f"({cfg.train.early_stopping.monitor} stopped improving)", flush=True)
@@ -227,7 +273,10 @@ def steps_per_epoch(cfg: Config, datasets) -> int:
     if not n:   # unknown size (a tfds split without metadata): count batches once
         steps = max(1, sum(1 for _ in datasets.train))
     else:
-        steps = math.ceil(n / cfg.data.batch_size)
+        steps = n // cfg.data.batch_size if drops_remainder(cfg) else math.ceil(n / cfg.data.batch_size)
+        if steps < 1:
+            raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) is larger than the training set ({n} "
+                              f"images) and train.drop_remainder drops the partial batch: lower the batch size")
     if cfg.train.steps_per_epoch:
         steps = min(steps, cfg.train.steps_per_epoch)
     a = cfg.train.accumulate_steps
