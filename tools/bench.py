@@ -3,13 +3,19 @@
 
     python tools/bench.py [--data DIR] [--only pipeline,...] [--image-size 224] [--epochs 3] [--out bench.json]
 
-Sections (``--only``; all by default):
+Sections (``--only``; all by default; the training ones train ResNet50 with weights=None: the
+same arithmetic as ImageNet weights, no download):
   pipeline   kfine's input pipeline (scan + decode once into the cache, then crop/flip/jitter
              from the cache every epoch) against a plain tf.data pipeline doing the same work from
              the files every epoch (read, decode, random-resized-crop from the full image and
              flip: torchvision's ImageNet recipe) and against keras.utils.image_dataset_from_directory
              with Keras' augmentation layers (flip, zoom). First epoch (setup and data check included) and
              later epochs, images/s and ratios.
+  head       a 10-epoch head-only fine-tune with and without the frozen-feature cache, augmentation
+             off and on (2 cached views), wall time of the training loop (first epoch included).
+  search     a 6-trial head-only kfine.tune search with and without the cache.
+  full       a full fine-tune: kfine's loop against a plain model.fit on the same tf.data pipeline
+             (steady-state images/s), and kfine's per-epoch bookkeeping on the training thread.
 
 Without --data it writes (once) an iNaturalist-12K-shaped set of ~800x600 JPEG photos with
 ../shared/tools/make_photo_dataset.py (needs scikit-image) into ~/.cache/kfine/bench_photos_*.
@@ -113,7 +119,155 @@ def print_pipeline(r: dict) -> None:
           f"vs keras: later {q['later_vs_keras']:.2f}x, first {q['first_vs_keras']:.2f}x (above 1: kfine faster)")
 
 
-SECTIONS = {"pipeline": (bench_pipeline, print_pipeline)}
+# ----------------------------------------------------------------------------- training
+def _config(root: Path, size: int, batch: int, runs: str, *extra):
+    from kfine.config import load_config
+    return load_config(None, [f"runs_dir={runs}", "name=bench", f"data.root={root}", "data.layout=inat",
+                              f"data.image_size=[{size},{size}]", f"data.batch_size={batch}", "model.weights=null",
+                              "train.verbose=0", "export.enabled=false", "train.checkpoint.every_epochs=0", *extra])
+
+
+def _fit_seconds(cfg, datasets=None) -> tuple[float, list[dict]]:
+    """Wall time of kfine's training loop (build, features where used, every epoch, bookkeeping)."""
+    from kfine import data, train
+    datasets = datasets or data.make_datasets(cfg.data, cfg.seed)
+    t = time.perf_counter()
+    train.setup_backend(cfg)
+    model, optimizer, schedule = train.build_training(cfg, datasets)
+    history = train.fit_phases(model, cfg, datasets, train.prepare_run_dir(cfg), optimizer=optimizer,
+                               schedule=schedule)
+    return time.perf_counter() - t, history
+
+
+def bench_head(root: Path, size: int, batch: int, epochs: int, seed: int, head_epochs: int = 10) -> dict:
+    """A head-only fine-tune (ResNet50, backbone frozen) of ``head_epochs`` epochs, with and
+    without the frozen-feature cache, augmentation off and on (K=2 views)."""
+    import tempfile
+    from kfine import data, features
+    head_only = "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]"
+    out = {}
+    with tempfile.TemporaryDirectory() as runs:
+        for aug in ("off", "on"):
+            extra = [head_only, f"train.epochs={head_epochs}", f"data.augment.enabled={aug == 'on'}",
+                     "data.augment.crop_scale=[0.08,1.0]"]
+            cfg = _config(root, size, batch, runs, *extra)
+            datasets = data.make_datasets(cfg.data, cfg.seed)
+            for cache in (False, "auto"):
+                features._RECENT.clear()
+                c = _config(root, size, batch, runs, *extra, f"train.feature_cache={str(cache).lower()}")
+                seconds, _ = _fit_seconds(c, datasets)
+                out[f"aug_{aug}_{'cached' if cache else 'uncached'}"] = seconds
+                print(f"bench: head-only {head_epochs} epochs, augmentation {aug}, "
+                      f"{'cached' if cache else 'uncached'}: {seconds:.1f} s", flush=True)
+    out["ratios"] = {a: out[f"aug_{a}_uncached"] / out[f"aug_{a}_cached"] for a in ("off", "on")}
+    return out
+
+
+def print_head(r: dict) -> None:
+    print(f"\nhead-only fine-tune: augmentation off {r['aug_off_uncached']:.0f} s -> {r['aug_off_cached']:.0f} s "
+          f"(**{r['ratios']['off']:.1f}x**), on (K=2) {r['aug_on_uncached']:.0f} s -> {r['aug_on_cached']:.0f} s "
+          f"(**{r['ratios']['on']:.1f}x**)")
+
+
+def bench_search(root: Path, size: int, batch: int, epochs: int, seed: int, trials: int = 6) -> dict:
+    """A head-only KerasTuner search of ``trials`` trials over the learning rate and head,
+    with and without the feature cache (trials share the features: computed once)."""
+    import tempfile
+    from kfine import features
+    from kfine.tune import search
+    out = {}
+    with tempfile.TemporaryDirectory() as runs:
+        for cache in (False, "auto"):
+            features._RECENT.clear()
+            cfg = _config(root, size, batch, runs, "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]",
+                          f"train.epochs={epochs}", "data.augment.enabled=false", f"train.feature_cache={str(cache).lower()}",
+                          f"name=search{'c' if cache else 'u'}", f"search.max_trials={trials}",
+                          "search.space={train.schedule.learning_rate: {type: float, min: 1.0e-4, max: 1.0e-2, "
+                          "sampling: log}, model.head.dropout: {type: choice, values: [0.0, 0.2, 0.5]}}")
+            before = features.COMPUTED["features"]
+            t = time.perf_counter()
+            search(cfg)
+            out["cached" if cache else "uncached"] = time.perf_counter() - t
+            out[f"feature_sets_{'cached' if cache else 'uncached'}"] = features.COMPUTED["features"] - before
+            print(f"bench: {trials}-trial search, {'cached' if cache else 'uncached'}: "
+                  f"{out['cached' if cache else 'uncached']:.1f} s", flush=True)
+    out["ratio"] = out["uncached"] / out["cached"]
+    return out
+
+
+def print_search(r: dict) -> None:
+    print(f"\nhead-only search: {r['uncached']:.0f} s -> {r['cached']:.0f} s (**{r['ratio']:.1f}x**; feature sets "
+          f"computed: {r['feature_sets_cached']})")
+
+
+def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps: int = 8) -> dict:
+    """A full fine-tune (every layer trains): kfine's loop against a plain model.fit of the same
+    model on the same tf.data pipeline; steady-state images/s (the fastest later epoch) and the
+    training thread's per-epoch bookkeeping (kfine.checkpoint's commit)."""
+    import tempfile
+    import keras
+    from kfine import checkpoint, data, train
+    from kfine.model import build_model
+    timings = []
+    commit = checkpoint.CheckpointSaver.commit_epoch
+
+    def timed_commit(self, *a, **k):
+        t = time.perf_counter()
+        commit(self, *a, **k)
+        timings.append(time.perf_counter() - t)
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.t)
+
+    out = {}
+    with tempfile.TemporaryDirectory() as runs:
+        cfg = _config(root, size, batch, runs, "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]",
+                      f"train.epochs={epochs}", f"train.steps_per_epoch={steps}", "train.checkpoint.every_epochs=1")
+        datasets = data.make_datasets(cfg.data, cfg.seed)
+        for name in ("plain", "kfine", "plain", "kfine"):
+            timer = EpochTimer()
+            if name == "plain":
+                keras.utils.set_random_seed(seed)
+                model = build_model(cfg.model, len(datasets.class_names), (size, size))
+                model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                              metrics=["accuracy"])
+                model.fit(datasets.train.repeat(), validation_data=datasets.val, epochs=epochs,
+                          steps_per_epoch=steps, verbose=0, callbacks=[timer])
+            else:
+                checkpoint.CheckpointSaver.commit_epoch = timed_commit
+                try:
+                    train.setup_backend(cfg)
+                    model, optimizer, schedule = train.build_training(cfg, datasets)
+                    train.fit_phases(model, cfg, datasets, train.prepare_run_dir(cfg), optimizer=optimizer,
+                                     schedule=schedule, callbacks=[timer])
+                finally:
+                    checkpoint.CheckpointSaver.commit_epoch = commit
+            out.setdefault(name, []).append(timer.times)
+            print(f"bench: full fine-tune {name}: " + ", ".join(f"{t:.1f} s" for t in timer.times), flush=True)
+    steady = {k: min(min(ts[1:]) for ts in v) for k, v in out.items()}
+    images = steps * batch
+    out["images_per_s"] = {k: images / v for k, v in steady.items()}
+    out["ratio"] = steady["plain"] / steady["kfine"]
+    out["bookkeeping_s"] = sum(timings) / max(len(timings), 1)
+    return out
+
+
+def print_full(r: dict) -> None:
+    print(f"\nfull fine-tune, steady state: plain model.fit {r['images_per_s']['plain']:.1f} images/s, "
+          f"kfine {r['images_per_s']['kfine']:.1f} images/s (**{r['ratio']:.2f}x**); kfine's bookkeeping on the "
+          f"training thread {r['bookkeeping_s'] * 1000:.0f} ms per epoch")
+
+
+SECTIONS = {"pipeline": (bench_pipeline, print_pipeline), "head": (bench_head, print_head),
+            "search": (bench_search, print_search), "full": (bench_full, print_full)}
 
 
 def main(argv=None) -> int:
