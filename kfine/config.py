@@ -26,6 +26,38 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
+class RandAugmentConfig:
+    """keras.layers.RandAugment, per image: ``num_ops`` random ops of strength ``magnitude``."""
+    num_ops: int = 2
+    magnitude: float = 0.5                          # Keras' factor, 0..1 (timm's m9 is about 0.9)
+
+
+@dataclass(frozen=True)
+class AugMixConfig:
+    """keras.layers.AugMix, per image."""
+    num_chains: int = 3
+    chain_depth: int = 3                            # up to this many ops per chain
+    magnitude: float = 0.3                          # Keras' factor, 0..1
+    alpha: float = 1.0                              # Dirichlet / Beta concentration
+    all_ops: bool = True                            # also brightness/colour/contrast/sharpness
+
+
+@dataclass(frozen=True)
+class RandomErasingConfig:
+    """keras.layers.RandomErasing, per image, after the recipe (timm's --reprob)."""
+    probability: float = 0.0                        # share of images with a patch erased; 0 = off
+    scale: tuple[float, float] = (0.02, 0.33)       # Keras' scale: range of each side's squared fraction
+    fill: Optional[float] = None                    # null: random noise; a number: that value (0..255)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Batch-level MixUp or CutMix (soft labels). A batch gets at most one of the two."""
+    alpha: float = 0.0                              # Beta(alpha, alpha) mixing weight; 0 = off
+    probability: float = 1.0                        # share of batches mixed (mixup + cutmix <= 1 when both on)
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Per-epoch augmentation of training images (each switchable; 0 / false = off)."""
     enabled: bool = True
@@ -40,6 +72,14 @@ class AugmentConfig:
     contrast: float = 0.0
     saturation: float = 0.0
     hue: float = 0.0
+    # Recipes on top of the above (kfine.augment): per-image ops before .batch(), MixUp/CutMix after.
+    recipe: str = "basic"                           # basic | randaugment | augmix (kfine.augment.RECIPES)
+    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
+    augmix: AugMixConfig = field(default_factory=AugMixConfig)
+    random_erasing: RandomErasingConfig = field(default_factory=RandomErasingConfig)
+    mixup: MixConfig = field(default_factory=MixConfig)
+    cutmix: MixConfig = field(default_factory=MixConfig)
+    mix_off_epochs: int = 0                         # no MixUp/CutMix in the last N epochs (timm's mixup_off_epoch)
 
 
 @dataclass(frozen=True)

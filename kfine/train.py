@@ -235,11 +235,8 @@ def load_backup(run_dir: Path, model, optimizer) -> int:
 
 # ----------------------------------------------------------------------------- training
 def compile_model(model, optimizer, cfg: Config, num_classes: int) -> None:
-    import keras
-    from kfine.optim import make_loss
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    if num_classes >= 5:
-        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"))
+    from kfine.optim import make_loss, make_metrics
+    metrics = make_metrics(num_classes)   # sparse or soft (MixUp/CutMix) labels
     if hasattr(optimizer, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
         optimizer.set_active_variables(model.trainable_variables)
     model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes),
