@@ -145,7 +145,10 @@ class FreezeConfig:
     fraction: float = 0.0                            # fraction: share of weight layers frozen
     trainable_from: Optional[str] = None             # stages: first trainable stage (conv4 | layer3)
     pattern: Optional[str] = None                    # regex: layers whose name matches train
-    train_bn: bool = False                           # regex/fraction: also train every BatchNorm
+    train_bn: bool = False                           # regex/fraction/lora: also train every BatchNorm
+    lora_rank: int = 8                               # lora: rank of the adapters (kfine.lora)
+    lora_alpha: Optional[float] = None               # lora: scale alpha/rank; null = rank (scale 1)
+    lora_stages: tuple[str, ...] = ()                # lora: stages whose Conv2D/Dense get adapters; () = all
 
 
 @dataclass(frozen=True)

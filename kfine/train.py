@@ -316,7 +316,9 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
 
 def _freeze_detail(spec) -> str:
     return {"fraction": f" (fraction {spec.fraction})", "stages": f" (trainable from {spec.trainable_from})",
-            "regex": f" (pattern {spec.pattern!r})"}.get(spec.strategy, "")
+            "regex": f" (pattern {spec.pattern!r})",
+            "lora": f" (rank {spec.lora_rank}, alpha {spec.lora_alpha or spec.lora_rank}, "
+                    f"stages {list(spec.lora_stages) or 'all'})"}.get(spec.strategy, "")
 
 
 def steps_per_epoch(cfg: Config, datasets) -> int:
