@@ -3,6 +3,7 @@
     python -m kfine.train                                  # the demo (configs/demo.yaml)
     python -m kfine.train --config FILE [key=value ...]    # e.g. train.epochs=5 data.batch_size=32
     python -m kfine.train --resume RUN_DIR                 # continue a killed run where it stopped
+    python -m kfine.train --dry-run [--config FILE]        # stages and what each phase trains; no training
 
 A phase is a span of epochs with one freeze spec: ``train.phases[i].start_epoch`` is the 0-based
 index of its first epoch; it runs until the next phase's start (or ``train.epochs``). Epoch
@@ -431,9 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="YAML config (default: the demo, configs/demo.yaml)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
     ap.add_argument("--overwrite", action="store_true", help="replace runs/<name> instead of runs/<name>-2")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the model's stages and what each phase trains; train nothing, write nothing")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 data.batch_size=32")
     args = ap.parse_args(argv)
     try:
+        if args.dry_run:
+            from kfine.model import describe_config
+            path = Path(args.resume) / "config.yaml" if args.resume else (args.config or DEMO_CONFIG)
+            cfg = load_config(path, args.overrides)
+            phase_spans(cfg)
+            print(describe_config(cfg))
+            return 0
         if args.resume:
             run_dir = Path(args.resume)
             if not (run_dir / "config.yaml").exists():
