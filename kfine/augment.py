@@ -18,7 +18,9 @@ when called eagerly, under the JAX backend too.
 What Keras' layers do that shapes this module (read in Keras 3.15's source, and tested):
 - Their randomness comes from their own SeedGenerator (a TF variable), not from a seed
   argument (only ints and SeedGenerators are accepted). Each layer is seeded from ``seed``; the
-  per-image ``seed`` tensor drives kfine's own choices (AugMix variant, which batches mix).
+  per-image ``seed`` tensor drives kfine's own choices (AugMix variant, which batches mix). Which
+  image gets which draw depends on the order parallel map workers reach the generator, so these
+  ops are not reproducible run to run (kfine's crop/flip/jitter are).
 - RandAugment draws its ops per call, so per image here (on a batch it would give every image
   of the batch the same ops).
 - AugMix picks its chains' ops with Python's ``random`` when the graph is traced: in tf.data
