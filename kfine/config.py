@@ -32,6 +32,38 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
+class RandAugmentConfig:
+    """keras.layers.RandAugment, per image: ``num_ops`` random ops of strength ``magnitude``."""
+    num_ops: int = 2
+    magnitude: float = 0.5                          # Keras' factor, 0..1 (timm's m9 is about 0.9)
+
+
+@dataclass(frozen=True)
+class AugMixConfig:
+    """keras.layers.AugMix, per image."""
+    num_chains: int = 3
+    chain_depth: int = 3                            # up to this many ops per chain
+    magnitude: float = 0.3                          # Keras' factor, 0..1
+    alpha: float = 1.0                              # Dirichlet / Beta concentration
+    all_ops: bool = True                            # also brightness/colour/contrast/sharpness
+
+
+@dataclass(frozen=True)
+class RandomErasingConfig:
+    """keras.layers.RandomErasing, per image, after the recipe (timm's --reprob)."""
+    probability: float = 0.0                        # share of images with a patch erased; 0 = off
+    scale: tuple[float, float] = (0.02, 0.33)       # Keras' scale: range of each side's squared fraction
+    fill: Optional[float] = None                    # null: random noise; a number: that value (0..255)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Batch-level MixUp or CutMix (soft labels). A batch gets at most one of the two."""
+    alpha: float = 0.0                              # Beta(alpha, alpha) mixing weight; 0 = off
+    probability: float = 1.0                        # share of batches mixed (mixup + cutmix <= 1 when both on)
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Per-epoch augmentation of training images (each switchable; 0 / false = off).
     torchvision semantics: the crop is cut from the cached image (larger than the crop), colour
@@ -48,6 +80,14 @@ class AugmentConfig:
     contrast: float = 0.0
     saturation: float = 0.0
     hue: float = 0.0                                # hue shift in [-x, x] (x <= 0.5)
+    # Recipes on top of the above (kfine.augment): per-image ops before .batch(), MixUp/CutMix after.
+    recipe: str = "basic"                           # basic | randaugment | augmix (kfine.augment.RECIPES)
+    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
+    augmix: AugMixConfig = field(default_factory=AugMixConfig)
+    random_erasing: RandomErasingConfig = field(default_factory=RandomErasingConfig)
+    mixup: MixConfig = field(default_factory=MixConfig)
+    cutmix: MixConfig = field(default_factory=MixConfig)
+    mix_off_epochs: int = 0                         # no MixUp/CutMix in the last N epochs (timm's mixup_off_epoch)
 
 
 @dataclass(frozen=True)
@@ -118,7 +158,10 @@ class FreezeConfig:
     fraction: float = 0.0                            # fraction: share of weight layers frozen
     trainable_from: Optional[str] = None             # stages: first trainable stage (conv4 | layer3)
     pattern: Optional[str] = None                    # regex: layers whose name matches train
-    train_bn: bool = False                           # regex/fraction: also train every BatchNorm
+    train_bn: bool = False                           # regex/fraction/lora: also train every BatchNorm
+    lora_rank: int = 8                               # lora: rank of the adapters (kfine.lora)
+    lora_alpha: Optional[float] = None               # lora: scale alpha/rank; null = rank (scale 1)
+    lora_stages: tuple[str, ...] = ()                # lora: stages whose Conv2D/Dense get adapters; () = all
 
 
 @dataclass(frozen=True)
@@ -529,6 +572,21 @@ CHECKS = {
     "data.augment.contrast": at_least(0.0),
     "data.augment.saturation": at_least(0.0),
     "data.augment.hue": in_range(0.0, 0.5, closed=True),
+    "data.augment.recipe": menu("kfine.augment:RECIPES"),
+    "data.augment.randaugment.num_ops": at_least(1),
+    "data.augment.randaugment.magnitude": in_range(0.0, 1.0, closed=True),
+    "data.augment.augmix.num_chains": at_least(1),
+    "data.augment.augmix.chain_depth": at_least(1),
+    "data.augment.augmix.magnitude": in_range(0.0, 1.0, closed=True),
+    "data.augment.augmix.alpha": above(0.0),
+    "data.augment.random_erasing.probability": in_range(0.0, 1.0, closed=True),
+    "data.augment.random_erasing.scale.*": lambda v: None if 0 < v <= 1 else "in (0.0, 1.0]",
+    "data.augment.random_erasing.fill": optional(in_range(0.0, 255.0, closed=True)),
+    "data.augment.mixup.alpha": at_least(0.0),
+    "data.augment.cutmix.alpha": in_range(0.0, 1.0, closed=True),   # keras.layers.CutMix's bound
+    "data.augment.mixup.probability": in_range(0.0, 1.0, closed=True),
+    "data.augment.cutmix.probability": in_range(0.0, 1.0, closed=True),
+    "data.augment.mix_off_epochs": at_least(0),
     "model.backbone": menu("kfine.model:BACKBONES"),
     "model.head.type": menu("kfine.model:HEADS"),
     "model.head.units.*": at_least(1),
@@ -543,6 +601,8 @@ CHECKS = {
     "train.phases.*.start_epoch": at_least(0),
     "train.phases.*.freeze.strategy": menu("kfine.freeze:STRATEGIES"),
     "train.phases.*.freeze.fraction": in_range(0.0, 1.0, closed=True),
+    "train.phases.*.freeze.lora_rank": at_least(1),
+    "train.phases.*.freeze.lora_alpha": optional(above(0.0)),
     "train.optimizer.name": menu("kfine.optim:OPTIMIZERS"),
     "train.optimizer.momentum": optional(FRACTION),
     "train.optimizer.weight_decay": at_least(0.0),
@@ -638,6 +698,20 @@ def _cache_holds_the_crop(cfg: Config) -> None:
         raise bad_value("data.cache_size", d.cache_size, f"at least data.image_size {list(d.image_size)} in both sides")
 
 
+def _augment_mixing(cfg: Config) -> None:
+    """A batch gets MixUp or CutMix, not both: their probabilities add up to at most 1."""
+    a = cfg.data.augment
+    pm = a.mixup.probability if a.mixup.alpha > 0 else 0.0
+    pc = a.cutmix.probability if a.cutmix.alpha > 0 else 0.0
+    if pm + pc > 1 + 1e-9:
+        raise bad_value("data.augment.cutmix.probability", a.cutmix.probability,
+                        f"<= 1 - data.augment.mixup.probability ({a.mixup.probability}): a batch gets one of "
+                        f"the two (timm's default is 0.5 each)")
+    low, high = a.random_erasing.scale
+    if low > high:
+        raise bad_value("data.augment.random_erasing.scale", a.random_erasing.scale, "[low, high] with low <= high")
+
+
 def _image_size_fits_backbone(cfg: Config) -> None:
     from kfine.model import min_input_size
     low = min_input_size(cfg.model.backbone)
@@ -687,8 +761,8 @@ def backbone_stage_names(model_cfg: ModelConfig) -> list[str]:
     return backbone_stages(model, model_cfg.backbone)
 
 
-RULES = [_phases_in_order, _fractions_sum, _cache_holds_the_crop, _image_size_fits_backbone, _freeze_specs_complete,
-         _stage_names]
+RULES = [_phases_in_order, _fractions_sum, _cache_holds_the_crop, _augment_mixing, _image_size_fits_backbone,
+         _freeze_specs_complete, _stage_names]
 
 
 def check_config(cfg: Config) -> Config:

@@ -1,6 +1,6 @@
 """Evaluate a trained model on a labelled split: metrics.json, predictions.csv, plots, report.
 
-    python -m kfine.evaluate --run runs/NAME [--split test] [--data ROOT]
+    python -m kfine.evaluate --run runs/NAME [--split test] [--data ROOT] [--tta flip|flip+crops]
 
 ``compute_metrics`` is the one place where numbers are computed (from labels and probabilities),
 ``evaluate_model`` runs a model over a dataset (no files written), ``evaluate_run`` does the whole
@@ -8,6 +8,11 @@ step for a run directory. The loss is the plain cross-entropy of the predicted p
 (no label smoothing, no class weights, probabilities clipped at 1e-7 so one image adds at most
 16.1), so it is comparable across runs; Keras's val_loss, computed from the logits, can be
 larger for a model that is confidently wrong.
+
+Test-time augmentation (``--tta``): the model's probabilities are averaged over views of each
+image, ``flip`` (the image and its mirror) or ``flip+crops`` (the image and its four corner crops
+of 7/8 the side, scaled back up, each with its mirror: 10 views). The TTA figures are written
+beside the plain ones (metrics.json: ``<split>.tta``); predictions.csv keeps the plain predictions.
 """
 from __future__ import annotations
 
@@ -84,23 +89,65 @@ def compute_metrics(labels, probs, class_names, files=None, top_k: int = 5,
     return out
 
 
+# ----------------------------------------------------------------------------- test-time augmentation
+TTA_CROP = 0.875        # corner crops keep this fraction of each side
+
+
+def _flip(x: np.ndarray) -> np.ndarray:
+    return x[:, :, ::-1]
+
+
+def _corner_crops(x: np.ndarray) -> list[np.ndarray]:
+    """The four corner crops of a batch (N, H, W, C), scaled back to (H, W) (bilinear)."""
+    import keras
+    h, w = x.shape[1], x.shape[2]
+    ch, cw = max(1, round(h * TTA_CROP)), max(1, round(w * TTA_CROP))
+    crops = [x[:, :ch, :cw], x[:, :ch, w - cw:], x[:, h - ch:, :cw], x[:, h - ch:, w - cw:]]
+    return [np.asarray(keras.ops.convert_to_numpy(keras.ops.image.resize(c, (h, w), interpolation="bilinear")),
+                       dtype=x.dtype) for c in crops]
+
+
+# mode -> the views of a batch; the first view is always the batch itself (the plain prediction)
+TTA_MODES = {
+    "flip": lambda x: [x, _flip(x)],
+    "flip+crops": lambda x: [v for c in [x] + _corner_crops(x) for v in (c, _flip(c))],
+}
+
+
+def tta_views(images, mode: str) -> list[np.ndarray]:
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {sorted(TTA_MODES)}")
+    return TTA_MODES[mode](np.asarray(images))
+
+
+def predict_views(model, images, mode: str | None = None):
+    """(plain probabilities, probabilities averaged over the ``mode`` views or None)."""
+    if mode is None:
+        return np.asarray(model.predict_on_batch(np.asarray(images)), dtype=np.float32), None
+    per_view = [np.asarray(model.predict_on_batch(v), dtype=np.float32) for v in tta_views(images, mode)]
+    return per_view[0], np.mean(per_view, axis=0)
+
+
 # ----------------------------------------------------------------------------- running a model
-def predict_dataset(model, dataset, keep: int = 0, seed: int = 0):
+def predict_dataset(model, dataset, keep: int = 0, seed: int = 0, tta: str | None = None):
     """Run ``model`` over batches of (images, labels).
 
-    Returns probs (N, C), labels (N,), and a uniform random sample of up to ``keep`` images
-    (reservoir sampling, so memory stays small) as (indices, uint8 images).
+    Returns probs (N, C), labels (N,), a uniform random sample of up to ``keep`` images
+    (reservoir sampling, so memory stays small) as (indices, uint8 images), and the probabilities
+    averaged over the ``tta`` views (N, C) (None without ``tta``).
     """
     rng = np.random.default_rng(seed)
-    all_probs, all_labels = [], []
+    all_probs, all_labels, all_tta = [], [], []
     sample_idx: list[int] = []
     sample_img: list[np.ndarray] = []
     seen = 0
     for batch in dataset:
         x, y = batch[0], batch[1]
         x = np.asarray(x)
-        probs = np.asarray(model.predict_on_batch(x), dtype=np.float32)
+        probs, tta_probs = predict_views(model, x, tta)
         all_probs.append(probs)
+        if tta_probs is not None:
+            all_tta.append(tta_probs)
         all_labels.append(np.asarray(y).reshape(-1).astype(np.int64))
         for j in range(x.shape[0] if keep else 0):
             if len(sample_idx) < keep:
@@ -117,7 +164,8 @@ def predict_dataset(model, dataset, keep: int = 0, seed: int = 0):
     order = np.argsort(sample_idx) if sample_idx else np.zeros(0, int)
     images = np.stack([sample_img[i] for i in order]) if sample_idx else np.zeros((0, 1, 1, 3), np.uint8)
     return (np.concatenate(all_probs), np.concatenate(all_labels),
-            (np.asarray(sample_idx, dtype=np.int64)[order], images))
+            (np.asarray(sample_idx, dtype=np.int64)[order], images),
+            np.concatenate(all_tta) if all_tta else None)
 
 
 def _check_files(files, labels):
@@ -138,15 +186,27 @@ def _check_files(files, labels):
     return [str(p) for p in paths]
 
 
-def evaluate_model(model, dataset, class_names, files=None):
+def evaluate_model(model, dataset, class_names, files=None, tta: str | None = None):
     """Metrics of ``model`` on a labelled dataset. Pure: writes nothing.
 
     Returns (metrics, probs (N, C), labels (N,)). ``files``: [(path, label)] or [path] in the
-    order the dataset yields its images (then the worst images are named by path).
+    order the dataset yields its images (then the worst images are named by path). With ``tta``
+    the metrics carry a "tta" entry (tta_metrics).
     """
-    probs, labels, _ = predict_dataset(model, dataset)
+    probs, labels, _, tta_probs = predict_dataset(model, dataset, tta=tta)
     files = _check_files(files, labels)
-    return compute_metrics(labels, probs, class_names, files=files), probs, labels
+    metrics = compute_metrics(labels, probs, class_names, files=files)
+    if tta:
+        metrics["tta"] = tta_metrics(labels, tta_probs, class_names, tta)
+    return metrics, probs, labels
+
+
+def tta_metrics(labels, tta_probs, class_names, mode: str) -> dict:
+    """The headline figures of the TTA predictions, for beside the plain ones."""
+    m = compute_metrics(labels, tta_probs, class_names)
+    views = len(tta_views(np.zeros((1, 2, 2, 3), np.float32), mode))   # how many views the mode has
+    return {"mode": mode, "views": views, **{k: m[k] for k in ("accuracy", "loss", "top5_accuracy") if k in m},
+            "macro_f1": m["macro"]["f1"]}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -207,8 +267,9 @@ def write_plots(run_dir: Path, split: str, metrics: dict, class_names, labels, p
 
 
 def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_root: str | None = None,
-                 report: bool = True) -> dict:
+                 report: bool = True, tta: str | None = None) -> dict:
     """Evaluate a run on one split; writes metrics.json (merged), predictions.csv, plots, report.
+    ``tta`` (flip | flip+crops) adds the test-time-augmented figures as metrics[split]["tta"].
 
     Loads what it is not given: the model from model.keras, the data from the run's config.yaml
     (``data_root`` overrides data.root). Without a test split it evaluates val, and says so.
@@ -245,12 +306,16 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     if dataset is None:
         raise ValueError(f"no {split!r} split in this data to evaluate on")
 
+    if tta is not None and tta not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {tta!r}; choose one of {sorted(TTA_MODES)}")
     from kfine.log import progress
-    with progress(f"evaluating on the {split} split"):
-        probs, labels, sample = predict_dataset(model, dataset, keep=GRID_SIZE, seed=0)
+    with progress(f"evaluating on the {split} split" + (f" (+ TTA {tta})" if tta else "")):
+        probs, labels, sample, tta_probs = predict_dataset(model, dataset, keep=GRID_SIZE, seed=0, tta=tta)
     files = _check_files((getattr(datasets, "files", None) or {}).get(split), labels)
     metrics = compute_metrics(labels, probs, class_names, files=files)
     metrics["split"] = split
+    if tta:
+        metrics["tta"] = tta_metrics(labels, tta_probs, class_names, tta)
 
     all_metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
     all_metrics[split] = metrics
@@ -275,6 +340,10 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
 def format_metrics(m: dict) -> str:
     lines = [f"kfine: {m.get('split', 'eval')} ({m['n']} images): accuracy {m['accuracy']:.4f}, "
              f"loss {m['loss']:.4f}" + (f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else "")]
+    if isinstance(m.get("tta"), dict):
+        t = m["tta"]
+        lines.append(f"  with TTA ({t['mode']}, {t['views']} views): accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}"
+                     + (f", top-5 {t['top5_accuracy']:.4f}" if "top5_accuracy" in t else ""))
     for p in m.get("most_confused", [])[:5]:
         lines.append(f"  confused: {p['true']} -> {p['predicted']} ({p['count']}x)")
     return "\n".join(lines)
@@ -286,6 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test", choices=["test", "val", "train"])
     ap.add_argument("--data", default=None, help="dataset root (overrides data.root of the run's config)")
     ap.add_argument("--no-report", action="store_true", help="do not rewrite report.html")
+    ap.add_argument("--tta", choices=sorted(TTA_MODES), default=None,
+                    help="also report test-time augmentation: flip (2 views) or flip+crops (10 views)")
     args = ap.parse_args(argv)
     from kfine import cli
     return cli.run_command(lambda: _main(args))
@@ -296,7 +367,7 @@ def _main(args) -> None:
     missing = missing_run_file(run, ("config.yaml", "model.keras"))
     if missing:
         raise FileNotFoundError(missing)
-    evaluate_run(run, split=args.split, data_root=args.data, report=not args.no_report)
+    evaluate_run(run, split=args.split, data_root=args.data, report=not args.no_report, tta=args.tta)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
         raise ExportError(f"the model has {n_out} outputs but there are {len(class_names)} class names")
     out_dir = Path(out_dir)
     written = {}
+    model = without_lora(model)
     import keras
     if keras.backend.backend() != "tensorflow" and set(formats) - {"keras"}:
         tf_formats = [f for f in formats if f != "keras"]
@@ -282,6 +283,12 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
             else:
                 written[fmt] = str(_write_keras(model, out_dir))
     return written
+
+
+def without_lora(model):
+    """The served model has no adapters: LoRA kernels merged into plain ones (kfine.lora)."""
+    from kfine.lora import merge_lora
+    return merge_lora(model)
 
 
 def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats, check_images, transform=None):

@@ -115,6 +115,16 @@ def _regex(model, backbone_name, spec):
         layer.trainable = bool(rx.search(layer.name)) or (spec.train_bn and _is_bn(layer))
 
 
+def _lora(model, backbone_name, spec):
+    from kfine.lora import enable_lora, train_adapters_only
+    targets = {id(l) for l in enable_lora(model, backbone_name, spec.lora_rank, spec.lora_alpha, spec.lora_stages)}
+    for layer in get_backbone(model).layers:
+        if id(layer) in targets:
+            train_adapters_only(layer)
+        else:
+            layer.trainable = spec.train_bn and _is_bn(layer)
+
+
 STRATEGIES = {
     "none": _none,                # everything trains
     "backbone": _backbone,        # head only (freeze_last)
@@ -122,6 +132,7 @@ STRATEGIES = {
     "bn_and_head": _bn_and_head,  # only BatchNorm + head train (freeze_except_bn_and_fc)
     "stages": _stages,            # stages from trainable_from on train (freeze up to a block)
     "regex": _regex,              # backbone layers whose name matches pattern train
+    "lora": _lora,                # low-rank adapters on Conv2D/Dense kernels train (kfine.lora)
 }
 
 

@@ -436,17 +436,33 @@ def decay_flags(model, no_decay, variables) -> list[bool]:
     return [not any(NO_DECAY[k](owner.get(id(v)), v) for k in no_decay) for v in variables]
 
 
-# ----------------------------------------------------------------------------- loss
+# ----------------------------------------------------------------------------- loss and metrics
+# Labels come in two kinds: sparse class indices (B,) or (B, 1) from every split, and soft labels
+# (B, C) from MixUp/CutMix (kfine.augment.batch_ops) on training batches only. The loss and the
+# accuracy metrics decide by the labels' static shape when the step is traced: rank 2 with C
+# columns is soft, anything else sparse. Keras traces the train and the test step separately, so
+# soft training batches and sparse validation batches meet in one fit.
+def _soft(y_true, num_classes: int) -> bool:
+    return len(y_true.shape) == 2 and y_true.shape[-1] == num_classes and num_classes > 1
+
+
+def _as_probabilities(y_true, num_classes: int):
+    if _soft(y_true, num_classes):
+        return ops.cast(y_true, "float32")
+    return ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), num_classes)
+
+
 @keras.saving.register_keras_serializable(package="kfine")
 class SmoothedSparseCE(keras.losses.Loss):
-    """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
+    """Cross-entropy of predicted probabilities against sparse or soft labels, with label
+    smoothing: the target is (1 - s) * y + s / C, so smoothing composes with MixUp/CutMix."""
 
-    def __init__(self, label_smoothing=0.1, num_classes=2, name="smoothed_sparse_ce", **kwargs):
+    def __init__(self, label_smoothing=0.0, num_classes=2, name="smoothed_sparse_ce", **kwargs):
         super().__init__(name=name, **kwargs)
         self.label_smoothing, self.num_classes = float(label_smoothing), int(num_classes)
 
     def call(self, y_true, y_pred):
-        y = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
+        y = _as_probabilities(y_true, self.num_classes)
         return keras.losses.categorical_crossentropy(y, y_pred, label_smoothing=self.label_smoothing)
 
     def get_config(self):
@@ -454,6 +470,34 @@ class SmoothedSparseCE(keras.losses.Loss):
 
 
 def make_loss(label_smoothing: float, num_classes: int):
-    if not label_smoothing:
-        return keras.losses.SparseCategoricalCrossentropy()
+    """The training loss: sparse or soft labels (see above), optional label smoothing."""
     return SmoothedSparseCE(label_smoothing, num_classes)
+
+
+@keras.saving.register_keras_serializable(package="kfine")
+class TopKAccuracy(keras.metrics.MeanMetricWrapper):
+    """Top-k accuracy against sparse or soft labels (the soft label's largest class counts)."""
+
+    def __init__(self, k=1, num_classes=2, name="accuracy", dtype=None):
+        super().__init__(self._hits, name=name, dtype=dtype)
+        self.k, self.num_classes = int(k), int(num_classes)
+
+    def _hits(self, y_true, y_pred):
+        if _soft(y_true, self.num_classes):
+            y_true = ops.argmax(y_true, axis=-1)
+        y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        if self.k == 1:
+            return keras.metrics.sparse_categorical_accuracy(y_true, y_pred)
+        return keras.metrics.sparse_top_k_categorical_accuracy(y_true, y_pred, k=self.k)
+
+    def get_config(self):
+        return {"k": self.k, "num_classes": self.num_classes, "name": self.name, "dtype": self.dtype}
+
+
+def make_metrics(num_classes: int) -> list:
+    """accuracy, and top5 with more than 5 classes (with 5 or fewer it is always 1); both take
+    sparse or soft labels."""
+    metrics = [TopKAccuracy(1, num_classes, name="accuracy")]
+    if num_classes > 5:
+        metrics.append(TopKAccuracy(5, num_classes, name="top5"))
+    return metrics

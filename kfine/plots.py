@@ -213,3 +213,24 @@ def plot_samples(files, class_name: str, out_path, n: int = 10, seed: int = 0) -
         ax.set_title(Path(paths[i]).name, fontsize=7)
     fig.suptitle(class_name)
     return save_figure(fig, out_path, dpi=80)
+
+
+# ----------------------------------------------------------------------------- learning-rate range test
+def plot_lr_find(lrs, losses, smoothed, suggestion: float, out_path) -> Path:
+    """kfine.lr_find: loss against learning rate (log scale), raw and smoothed, the suggestion marked."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(lrs, losses, color="#bbbbbb", linewidth=0.8, label="loss per step")
+    ax.plot(lrs, smoothed, color="#0969da", linewidth=1.6, label="smoothed")
+    ax.axvline(suggestion, color=WRONG, linestyle="--", linewidth=1.2, label=f"suggested {suggestion:.2g}")
+    ax.set_xscale("log")
+    finite = [v for v in smoothed if math.isfinite(v)]
+    if finite:   # the divergence at the end would squash the interesting part
+        low, high = min(finite), max(finite[: max(1, len(finite) // 2)] + [finite[0]])
+        ax.set_ylim(low - 0.1 * (high - low + 1e-8), high + 0.3 * (high - low + 1e-8))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("Learning-rate range test")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, which="both", alpha=0.25)
+    return save_figure(fig, out_path)

@@ -1,12 +1,14 @@
 """Predict classes of unlabelled images with a trained run.
 
     python -m kfine.predict --run runs/NAME --images DIR_OR_FILES... [--out predictions.csv]
-                            [--batch-size 32] [--top-k 5]
+                            [--batch-size 32] [--top-k 5] [--tta flip|flip+crops]
 
 Folders are searched for image files (kfine.data.list_images); files named on the command line
 are used as given. The CSV (the VLG-50 submission file) has: file, predicted_class, confidence,
 top1_class, top1_score, ..., topK_class, topK_score, error. An image that cannot be decoded is
-not fatal: it is reported on stderr and gets a row with only file and error.
+not fatal: it is reported on stderr and gets a row with only file and error. ``--tta`` averages
+the probabilities over views of each image (kfine.evaluate.TTA_MODES: the image and its mirror, or
+also its four corner crops: 10 views).
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kfine.evaluate import prediction_rows, write_csv
+from kfine.evaluate import TTA_MODES, predict_views, prediction_rows, write_csv
 from kfine.rundir import missing_run_file, read_json
 
 
 def predict_files(model, paths, class_names, image_size, batch_size: int = 32, top_k: int = 5,
-                  verbose: int = 1, transform: dict | None = None):
-    """Classify image files in batches. Returns (rows, bad).
+                  verbose: int = 1, transform: dict | None = None, tta: str | None = None):
+    """Classify image files in batches (probabilities averaged over the ``tta`` views, when
+    given). Returns (rows, bad).
 
     rows: one dict per readable image, in the order given (file, predicted_class, confidence,
     top1_class, top1_score, ...); bad: [(path, reason)] for images that could not be decoded or
@@ -41,7 +44,8 @@ def predict_files(model, paths, class_names, image_size, batch_size: int = 32, t
         images, ok_paths, chunk_bad = load_images(chunk, tuple(image_size), **(transform or {}))
         bad.extend(chunk_bad)
         if len(ok_paths):
-            probs = np.asarray(model.predict_on_batch(np.asarray(images, dtype=np.float32)))
+            plain, averaged = predict_views(model, np.asarray(images, dtype=np.float32), tta)
+            probs = plain if averaged is None else averaged
             rows.extend(prediction_rows(probs, class_names, files=[str(p) for p in ok_paths], top_k=top_k))
         if bar is not None:
             bar.update(start + len(chunk))
@@ -105,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="predictions.csv", help="CSV to write (default: ./predictions.csv)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--tta", choices=sorted(TTA_MODES), default=None,
+                    help="average over flip (2 views) or flip+crops (10 views)")
     args = ap.parse_args(argv)
     from kfine import cli
     return cli.run_command(lambda: _main(args))
@@ -126,7 +132,7 @@ def _main(args) -> None:
         raise FileNotFoundError(f"no image files found in {args.images}")
     model, class_names, image_size = load_run_model(run)
     rows, bad = predict_files(model, paths, class_names, image_size, args.batch_size, args.top_k,
-                              transform=run_transform(run) if (run / "config.yaml").exists() else None)
+                              transform=run_transform(run) if (run / "config.yaml").exists() else None, tta=args.tta)
     for p, why in bad:
         print(f"kfine.predict: unreadable image {p}: {why}", file=sys.stderr)
     rows = rows + [{"file": p, "error": why} for p, why in bad]

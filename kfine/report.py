@@ -96,6 +96,10 @@ def section_summary(run_dir: Path, shown: set) -> str:
         cards.append(f'<div class=card><span class=muted>{escape(split)} accuracy</span>'
                      f'<b>{100 * m["accuracy"]:.2f}%</b><span class=muted>{escape(str(m.get("n", "")))} images'
                      f'{", top-5 %.2f%%" % (100 * m["top5_accuracy"]) if "top5_accuracy" in m else ""}</span></div>')
+        if isinstance(m.get("tta"), dict) and "accuracy" in m["tta"]:
+            cards.append(f'<div class=card><span class=muted>{escape(split)} accuracy with TTA</span>'
+                         f'<b>{100 * m["tta"]["accuracy"]:.2f}%</b><span class=muted>'
+                         f'{escape(str(m["tta"].get("mode", "")))}, {escape(str(m["tta"].get("views", "")))} views</span></div>')
     weights = (_read_json(run_dir / "run_info.json") or {}).get("weights")
     if isinstance(weights, dict) and weights.get("used"):
         fell_back = weights.get("requested") not in (None, weights["used"]) and weights["used"] == "random"
@@ -227,6 +231,12 @@ def section_metrics(run_dir: Path, shown: set) -> str:
                  for k in ("precision", "recall", "f1") if k in m[avg]]
         if head:
             parts.append(table([k for k, _ in head], [[v for _, v in head]], left=0))
+        tta = m.get("tta")
+        if isinstance(tta, dict):   # test-time augmentation, beside the plain figures
+            keys = [k for k in ("accuracy", "loss", "top5_accuracy", "macro_f1") if k in tta]
+            parts.append(f"<h3>With test-time augmentation ({escape(str(tta.get('mode')))}, "
+                         f"{escape(str(tta.get('views')))} views per image)</h3>"
+                         + table(keys, [[tta[k] for k in keys]], left=0))
         per = m.get("per_class") or []
         if per:
             parts.append("<h3>Per class</h3>" + table(

@@ -5,6 +5,7 @@
     python -m kfine.train --config vlg50_resnet50          # a reference config by name
     python -m kfine.train --list-configs                   # the reference configs
     python -m kfine.train --resume RUN_DIR                 # continue a killed run where it stopped
+    python -m kfine.train --dry-run [--config FILE]        # stages and what each phase trains; no training
 
 A phase is a span of epochs with one freeze spec: ``train.phases[i].start_epoch`` is the 0-based
 index of its first epoch; it runs until the next phase's start (or ``train.epochs``). Epoch
@@ -117,11 +118,8 @@ def _wandb_callback(cfg: Config, run_dir: Path):
 def compile_model(model, optimizer, cfg: Config, num_classes: int, steps: int | None = None) -> None:
     """Compile for this phase (Keras reads ``trainable`` at compile); ``steps``: the epoch's steps,
     from which ``train.steps_per_execution: auto`` is chosen."""
-    import keras
-    from kfine.optim import make_loss
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    if num_classes > 5:   # with 5 classes or fewer top-5 accuracy is always 1
-        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5"))
+    from kfine.optim import make_loss, make_metrics
+    metrics = make_metrics(num_classes)   # sparse or soft (MixUp/CutMix) labels
     inner = getattr(optimizer, "inner_optimizer", optimizer)   # under a LossScaleOptimizer
     if hasattr(inner, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
         inner.set_active_variables(model.trainable_variables)
@@ -264,7 +262,9 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
 
 def _freeze_detail(spec) -> str:
     return {"fraction": f" (fraction {spec.fraction})", "stages": f" (trainable from {spec.trainable_from})",
-            "regex": f" (pattern {spec.pattern!r})"}.get(spec.strategy, "")
+            "regex": f" (pattern {spec.pattern!r})",
+            "lora": f" (rank {spec.lora_rank}, alpha {spec.lora_alpha or spec.lora_rank}, "
+                    f"stages {list(spec.lora_stages) or 'all'})"}.get(spec.strategy, "")
 
 
 def steps_per_epoch(cfg: Config, datasets) -> int:
@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_config_arguments(ap, default=DEMO_CONFIG)
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished epoch")
     ap.add_argument("--overwrite", action="store_true", help="replace runs/<name> instead of runs/<name>-2")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the model's stages and what each phase trains; train nothing, write nothing")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 data.batch_size=32")
     args = ap.parse_args(argv)
     if args.list_configs:
@@ -460,7 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run_command(lambda: _main(args), TrainingError)
 
 
-def _main(args) -> None:
+def _main(args) -> int:
+    if args.dry_run:   # what each phase trains, without training or a run directory
+        from kfine.model import describe_config
+        path = Path(args.resume) / "config.yaml" if args.resume else cli.find_config(args.config or DEMO_CONFIG)
+        cfg = check_config(load_config(path, args.overrides))
+        print(describe_config(cfg))
+        return 0
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -470,6 +478,7 @@ def _main(args) -> None:
     else:
         cfg = load_config(cli.find_config(args.config or DEMO_CONFIG), args.overrides)
         run(cfg, overwrite=args.overwrite)
+    return 0
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def expected_trainable(model, name, layer_index, layer):
 
 
 def test_every_strategy_is_covered():
-    assert sorted(SPECS) == sorted(STRATEGIES)
+    # lora adds variables to the model it is applied to: tested on its own model in test_lora.py
+    assert sorted([*SPECS, "lora"]) == sorted(STRATEGIES)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
