@@ -76,6 +76,19 @@ class EpochCommit(keras.callbacks.Callback):
         self.saver.end_phase(self.full or self.model)
 
 
+class MixingSwitch(keras.callbacks.Callback):
+    """data.augment.mix_off_epochs: MixUp/CutMix on for epochs [0, ``until``), off after (timm's
+    mixup_off_epoch), through the pipeline's boolean tf.Variable. Batches already prefetched when
+    it flips keep the old setting (a few at most)."""
+
+    def __init__(self, variable, until: int):
+        super().__init__()
+        self.variable, self.until = variable, until
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch < self.until)
+
+
 class EpochLog(keras.callbacks.Callback):
     """One line per epoch, e.g. ``epoch 3/8  phase 1  lr 0.00091  loss 0.4213  accuracy 0.8750
     val_loss 0.3980  val_accuracy 0.8906  12.4 s``."""

@@ -43,6 +43,7 @@ class Datasets:
     cache: object = None          # kfine.pipeline.ImageCache
     config: DataConfig | None = None
     seed: int = 0
+    mixing: object = None         # tf.Variable: MixUp/CutMix on (False in the last mix_off_epochs)
 
     def dataset(self, split: str, train: bool | None = None, batch: bool = True, shuffle: bool | None = None,
                 seed: int | None = None, drop_remainder: bool = False):
@@ -52,7 +53,7 @@ class Datasets:
         from kfine.pipeline import make_dataset
         train = split == "train" if train is None else train
         return make_dataset(self.cache, self.files[split], self.config, self.seed if seed is None else seed,
-                            train, batch, shuffle, drop_remainder)
+                            train, batch, shuffle, drop_remainder, len(self.class_names), self.mixing)
 
 
 def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = False) -> Datasets:
@@ -75,8 +76,10 @@ def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = F
                         f"or set data.on_bad_image=skip:\n{listing}")
     if not index.files.get("train"):
         raise DataError("the data has no training images (no train split); check data.root / data.train_split")
+    import tensorflow as tf
     ds = Datasets(None, None, None, index.class_names, files={s: index.files[s] for s in SPLITS if index.files.get(s)},
-                  counts=index.counts(), skipped=skipped, index=index, cache=cache, config=cfg, seed=seed)
+                  counts=index.counts(), skipped=skipped, index=index, cache=cache, config=cfg, seed=seed,
+                  mixing=tf.Variable(True, trainable=False, name="mixing"))
     ds.train, ds.val, ds.test = (ds.dataset(s) if s in ds.files else None for s in SPLITS)
     return ds
 

@@ -52,13 +52,15 @@ class Features:
 def cache_reason(model, cfg, phase) -> str | None:
     """None when ``phase`` (already applied with kfine.freeze.apply_freeze) can train on cached
     features, else why not (said in the log)."""
+    from kfine.augment import reusable_features
     from kfine.freeze import features_frozen
     if cfg.train.feature_cache is False:   # YAML reads "off" as false
         return "train.feature_cache is off"
     frozen, why = features_frozen(model, phase)
     if not frozen:
         return why
-    return None
+    reusable, why = reusable_features(cfg.data.augment)
+    return None if reusable else why
 
 
 def views(cfg) -> int:

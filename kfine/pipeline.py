@@ -559,13 +559,17 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCa
 
 # ----------------------------------------------------------------------------- datasets
 def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
-                 batch: bool = True, shuffle: bool | None = None, drop_remainder: bool = False) -> tf.data.Dataset:
+                 batch: bool = True, shuffle: bool | None = None, drop_remainder: bool = False,
+                 num_classes: int | None = None, mixing=None) -> tf.data.Dataset:
     """(float32 image, int32 label) batches of ``files`` (each in the cache).
 
     train: a new permutation of the whole list every epoch (a shuffle whose buffer holds every
     index: an exact uniform permutation, not a window over class-ordered files), then an
-    augmented view per image. val/test: the eval view, in the order of ``files``.
-    ``shuffle=False`` keeps the order of ``files`` for augmented views too (feature extraction)."""
+    augmented view per image (crop/flip/affine/jitter, then the recipe's ops: kfine.augment), and
+    per batch MixUp/CutMix when configured: labels are then soft, float32 (B, ``num_classes``),
+    while ``mixing`` (a boolean tf.Variable) is True. val/test: the eval view, in the order of
+    ``files``. ``shuffle=False`` keeps the order of ``files`` for augmented views too."""
+    from kfine import augment
     slots = np.array([cache.slot[p] for p, _ in files], np.int64)
     labels = np.array([y for _, y in files], np.int32)
     ds = tf.data.Dataset.from_tensor_slices((slots, labels))
@@ -576,14 +580,23 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         elif shuffle is not False:
             ds = ds.shuffle(len(slots), seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda sy, sd: (train_view(cache.view(sy[0]), sd, aug, size, cfg.eval_transform), sy[1]),
-            num_parallel_calls=AUTOTUNE)
+        recipe = augment.per_image_ops(aug, seed)   # None for the basic recipe
+
+        def view(sy, sd):
+            img = train_view(cache.view(sy[0]), sd, aug, size, cfg.eval_transform)
+            if recipe is not None:
+                img = recipe(img, tf.random.experimental.stateless_fold_in(sd, 1))
+            return img, sy[1]
+        ds = tf.data.Dataset.zip((ds, seeds)).map(view, num_parallel_calls=AUTOTUNE)
     else:
         ds = ds.map(lambda s, y: (eval_view(cache.load(s), size, cfg.eval_transform), y),
                     num_parallel_calls=AUTOTUNE)
     if batch:
         ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
+        mix = augment.batch_ops(aug, num_classes, seed, mixing) if train and num_classes else None
+        if mix is not None:   # MixUp / CutMix: soft labels
+            seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(lambda b, sd: mix(b[0], b[1], sd), num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
     # val/test keep file order (predictions.csv lines up with `files`); train follows the config
     options.deterministic = bool(cfg.deterministic) if train and shuffle is not False else True

@@ -203,7 +203,8 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
                 schedule, callbacks) -> None:
     import keras
     from kfine import features
-    from kfine.callbacks import fit_verbosity
+    from kfine.augment import mixing_epochs
+    from kfine.callbacks import MixingSwitch, fit_verbosity
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     from kfine.optim import stage_multipliers
 
@@ -249,6 +250,8 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early, model) + list(callbacks)
         if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
             phase_callbacks.append(keras.callbacks.SwapEMAWeights())
+        if datasets.mixing is not None and cfg.data.augment.mix_off_epochs:
+            phase_callbacks.append(MixingSwitch(datasets.mixing, mixing_epochs(cfg.data.augment, cfg.train.epochs)))
         with warnings.catch_warnings():   # the val set has no known size: Keras warns at its end
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             fit_model.fit(fit_train, validation_data=fit_val, initial_epoch=first, epochs=end,

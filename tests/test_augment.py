@@ -333,3 +333,28 @@ def test_ops_inside_tf_data_under_the_jax_backend():
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "randaugment ok" in p.stdout and "augmix ok" in p.stdout and "mix ok" in p.stdout
+
+
+# ----------------------------------------------------------------------------- in kfine's pipeline
+def test_recipes_and_mixing_run_in_the_training_pipeline_and_switch_off(tmp_path):
+    """RandAugment per image and MixUp per batch inside make_datasets' training pipeline: soft
+    labels that sum to 1 while mixing is on, one-hot after the switch (mix_off_epochs), and
+    validation batches stay sparse."""
+    from conftest import make_folder
+    from kfine import data
+    from kfine.callbacks import MixingSwitch
+    root = make_folder(tmp_path / "d", "single", per_class=10)
+    cfg = load_config(None, [f"data.root={root}", "data.image_size=[32,32]", "data.batch_size=6",
+                             "data.augment.recipe=randaugment", "data.augment.mixup.alpha=0.8",
+                             "data.augment.mix_off_epochs=1"]).data
+    ds = data.make_datasets(cfg, seed=0)
+    x, y = next(iter(ds.train))
+    assert x.shape == (6, 32, 32, 3) and y.shape == (6, 3) and y.dtype.name == "float32"
+    np.testing.assert_allclose(y.numpy().sum(1), 1.0, atol=1e-5)
+    assert (y.numpy().max(1) < 1.0 - 1e-6).any()                  # mixed: some labels are soft
+    switch = MixingSwitch(ds.mixing, until=1)
+    switch.on_epoch_begin(1)
+    _, y = next(iter(ds.dataset("train")))                         # a fresh iterator after the switch
+    assert set(np.unique(y.numpy())) <= {0.0, 1.0}                 # one-hot: no mixing any more
+    _, yv = next(iter(ds.val))
+    assert yv.dtype.name == "int32" and yv.shape == (yv.shape[0],)
