@@ -17,14 +17,12 @@ beside the plain ones (metrics.json: ``<split>.tta``); predictions.csv keeps the
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from kfine.rundir import atomic_write_text, missing_run_file, read_json, write_json
+from kfine.rundir import missing_run_file, read_json, write_csv, write_json  # noqa: F401  (write_csv: kfine.predict uses it)
 
 EPS = 1e-7
 GRID_SIZE = 30          # images in the predictions grid
@@ -229,20 +227,6 @@ def prediction_rows(probs, class_names, files=None, labels=None, top_k: int = 5)
             row[f"top{r + 1}_score"] = f"{probs[i, top[i, r]]:.6g}"
         rows.append(row)
     return rows
-
-
-def write_csv(path, rows: list[dict], columns: list[str] | None = None) -> Path:
-    """Rows of dicts -> CSV (atomic). Columns: ``columns`` or the union of keys in order."""
-    if columns is None:
-        columns = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-    return Path(path)
 
 
 def write_plots(run_dir: Path, split: str, metrics: dict, class_names, labels, probs, sample) -> list[Path]:

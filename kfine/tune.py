@@ -57,7 +57,7 @@ import yaml
 
 from kfine import cli
 from kfine.config import Config, ConfigError, check_config, load_config, replace, to_dict
-from kfine.rundir import atomic_write_bytes, atomic_write_text
+from kfine.rundir import atomic_write_bytes, atomic_write_text, write_csv
 
 DEMO_CONFIG = "tune_demo"     # a reference config (kfine.cli.find_config): configs/tune_demo.yaml
 
@@ -443,14 +443,7 @@ def results_rows(tuner, params: list[Param]) -> list[dict]:
 
 
 def write_results(rows: list[dict], path: Path) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys or ["trial_id", "status", "score"], lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, rows, None if rows else ["trial_id", "status", "score"])
 
 
 def format_results(rows: list[dict], objective: str, direction: str) -> str:
