@@ -49,9 +49,9 @@ class Features:
     source: str = "computed"     # computed | memory | disk
 
 
-def cache_reason(model, cfg, phase) -> str | None:
-    """None when ``phase`` (already applied with kfine.freeze.apply_freeze) can train on cached
-    features, else why not (said in the log)."""
+def cache_reason(model, cfg, phase, epochs: int) -> str | None:
+    """None when ``phase`` (already applied with kfine.freeze.apply_freeze), training for
+    ``epochs`` epochs, can train on cached features and gains from it; else why not (logged)."""
     from kfine.augment import reusable_features
     from kfine.freeze import features_frozen
     if cfg.train.feature_cache is False:   # YAML reads "off" as false
@@ -60,7 +60,13 @@ def cache_reason(model, cfg, phase) -> str | None:
     if not frozen:
         return why
     reusable, why = reusable_features(cfg.data.augment)
-    return None if reusable else why
+    if not reusable:
+        return why
+    k = views(cfg)
+    if k >= epochs:
+        return (f"the phase trains {epochs} epoch{'s' if epochs > 1 else ''}: computing {k} cached "
+                f"view{'s' if k > 1 else ''} would cost as much as training without them")
+    return None
 
 
 def views(cfg) -> int:

@@ -231,7 +231,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
              "bn": phase.bn, "summary": rows}]
         write_json(run_dir / "phases.json", phases_log)
         fit_model, fit_train, fit_val = model, train_ds, datasets.val
-        reason = features.cache_reason(model, cfg, phase)
+        reason = features.cache_reason(model, cfg, phase, end - first)
         if reason is None:   # the head trains on backbone features computed once (kfine.features)
             feats, seconds = features.timed_features(model, datasets, cfg)
             print(f"kfine: phase {i}: {features.describe(feats, seconds)}", flush=True)

@@ -34,6 +34,7 @@ def head_kernels(model):
 def test_cached_and_uncached_head_training_give_the_same_head(tmp_path, folder, capsys):
     common = overrides(tmp_path, folder, *SCRATCH, HEAD_ONLY, "train.epochs=3", "data.augment.enabled=false",
                        "train.optimizer.name=sgd", "train.optimizer.momentum=0.9", "train.schedule.learning_rate=0.05")
+    features._RECENT.clear()   # an earlier test may have left the same features in memory
     before = features.COMPUTED["features"]
     cached = run(load_config(None, common + ["name=cached"]))
     assert features.COMPUTED["features"] == before + 1
@@ -54,6 +55,7 @@ def test_cached_and_uncached_head_training_give_the_same_head(tmp_path, folder, 
 def test_after_a_cached_phase_the_next_phase_trains_the_full_model_from_the_cached_head(tmp_path, folder, capsys):
     import keras
     cfg = load_config(None, overrides(tmp_path, folder, *SCRATCH, "train.epochs=3", "train.checkpoint.every_epochs=1",
+                                      "data.augment.enabled=false",
                                       "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
                                       " {start_epoch: 2, freeze: {strategy: none}}]"))
     result = run(cfg)
@@ -79,6 +81,8 @@ def test_after_a_cached_phase_the_next_phase_trains_the_full_model_from_the_cach
     (["model.scratch.batchnorm=true", "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}, bn: stats}]"],
      "BatchNorm statistics follow the batches"),
     ([HEAD_ONLY, "train.feature_cache=off"], "train.feature_cache is off"),
+    ([HEAD_ONLY, "data.augment.mixup.alpha=0.4"], "mixup blends different pairs"),
+    ([HEAD_ONLY], "the phase trains 1 epoch: computing 2 cached views would cost as much"),
 ])
 def test_no_cache_where_features_could_change(tmp_path, folder, capsys, extra, why):
     before = features.COMPUTED["features"]
@@ -89,9 +93,11 @@ def test_no_cache_where_features_could_change(tmp_path, folder, capsys, extra, w
 
 def test_a_search_computes_the_features_once_for_all_its_trials(tmp_path, folder):
     from kfine.tune import search
-    cfg = load_config(None, overrides(tmp_path, folder, *SCRATCH, HEAD_ONLY, "train.epochs=1",
+    cfg = load_config(None, overrides(tmp_path, folder, *SCRATCH, HEAD_ONLY, "train.epochs=2",
+                                      "data.augment.enabled=false",
                                       "search.max_trials=3", "search.tuner=grid",
                                       "search.space={train.schedule.learning_rate: {type: choice, values: [0.1, 0.01, 0.001]}}"))
+    features._RECENT.clear()
     before = features.COMPUTED["features"]
     result = search(cfg)
     assert len([r for r in result.rows if r["score"] != ""]) == 3
