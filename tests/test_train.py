@@ -33,6 +33,7 @@ def test_two_phases_switch_at_the_right_epoch_and_freeze_what_they_say(tmp_path)
     import keras
     cfg = load_config(None, tiny(tmp_path, "train.epochs=3", "train.checkpoint.every_epochs=2",
                                  "train.schedule.name=cosine", "train.schedule.learning_rate=0.01",
+                                 "train.restore_best=false",   # the claims are on the final epoch's model
                                  "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
                                  " {start_epoch: 2, freeze: {strategy: stages, trainable_from: conv5}}]"))
     result = run(cfg)
