@@ -18,9 +18,9 @@ another in this process, and every one gets:
   split saved as ``splits.csv`` beside the runs; every run reads that split (``data.splits``) and
   finds the decoded images in this process's image cache (kfine.pipeline keeps the last ones), so
   nothing is decoded twice and decoding is in no run's wall time. (A tfds source is split by its
-  split strings and the seed; it is decoded again per run unless ``data.cache: disk``.) A set
-  whose backbone is frozen trains on cached features (kfine.features) that later sets with the
-  same features reuse;
+  split strings and the seed; it is decoded again per run unless ``data.cache: disk``.)
+  Frozen-backbone features (kfine.features) are kept per process too, so a later run that needs
+  the same features reuses them;
 - the same seed, epochs and evaluation: a set may not change ``seed``, ``name``, ``runs_dir`` or
   the keys that choose the data and split (kfine.config.COMPARE_FIXED); every set's run config is
   checked before the first run starts.
@@ -123,7 +123,7 @@ def compare(cfg: Config, resume: Path | None = None, overwrite: bool = False) ->
             if not resume:   # a comparison that stops before its first run leaves no directory behind
                 shutil.rmtree(compare_dir, ignore_errors=True)
             raise
-        progress = read_json(compare_dir / "progress.json") if (compare_dir / "progress.json").exists() else {}
+        progress = _read(compare_dir / "progress.json", {})
         for i, (name, sub) in enumerate(configs.items()):
             if progress.get(name, {}).get("status") == "done":
                 print(f"kfine: compare: {name} finished before; kept", flush=True)
@@ -177,9 +177,8 @@ def _run_set(cfg: Config, run_dir: Path, progress: dict, compare_dir: Path) -> N
 # ----------------------------------------------------------------------------- results
 def result_row(name: str, run_dir: Path, progress: dict, reference: dict) -> dict:
     """One set's row of the table, from its run directory (history, phases, metrics)."""
-    read = lambda f: read_json(run_dir / f) if (run_dir / f).exists() else None   # noqa: E731
     history = read_history(run_dir / "history.csv")
-    phases, metrics = read("phases.json") or [], read("metrics.json") or {}
+    phases, metrics = _read(run_dir / "phases.json", []), _read(run_dir / "metrics.json", {})
     best = best_epoch(history, "val_accuracy", "max")
     return {"set": name,
             "phases": " -> ".join(_describe_phase(p) for p in phases),
@@ -193,6 +192,10 @@ def result_row(name: str, run_dir: Path, progress: dict, reference: dict) -> dic
             "published_val": reference.get("val"),
             "published_test": reference.get("test"),
             "status": progress.get("status", "not run")}
+
+
+def _read(path: Path, default):
+    return read_json(path) if path.exists() else default
 
 
 def _describe_phase(p: dict) -> str:

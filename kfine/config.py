@@ -704,8 +704,9 @@ def _compare_sets(cfg: Config) -> None:
     """compare.sets: names usable as run folders, no key that would change the data or the split;
     compare.reference: figures under val or test. (Each set's run config is checked by kfine.compare.)"""
     for name, overrides in cfg.compare.sets.items():
-        if run_name(name) is not None:
-            raise bad_value(f"compare.sets.{name}", overrides, run_name(name), "compare.sets names")
+        if run_name(name) is not None or name == "plots":   # plots/ holds the comparison's plot
+            raise bad_value(f"compare.sets.{name}", overrides, "a non-empty folder name without path separators, "
+                            "other than plots", "compare.sets names")
         for key in overrides:
             if any(key == k or key.startswith(k + ".") for k in COMPARE_FIXED):
                 raise bad_value(f"compare.sets.{name}.{key}", overrides[key], "keys that keep the data, split and "

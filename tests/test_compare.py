@@ -134,6 +134,7 @@ def test_strategies_shorthand_makes_one_phase_per_set():
     ({"a": {"seed": 3}}, "compare.sets keys must be keys that keep the data, split and seed"),
     ({"a": {"data.root": "elsewhere"}}, "Received: compare.sets.a.data.root="),
     ({"a/b": {"train.epochs": 2}}, "compare.sets names must be a non-empty folder name"),
+    ({"plots": {}}, "compare.sets names must be .* other than plots"),
 ])
 def test_a_set_may_not_change_the_data_split_or_seed(sets, message):
     from kfine.config import Config, CompareConfig, check_config
