@@ -247,6 +247,8 @@ class TrainConfig:
     steps_per_execution: Union[int, Literal["auto"]] = "auto"   # train steps per compiled call
     jit_compile: Union[bool, Literal["auto"]] = "auto"   # XLA; auto: Keras' own (on for GPU and JAX)
     drop_remainder: Optional[bool] = None            # drop the last partial batch; null: when XLA compiles
+    restore_best: Optional[bool] = None              # evaluate/export checkpoints/best.keras, not the
+                                                     # final epoch; null = when there is a val split
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -273,6 +275,14 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """Runs to compare (python -m kfine.compare): named override sets, each a whole run on the
+    same data, split and seed; ``--strategies`` on the command line produces such sets."""
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)        # name -> {dotted key: value}
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {val|test: published accuracy}
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     seed: int = 0
@@ -282,6 +292,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -473,7 +484,7 @@ def _merge(dst: dict, src: dict) -> None:
 
 
 # Dicts whose keys are the user's own (not merged with defaults: their keys are free).
-_OPEN_DICTS = {"lr_multipliers", "space"}
+_OPEN_DICTS = {"lr_multipliers", "space", "sets", "reference"}
 
 
 def replace(cfg: Config, overrides: list[str]) -> Config:
@@ -623,6 +634,7 @@ CHECKS = {
     "train.label_smoothing": FRACTION,
     "train.class_weight": one_of(None, "balanced"),
     "train.steps_per_epoch": optional(at_least(1)),
+    "train.restore_best": one_of(None, True, False),
     "train.checkpoint.every_epochs": at_least(0),
     "train.checkpoint.keep": at_least(1),
     "train.early_stopping.patience": at_least(0),
@@ -633,6 +645,7 @@ CHECKS = {
     "search.max_trials": at_least(1),
     "search.executions_per_trial": at_least(1),
     "search.max_epochs": optional(at_least(1)),
+    "compare.reference.*.*": in_range(0.0, 1.0, closed=True),
 }
 
 
@@ -761,8 +774,33 @@ def backbone_stage_names(model_cfg: ModelConfig) -> list[str]:
     return backbone_stages(model, model_cfg.backbone)
 
 
+# Keys a compare set may not change: every run of a comparison has the same data, split and seed,
+# and lives in the comparison's directory under the set's name.
+COMPARE_FIXED = ("name", "runs_dir", "seed", "data.source", "data.root", "data.layout", "data.name", "data.data_dir",
+                 "data.train_split", "data.val_split", "data.test_split", "data.val_fraction", "data.test_fraction",
+                 "data.splits", "data.limit_per_class", "compare")
+
+
+def _compare_sets(cfg: Config) -> None:
+    """compare.sets: names usable as run folders, no key that would change the data or the split;
+    compare.reference: figures under val or test. (Each set's run config is checked by kfine.compare.)"""
+    for name, overrides in cfg.compare.sets.items():
+        if run_name(name) is not None or name == "plots":   # plots/ holds the comparison's plot
+            raise bad_value(f"compare.sets.{name}", overrides, "a non-empty folder name without path separators, "
+                            "other than plots", "compare.sets names")
+        for key in overrides:
+            if any(key == k or key.startswith(k + ".") for k in COMPARE_FIXED):
+                raise bad_value(f"compare.sets.{name}.{key}", overrides[key], "keys that keep the data, split and "
+                                f"seed of the comparison (none of {list(COMPARE_FIXED)})", "compare.sets keys")
+    for name, figures in cfg.compare.reference.items():
+        for split in figures:
+            if split not in ("val", "test"):
+                raise bad_value(f"compare.reference.{name}.{split}", figures[split], "val or test (the split the "
+                                "published accuracy was measured on)", "compare.reference keys")
+
+
 RULES = [_phases_in_order, _fractions_sum, _cache_holds_the_crop, _augment_mixing, _image_size_fits_backbone,
-         _freeze_specs_complete, _stage_names]
+         _freeze_specs_complete, _stage_names, _compare_sets]
 
 
 def check_config(cfg: Config) -> Config:

@@ -234,3 +234,37 @@ def plot_lr_find(lrs, losses, smoothed, suggestion: float, out_path) -> Path:
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
     return save_figure(fig, out_path)
+
+
+# ----------------------------------------------------------------------------- comparison
+def compare_figure(curves: dict[str, list[dict]], published: dict[str, float] | None = None) -> Figure:
+    """Validation accuracy and loss per epoch, one line per compared run; a run's published
+    validation accuracy (``published``: name -> accuracy) as a dotted line in its colour."""
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("val_accuracy", "val_loss")):
+        drawn = False
+        for name, rows in curves.items():
+            pts = [(r["epoch"], r[metric]) for r in rows if metric in r]
+            if not pts:
+                continue
+            line, = ax.plot(*zip(*pts), "-o", ms=3, label=name)
+            drawn = True
+            if metric == "val_accuracy" and (published or {}).get(name) is not None:
+                ax.axhline(published[name], color=line.get_color(), ls=":", lw=1.2, gid="published")
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {metric} recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(metric.replace("_", " ") + (" (dotted: published)" if metric == "val_accuracy" and published else ""))
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8, loc="lower right" if metric == "val_accuracy" else "upper right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_compare(curves: dict[str, list[dict]], out_path, published: dict[str, float] | None = None) -> Path:
+    """The validation curves of a comparison (kfine.compare) in one figure: ``curves`` maps a run's
+    name to its history rows (read_history_csv)."""
+    return save_figure(compare_figure(curves, published), out_path)

@@ -4,6 +4,7 @@
 
 Inline CSS, no scripts, images linked by relative paths (plots/*.png) so the page works offline
 and moves with the run directory. Every section is optional: only what the run has is shown.
+A comparison's directory (kfine.compare) gets the same page with its comparison section first.
 All text from files is HTML-escaped.
 """
 from __future__ import annotations
@@ -106,6 +107,10 @@ def section_summary(run_dir: Path, shown: set) -> str:
         cards.append(f'<div class=card><span class=muted>backbone weights</span><b{" class=warn" if fell_back else ""}>'
                      f'{escape(Path(str(weights["used"])).name)}</b><span class=muted>'
                      f'{escape(weights.get("note") or "")}</span></div>')
+    used = model_epoch(run_dir)
+    if used:
+        cards.append(f'<div class=card><span class=muted>model weights of</span><b>epoch {used[0]}</b>'
+                     f'<span class=muted>{escape(used[1])}</span></div>')
     hist = run_dir / "history.csv"
     if hist.exists():
         from kfine.plots import read_history_csv
@@ -118,6 +123,22 @@ def section_summary(run_dir: Path, shown: set) -> str:
     if not cards:
         return ""
     return f"<section id=summary><h2>Summary</h2><div class=cards>{''.join(cards)}</div></section>"
+
+
+def model_epoch(run_dir: Path) -> tuple[int, str] | None:
+    """(epoch, why) of the weights model.keras holds, evaluation and export used (train.restore_best),
+    from metrics.json or run_info.json; None for a run that does not say."""
+    used = ((_read_json(run_dir / "metrics.json") or {}).get("model")
+            or (_read_json(run_dir / "run_info.json") or {}).get("model"))
+    if not isinstance(used, dict) or used.get("epoch") is None:
+        return None
+    if used.get("weights") == "best":
+        value = used.get("value")
+        why = (f"the best by {used.get('monitor')}" + (f" ({value:.4f})" if isinstance(value, (int, float)) else "")
+               + f" of epochs 0..{used.get('final_epoch')} (train.restore_best)")
+    else:
+        why = "the final epoch" + (" (train.restore_best: false)" if "final_epoch" in used else "")
+    return used["epoch"], why
 
 
 def section_config(run_dir: Path, shown: set) -> str:
@@ -222,8 +243,11 @@ def section_metrics(run_dir: Path, shown: set) -> str:
     if not isinstance(metrics, dict) or not metrics:
         return ""
     parts = ["<section id=metrics><h2>Evaluation</h2>"]
+    used = model_epoch(run_dir)
+    if used:
+        parts.append(f"<p>Evaluated: the model's weights of epoch {used[0]}, {escape(used[1])}.</p>")
     for split, m in metrics.items():
-        if not isinstance(m, dict):
+        if not isinstance(m, dict) or split == "model":
             continue
         parts.append(f"<h3>{escape(split)} split ({escape(str(m.get('n', '?')))} images)</h3>")
         head = [(k, m[k]) for k in ("accuracy", "loss", "top5_accuracy") if k in m]
@@ -307,8 +331,34 @@ def _signatures_table(path: Path) -> str:
     return "<h3>Signatures as exported</h3>" + table(["signature", "", "name", "dtype", "shape"], rows, left=5)
 
 
+def section_compare(run_dir: Path, shown: set) -> str:
+    """A comparison's directory (kfine.compare): its table, validation curves and runs."""
+    path = run_dir / "compare.csv"
+    if not path.exists():
+        return ""
+    import csv
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def pct(v):
+        return f"{100 * float(v):.2f}%" if v not in (None, "") else ""
+    head = ["set", "phases", "trainable params", "epochs", "wall time", "best val acc", "best epoch",
+            "epoch used", "test acc", "published val", "published test", "status"]
+    body = [[r["set"], r["phases"], int(r["trainable_params"]) if r["trainable_params"] else "", r["epochs"],
+             f"{float(r['wall_s']):.1f} s", pct(r["best_val_accuracy"]), r["best_epoch"], r["epoch_used"],
+             pct(r["test_accuracy"]), pct(r["published_val"]), pct(r["published_test"]), r["status"]] for r in rows]
+    shown.add("plots/compare.png")
+    links = "".join(f'<li><a href="{escape(quote(r["set"]))}/report.html">{escape(r["set"])}</a></li>'
+                    for r in rows if (run_dir / r["set"] / "report.html").is_file())
+    return ("<section id=compare><h2>Comparison</h2><p class=muted>The same data, split, seed and evaluation "
+            "for every run (compare.csv, compare.md). Trainable parameters are those of the last phase; "
+            "test accuracy is that of the weights of the epoch used.</p>"
+            + table(head, body, left={0, 1, 11}) + image(run_dir, "plots/compare.png", "validation curves")
+            + (f"<h3>Each run's report</h3><ul>{links}</ul>" if links else "") + "</section>")
+
+
 # results first, then how they were made
-SECTIONS = [section_summary, section_curves, section_metrics, section_phases, section_data,
+SECTIONS = [section_compare, section_summary, section_curves, section_metrics, section_phases, section_data,
             section_config, section_other_plots, section_export]
 
 
@@ -326,12 +376,13 @@ def render_report(run_dir) -> str:
         if html:
             body.append(html)
     nav = "".join(f'<a href="#{i}">{escape(i)}</a>' for i in
-                  ("summary", "curves", "metrics", "phases", "data", "config", "plots", "export")
+                  ("compare", "summary", "curves", "metrics", "phases", "data", "config", "plots", "export")
                   if f"<section id={i}>" in "".join(body))
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    kind = "comparison" if (run_dir / "compare.csv").exists() else "run"
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>kfine run {escape(run_dir.name)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>kfine run: {escape(run_dir.name)}</h1><p class=muted>{escape(str(run_dir.resolve()))} "
+            f"<title>kfine {kind} {escape(run_dir.name)}</title><style>{CSS}</style></head><body><main>"
+            f"<h1>kfine {kind}: {escape(run_dir.name)}</h1><p class=muted>{escape(str(run_dir.resolve()))} "
             f"&middot; report written {when}</p><nav>{nav}</nav>"
             + ("".join(body) or "<p>This run directory has no outputs yet.</p>")
             + "</main></body></html>\n")

@@ -11,10 +11,10 @@
       backup/              state for --resume (weights, optimizer, history: kfine.checkpoint)
       tensorboard/         TensorBoard logs
       plots/*.png          curves, confusion matrix, samples, predictions grid
-      metrics.json         evaluation of the final model
+      metrics.json         evaluation of model.keras (and, as "model", which epoch's weights it holds)
       predictions.csv      per test image: file, true, predicted, confidence, top-k
       report.html          everything above on one page
-      model.keras          the final model
+      model.keras          the trained model: the best epoch's weights (train.restore_best) or the last's
       export/              SavedModel (and optional ONNX / .keras) for serving
       .lock                held by the process that trains in the directory (kfine.checkpoint)
 

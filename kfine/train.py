@@ -352,8 +352,10 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans) -> RunResult:
     else:
         save_config(cfg, run_dir / "config.yaml")
     print(f"kfine: run directory {run_dir}", flush=True)
+    finished = bool(state and state.get("finished"))   # model.keras is final: it is what the model loads
     try:
         datasets, model, optimizer, schedule, start_epoch, history = _prepare(cfg, run_dir, state, spans)
+        restore = restore_best(cfg, datasets)
     except BaseException:
         if not resume:   # a new run that fails before its first epoch leaves no run directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -364,6 +366,8 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans) -> RunResult:
     history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
     if trains and apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation, export use the averages
         print("kfine: the model now holds the EMA weights (train.ema)", flush=True)
+    if not finished:
+        use_best_epoch(cfg, run_dir, model, history, restore)
     checkpoint.save_model(model, run_dir / "model.keras")   # for inference: no optimizer state
     checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
     result = RunResult(run_dir=run_dir, history=history, model=model)
@@ -371,6 +375,45 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans) -> RunResult:
     print(f"kfine: done. Outputs in {run_dir}/ (model.keras, history.csv, plots/, metrics.json, "
           f"report.html{', export/' if cfg.export.enabled else ''})", flush=True)
     return result
+
+
+def restore_best(cfg: Config, datasets) -> bool:
+    """``train.restore_best`` resolved: null means true when the data has a validation split."""
+    wanted, monitor = cfg.train.restore_best, cfg.train.checkpoint.monitor
+    if wanted is None:
+        return datasets.val is not None
+    if wanted and datasets.val is None and monitor.startswith("val_"):
+        raise ConfigError(f"train.restore_best is true but the data has no validation split, so "
+                          f"train.checkpoint.monitor ({monitor}) is never logged and there is no best epoch; "
+                          f"set data.val_fraction > 0, train.restore_best=false, or a training metric as monitor")
+    return wanted
+
+
+def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], restore: bool) -> dict:
+    """The weights model.keras, the evaluation and the export get: with ``restore`` those of
+    checkpoints/best.keras (the best epoch by train.checkpoint.monitor; with train.ema its averaged
+    weights, as the model holds after training) loaded into ``model``, else the final epoch's as
+    trained. The final epoch's weights are not kept beside them (a lean run directory): a run that
+    needs them sets train.restore_best=false. Records which epoch it is as run_info.json's "model"
+    (finish_run copies it into metrics.json; the report shows it)."""
+    from kfine import checkpoint
+    best, monitor = run_dir / checkpoint.CHECKPOINTS / "best.keras", cfg.train.checkpoint.monitor
+    final = history[-1]["epoch"] if history else None
+    used = {"epoch": final, "weights": "final", "final_epoch": final}
+    if restore and best.exists():
+        meta = read_json(best.with_name("best.json"))
+        checkpoint.load_weights(best, model)
+        used = {"epoch": meta["epoch"], "weights": "best", "final_epoch": final,
+                "monitor": monitor, "value": meta.get(monitor)}
+        print(f"kfine: the model now holds epoch {meta['epoch']}'s weights, the best by {monitor} "
+              f"(train.restore_best; checkpoints/best.keras)", flush=True)
+    elif restore:
+        print(f"kfine: train.restore_best: there is no checkpoints/best.keras ({monitor} was never logged); "
+              f"the model holds the final epoch's weights", flush=True)
+    info_path = run_dir / "run_info.json"
+    info = read_json(info_path) if info_path.exists() else {}
+    write_json(info_path, {**info, "model": used})
+    return used
 
 
 def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans):
@@ -433,6 +476,9 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -
         split = "test" if datasets.test is not None else "val"
         if getattr(datasets, split) is not None:
             result.metrics = evaluate.evaluate_run(run_dir, model=model, datasets=datasets, split=split)
+            used = read_json(run_dir / "run_info.json").get("model") if (run_dir / "run_info.json").exists() else None
+            if used:   # which epoch's weights were evaluated (train.restore_best)
+                write_json(run_dir / "metrics.json", {**read_json(run_dir / "metrics.json"), "model": used})
     if cfg.export.enabled:
         try:
             from kfine import export

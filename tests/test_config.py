@@ -128,7 +128,8 @@ def test_bad_yaml_is_one_line_with_file_line_and_column(tmp_path):
 
 def test_every_check_names_a_field_of_the_config():
     """The table of checks stays in step with the dataclasses (a renamed field fails here)."""
-    cfg = load_config(None, ["train.lr_multipliers={head: 1.0}", "model.head.units=[8]"])
+    cfg = load_config(None, ["train.lr_multipliers={head: 1.0}", "model.head.units=[8]",
+                             "compare.reference={a: {val: 0.5}}"])
     for key in CHECKS:
         assert values_at(cfg, key), key
     with pytest.raises(KeyError):

@@ -1,5 +1,6 @@
 """Every config in configs/ loads and runs end to end at tiny sizes (offline: generated folders,
-tfds mock data, the digits cache; weights=null)."""
+tfds mock data, the digits cache; weights=null): a search runs kfine.tune, a comparison
+kfine.compare, the rest kfine.train."""
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,12 @@ def test_config_smoke_runs(path, tmp_path, monkeypatch):
             assert tune.main(["--config", str(path), *overrides]) == 0
             best = next((tmp_path / "runs").glob("*-search/best.yaml"))
             assert load_config(best).search.space == {}
+        elif base.compare.sets:
+            from kfine import compare
+            assert compare.main(["--config", str(path), *overrides]) == 0
+            rows = (tmp_path / "runs" / f"{base.name}-compare" / "compare.csv").read_text().splitlines()[1:]
+            assert [r.split(",")[0] for r in rows] == list(base.compare.sets)
+            assert all(r.endswith(",done") for r in rows), rows
         else:
             from kfine.train import run
             result = run(load_config(path, overrides))

@@ -51,7 +51,8 @@ def test_two_phase_finetune_and_export_on_jax(tmp_path):
           "train.verbose=0", "train.epochs=2", "train.optimizer.name=adam",
           "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
           " {start_epoch: 1, freeze: {strategy: stages, trainable_from: conv5}}]",
-          "train.lr_multipliers={conv5: 0.5}", "export.formats=[saved_model]"])
+          "train.lr_multipliers={conv5: 0.5}", "export.formats=[saved_model]",
+          "train.restore_best=false"])   # conv5 trained: the final epoch's model
     rd = tmp_path / "runs" / "j"
     assert [(r["epoch"], r["phase"]) for r in read_history(rd / "history.csv")] == [(0, 0), (1, 1)]
 

@@ -33,6 +33,7 @@ def test_two_phases_switch_at_the_right_epoch_and_freeze_what_they_say(tmp_path)
     import keras
     cfg = load_config(None, tiny(tmp_path, "train.epochs=3", "train.checkpoint.every_epochs=2",
                                  "train.schedule.name=cosine", "train.schedule.learning_rate=0.01",
+                                 "train.restore_best=false",   # the claims are on the final epoch's model
                                  "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
                                  " {start_epoch: 2, freeze: {strategy: stages, trainable_from: conv5}}]"))
     result = run(cfg)
@@ -144,8 +145,9 @@ def test_cli_end_to_end(tmp_path):
     assert "\x1b" not in p.stdout and "\u2501" not in p.stdout and "kfine: phase 0 (epochs 0..1)" in p.stdout
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
     assert load_config(rd / "config.yaml").train.epochs == 2
-    assert read_json(rd / "run_info.json") == {"weights": {"requested": None, "used": "random",
-                                                           "note": "scratch_cnn trains from scratch"}}
+    info = read_json(rd / "run_info.json")
+    assert info["weights"] == {"requested": None, "used": "random", "note": "scratch_cnn trains from scratch"}
+    assert info["model"]["weights"] == "best" and info["model"]["final_epoch"] == 1   # restore_best: auto
     bad = _cli(["--config", str(cfg_file), "train.epoch=2"])
     assert bad.returncode == 2 and "unknown key train.epoch" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -225,3 +227,65 @@ def test_early_stopping_ends_the_run_early(tmp_path):
     rd = run(cfg).run_dir
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
     assert read_json(rd / "backup" / "state.json")["stopped"]   # the commit records the stop
+
+
+# ----------------------------------------------------------------------------- train.restore_best
+def _weights(path):
+    import keras
+    import kfine.model  # noqa: F401
+    return {v.path: np.array(v.numpy()) for v in keras.saving.load_model(path, compile=False).weights}
+
+
+def _restore_run(tmp_path, restore):
+    """3 epochs whose best epoch is known in advance: the monitor is the learning rate, highest
+    at epoch 0 under a cosine schedule (val_accuracy on 6 images would be a coin toss)."""
+    return run(load_config(None, tiny(
+        tmp_path, "train.epochs=3", "model.backbone=scratch_cnn", "model.scratch.filters=[4,4,8,8,8]",
+        "train.schedule={name: cosine, learning_rate: 0.01}", "train.checkpoint={monitor: lr, mode: max, every_epochs: 1}",
+        f"train.restore_best={restore}", "train.ema={enabled: true, momentum: 0.5}")))
+
+
+def test_restore_best_evaluates_and_exports_the_best_epoch(tmp_path):
+    from kfine import data as kdata
+    from kfine.evaluate import evaluate_model
+    result = _restore_run(tmp_path, "null")       # auto: there is a validation split
+    rd = result.run_dir
+    assert read_json(rd / "checkpoints" / "best.json")["epoch"] == 0
+    best, final = _weights(rd / "checkpoints" / "best.keras"), _weights(rd / "model.keras")
+    later = _weights(rd / "checkpoints" / "epoch_0001.keras")
+    assert final.keys() == best.keys()
+    for k in best:
+        np.testing.assert_array_equal(final[k], best[k])
+    assert any(not np.array_equal(best[k], later[k]) for k in best)   # training went on after epoch 0
+    for v in result.model.weights:                                     # the model returned is the restored one
+        np.testing.assert_array_equal(np.array(v.numpy()), best[v.path])
+    metrics = read_json(rd / "metrics.json")
+    assert metrics["model"] == {"epoch": 0, "weights": "best", "final_epoch": 2, "monitor": "lr",
+                                "value": read_history(rd / "history.csv")[0]["lr"]}
+    # the evaluation is that of best.keras
+    import keras
+    datasets = kdata.make_datasets(load_config(rd / "config.yaml").data, 0, splits=rd / "splits.csv")
+    want, _, _ = evaluate_model(keras.saving.load_model(rd / "checkpoints" / "best.keras", compile=False),
+                                datasets.test, datasets.class_names)
+    assert metrics["test"]["accuracy"] == want["accuracy"] and metrics["test"]["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    html = (rd / "report.html").read_text()
+    assert "Evaluated: the model's weights of epoch 0, the best by lr" in html
+
+
+def test_restore_best_false_keeps_the_final_epoch(tmp_path):
+    result = _restore_run(tmp_path, "false")
+    rd = result.run_dir
+    best, final = _weights(rd / "checkpoints" / "best.keras"), _weights(rd / "model.keras")
+    assert any(not np.array_equal(best[k], final[k]) for k in best)
+    for v in result.model.weights:
+        np.testing.assert_array_equal(np.array(v.numpy()), final[v.path])
+    assert read_json(rd / "metrics.json")["model"] == {"epoch": 2, "weights": "final", "final_epoch": 2}
+    assert "the final epoch (train.restore_best: false)" in (rd / "report.html").read_text()
+
+
+def test_restore_best_true_needs_a_validation_split(tmp_path):
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=1", "model.backbone=scratch_cnn", "data.val_fraction=0",
+                                 "train.restore_best=true"))
+    with pytest.raises(ConfigError, match="train.restore_best is true but the data has no validation split"):
+        run(cfg)
+    assert not (tmp_path / "runs" / "t").exists()
