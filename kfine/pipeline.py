@@ -350,6 +350,7 @@ class ImageCache:
         self.slot = {k: i for i, k in enumerate(self.keys)}
         self.offsets, self.shapes, self.pixels = offsets, shapes, pixels
         self.cache_size, self.image_size, self.path = cache_size, tuple(image_size), path
+        self.source = "mapped from the disk cache" if path is not None else "decoded"
 
     def __len__(self):
         return len(self.keys)
@@ -445,6 +446,7 @@ def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> 
     key = (cache_key(keys, info, cfg), cfg.cache)
     if images is None and key in _RECENT:    # tune trials, comparisons: decode once per process
         _RECENT.move_to_end(key)
+        _RECENT[key][0].source = "reused from this process"
         return _RECENT[key]
     final = cache_root(cfg) / key[0] if cfg.cache == "disk" else None
     result = _build_cache(keys, cfg, info, images, progress, final)
