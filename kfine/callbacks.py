@@ -27,9 +27,11 @@ from kfine.checkpoint import TrainingError, pause_for_test
 
 
 def current_lr(optimizer, schedule) -> float:
-    """The learning rate of the optimizer's last step (the schedule is a function of the step)."""
-    step = int(keras.ops.convert_to_numpy(optimizer.iterations))
-    return float(keras.ops.convert_to_numpy(schedule(max(step - 1, 0))))
+    """The learning rate of the optimizer's last update (``iterations`` counts updates, also under
+    gradient accumulation; kfine.optim.EpochSchedule.at_update takes an update number)."""
+    update = max(int(keras.ops.convert_to_numpy(optimizer.iterations)) - 1, 0)
+    at = getattr(schedule, "at_update", schedule)
+    return float(keras.ops.convert_to_numpy(at(update)))
 
 
 def fit_verbosity(verbose: int) -> int:

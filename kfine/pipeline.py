@@ -50,7 +50,7 @@ import tensorflow as tf
 from kfine.log import quiet_stderr
 from kfine.sources import BadImageError, scan_files
 
-CACHE_VERSION = 3            # bump when what the cache holds changes (the resize below)
+CACHE_VERSION = 4            # bump when what the cache holds changes (the resize below)
 CROP_RATIO = 3 / 4, 4 / 3    # torchvision RandomResizedCrop's default aspect-ratio range
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -104,10 +104,10 @@ JPEG_SCALES = (8, 4, 2)   # libjpeg decodes at 1/8, 1/4 and 1/2 scale in the DCT
 def decode_to_cache(data: tf.Tensor, cache_size, image_size) -> tf.Tensor:
     """Encoded bytes -> the cached image. A JPEG is decoded at the largest DCT scale (1/2, 1/4,
     1/8) that keeps it at least the cache size: libjpeg's scaled IDCT is both faster (an 800x600
-    photo for a 256 cache decodes at 400x300) and a proper low-pass filter, and what is left is a
-    downscale by less than 2, done bilinearly (TensorFlow's antialiased resize costs more than the
-    decode). Other formats are resized with antialiasing. The cached size is that of the full
-    image either way. Training, evaluation, predict and the exported model all decode here."""
+    photo for a 256 cache decodes at 400x300) and a proper low-pass filter, and the antialiased
+    resize of what is left (a factor below 2) costs a fraction of one from the full image. The
+    cached size is that of the full image either way. Training, evaluation, predict and the
+    exported model all decode here."""
     def scaled_jpeg():
         shape = tf.image.extract_jpeg_shape(data)
         hw = cache_hw(shape[0], shape[1], cache_size, image_size)
@@ -115,8 +115,7 @@ def decode_to_cache(data: tf.Tensor, cache_size, image_size) -> tf.Tensor:
         branches = [(ok, lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r)) for ok, r in zip(fits, JPEG_SCALES)]
         img = tf.case(branches, default=lambda: tf.io.decode_jpeg(data, channels=3))
         img.set_shape([None, None, 3])
-        out = tf.image.resize(img, tf.stack(hw))   # bilinear: what is left is a factor below 2
-        return tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+        return resize(img, tf.stack(hw))
 
     return tf.cond(tf.io.is_jpeg(data), scaled_jpeg, lambda: to_cache(decode(data), cache_size, image_size))
 

@@ -266,11 +266,11 @@ def test_fit_with_soft_training_labels_and_sparse_validation_labels():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(x))
-    model.compile(keras.optimizers.SGD(0.5), loss=make_loss(0.1, 5), metrics=make_metrics(5))
+    model = keras.Model(inputs, keras.layers.Dense(6, activation="softmax")(x))   # 6 classes: top-5 is logged
+    model.compile(keras.optimizers.SGD(0.5), loss=make_loss(0.1, 6), metrics=make_metrics(6))
     imgs = np.stack([_image(i) for i in range(16)])
-    labels = (np.arange(16) % 5).astype(np.int32)
-    mix = augment.batch_ops(_aug(["data.augment.mixup.alpha=0.4"]), 5)
+    labels = (np.arange(16) % 6).astype(np.int32)
+    mix = augment.batch_ops(_aug(["data.augment.mixup.alpha=0.4"]), 6)
     train = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices((imgs, labels)).batch(8),
                                 _seeds(2)).map(lambda xy, s: mix(xy[0], xy[1], s))
     val = tf.data.Dataset.from_tensor_slices((imgs, labels)).batch(8)

@@ -40,7 +40,7 @@ def lora_run(tmp_path_factory):
                              "data.batch_size=8", f"model.weights={weights}", "train.verbose=0",
                              "data.augment.enabled=false", "train.epochs=2", "name=l",
                              "train.optimizer.name=adam", "train.schedule.learning_rate=0.01",
-                             "export.formats=[saved_model, keras]", TWO_PHASES])
+                             "export.formats=[saved_model, keras]", "train.restore_best=false", TWO_PHASES])
     result = run(cfg)
     return {"start": start, "result": result, "cfg": cfg, "run_dir": result.run_dir}
 
@@ -163,11 +163,18 @@ def test_resume_backup_restores_the_adapters(lora_run, tmp_path):
     """The adapters exist before the optimizer is built, so a backup written with them loads
     into a freshly built model and optimizer."""
     from kfine.data import make_datasets
-    from kfine.train import build_training, load_backup
-    cfg, rd = lora_run["cfg"], lora_run["run_dir"]
+    from kfine.checkpoint import CheckpointSaver, load_backup
+    from kfine.train import build_training
+    cfg = lora_run["cfg"]
+    trained = lora_run["result"].model
+    # the run finished (its backup arrays are gone: model.keras holds the merged weights), so
+    # commit the trained model's state as an epoch's backup, then load it into a fresh model
+    rd = tmp_path / "run"
+    saver = CheckpointSaver(rd, cfg.train.checkpoint, cfg.train.epochs)
+    saver.commit_epoch(trained, 1, 1, {"epoch": 1, "phase": 1, "loss": 0.0})
+    saver.close()
     fresh, opt, _ = build_training(cfg, make_datasets(cfg.data, cfg.seed))
     assert has_lora(fresh) and any("lora_kernel" in v.path for v in opt.variables)
-    assert load_backup(rd, fresh, opt) == 2
-    trained = lora_run["result"].model
+    assert load_backup(rd, fresh, opt)["next_epoch"] == 2
     for a, b in zip(trained.weights, fresh.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))

@@ -79,8 +79,9 @@ def test_layer_decay_gives_the_documented_multipliers_and_prints_them(resnet):
     # explicit multipliers and the shorthand together: an error that names both keys
     with pytest.raises(ConfigError, match="layer_decay.*lr_multipliers"):
         check_train(TrainConfig(layer_decay=0.5, lr_multipliers={"head": 2.0}))
+    from kfine.config import check_config, load_config
     with pytest.raises(ConfigError, match="layer_decay"):
-        check_train(TrainConfig(layer_decay=1.5))
+        check_config(load_config(None, ["train.layer_decay=1.5"]))
 
 
 # ----------------------------------------------------------------------------- weight decay
@@ -419,6 +420,8 @@ def test_a_run_with_ema_accumulation_layer_decay_and_bn_stats(tmp_path):
         "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}, bn: stats},"
         " {start_epoch: 1, freeze: {strategy: stages, trainable_from: block4}}]",
         "train.checkpoint.every_epochs=1", "export.formats=[saved_model]",
+        # the lr falls under cosine, so the best epoch by it is the last: best.keras is the final epoch's
+        "train.checkpoint.monitor=lr", "train.checkpoint.mode=min",
         "train.restore_best=false"])   # the claims are on the final epoch's (averaged) model
     result = run(cfg)
     rd = result.run_dir
@@ -442,7 +445,8 @@ def test_a_run_with_ema_accumulation_layer_decay_and_bn_stats(tmp_path):
     for v in result.model.weights:
         if id(v) in averages:
             np.testing.assert_array_equal(v.numpy(), averages[id(v)])
-    for path in (rd / "model.keras", rd / "checkpoints" / "epoch_0001.keras"):
+    assert read_json(rd / "checkpoints" / "best.json")["epoch"] == 1
+    for path in (rd / "model.keras", rd / "checkpoints" / "best.keras"):
         saved = keras.saving.load_model(path, compile=False)
         for a, b in zip(saved.weights, final):
             np.testing.assert_array_equal(a.numpy(), b)

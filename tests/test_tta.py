@@ -117,7 +117,8 @@ def test_predict_files_with_tta_averages_the_views(tmp_path):
         Image.fromarray(img).save(paths[-1])
     rows, bad = predict_files(model, paths, NAMES, (32, 32), batch_size=3, verbose=0, tta="flip")
     assert not bad
-    x = images.astype(np.uint8).astype(np.float32)
+    from conftest import eval_reference
+    x = np.stack([eval_reference(p.read_bytes(), 32) for p in paths])   # what predict sees: the eval transform
     want = (model.predict(x, verbose=0) + model.predict(x[:, :, ::-1], verbose=0)) / 2
     got = np.array([[float(r[f"top{k}_score"]) for k in (1, 2, 3)] for r in rows])
     np.testing.assert_allclose(got, -np.sort(-want, axis=1), rtol=1e-4)
