@@ -559,13 +559,16 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCa
 
 # ----------------------------------------------------------------------------- datasets
 def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
-                 batch: bool = True, shuffle: bool | None = None) -> tf.data.Dataset:
+                 batch: bool = True, shuffle: bool | None = None, shard=None) -> tf.data.Dataset:
     """(float32 image, int32 label) batches of ``files`` (each in the cache).
 
     train: a new permutation of the whole list every epoch (a shuffle whose buffer holds every
     index: an exact uniform permutation, not a window over class-ordered files), then an
     augmented view per image. val/test: the eval view, in the order of ``files``.
-    ``shuffle=False`` keeps the order of ``files`` for augmented views too (feature extraction)."""
+    ``shuffle=False`` keeps the order of ``files`` for augmented views too (feature extraction).
+    ``shard`` (kfine.distribute.Shard): this process's part, taken AFTER the permutation (the same
+    in every process: same seed), each image keeping the augmentation seed it has unsharded, and
+    batched by the per-process batch."""
     slots = np.array([cache.slot[p] for p, _ in files], np.int64)
     labels = np.array([y for _, y in files], np.int32)
     ds = tf.data.Dataset.from_tensor_slices((slots, labels))
@@ -576,14 +579,17 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         elif shuffle is not False:
             ds = ds.shuffle(len(slots), seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        if shard is not None:
+            ds, seeds = shard.split(ds, len(slots)), shard.split(seeds, len(slots))
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda sy, sd: (train_view(cache.view(sy[0]), sd, aug, size, cfg.eval_transform), sy[1]),
             num_parallel_calls=AUTOTUNE)
     else:
+        ds = ds if shard is None else shard.split(ds, len(slots))
         ds = ds.map(lambda s, y: (eval_view(cache.load(s), size, cfg.eval_transform), y),
                     num_parallel_calls=AUTOTUNE)
     if batch:
-        ds = ds.batch(cfg.batch_size)
+        ds = ds.batch(cfg.batch_size if shard is None else shard.batch)
     options = tf.data.Options()
     # val/test keep file order (predictions.csv lines up with `files`); train follows the config
     options.deterministic = bool(cfg.deterministic) if train and shuffle is not False else True
