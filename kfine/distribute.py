@@ -135,6 +135,7 @@ class Plan:
 # settings this process joined with: JAX allows one initialize per process.
 _ACTIVE: Plan | None = None
 _JOINED: tuple | None = None
+_MIRRORED: dict = {}   # device names -> the MirroredStrategy over them (runs in one process share it)
 
 
 def active() -> Plan:
@@ -238,8 +239,10 @@ def _one_device():
 
 def _mirrored():
     import tensorflow as tf
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    devices = tuple(d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))
+    if devices not in _MIRRORED:   # one per process: a second one reuses the first's collective keys
+        _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))   # ("Shape mismatch in the collective")
+    strategy = _MIRRORED[devices]
     return strategy, tuple(_short(d) for d in strategy.extended.worker_devices)
 
 
