@@ -169,6 +169,7 @@ def make_plan(cfg: Config) -> Plan:
         raise bad_value("distribute.strategy", strategy,
                         f"a strategy of the {backend} backend ({other or 'none'}, or auto); {strategy} runs on "
                         f"the {BACKEND_OF[strategy]} backend (KERAS_BACKEND={BACKEND_OF[strategy]})")
+    _check_clipping(cfg, strategy)
     engine, devices = ENGINES[strategy]()
     plan = Plan(strategy, backend, devices, processes, index or 0, cfg.data.batch_size, engine)
     if plan.global_batch % plan.replicas:
@@ -176,6 +177,18 @@ def make_plan(cfg: Config) -> Plan:
                         f"a multiple of the {plan.replicas} replicas of distribute.strategy {strategy} (it is the "
                         f"global batch: each replica gets data.batch_size / {plan.replicas})")
     return plan
+
+
+def _check_clipping(cfg: Config, strategy: str) -> None:
+    """Keras 3's TensorFlow optimizer clips before it sums the replicas' gradients: under mirrored a
+    clip norm would clip each replica's share, not the gradient (measured: another trajectory)."""
+    o = cfg.train.optimizer
+    for key, value in (("clipnorm", o.clipnorm), ("global_clipnorm", o.global_clipnorm)):
+        if strategy == "mirrored" and value is not None:
+            raise bad_value(f"train.optimizer.{key}", value,
+                            "null under distribute.strategy mirrored (Keras' TensorFlow optimizer clips each "
+                            "replica's share of the gradient before summing them, not the gradient; the JAX "
+                            "backend's data_parallel clips the whole gradient)")
 
 
 def processes_of(cfg: Config) -> tuple[str | None, int, int | None]:

@@ -42,6 +42,9 @@ def test_the_plan_checks_the_batch_backend_and_processes(tmp_path, monkeypatch):
         distribute.make_plan(load_config(None, ["data.batch_size=6", "distribute.strategy=mirrored"]))
     plan = distribute.make_plan(load_config(None, ["data.batch_size=8", "distribute.strategy=mirrored"]))
     assert (plan.per_replica_batch, plan.per_process_batch, plan.shard) == (2, 8, None)   # mirrored splits itself
+    with pytest.raises(ConfigError, match=r"train.optimizer.global_clipnorm must be null under distribute.strategy "
+                                          r"mirrored \(Keras' TensorFlow optimizer clips each replica's share"):
+        distribute.make_plan(load_config(None, ["distribute.strategy=mirrored", "train.optimizer.global_clipnorm=1.0"]))
     with pytest.raises(ConfigError, match="KERAS_BACKEND=jax"):
         distribute.make_plan(load_config(None, ["distribute.strategy=data_parallel"]))
     with pytest.raises(ConfigError, match=r"JAX backend.*keras-team/keras#20585"):
@@ -279,3 +282,113 @@ def test_data_parallel_two_phase_finetune_matches_one_device(data_parallel):
 @pytest.mark.slow   # ~40 s: JAX compiles each phase's steps for 1 and 2 devices
 def test_data_parallel_learning_rate_multipliers_scale_the_step_per_stage(data_parallel):
     _assert_multipliers_scale_the_step(data_parallel["steps"])
+
+
+# ----------------------------------------------------------------------------- two processes
+MULTI = r"""
+import hashlib, json, sys
+import numpy as np
+from kfine import distribute, data as kdata
+from kfine.config import load_config
+from kfine.train import run, setup_backend, steps_per_epoch
+cfg = load_config(sys.argv[1], sys.argv[3:])
+plan = distribute.make_plan(cfg)   # joins the other process; run() below finds it joined
+setup_backend(cfg)
+datasets = kdata.make_datasets(cfg.data, cfg.seed, shard=plan.shard)
+digest = lambda x: hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest()
+views = datasets.dataset("train", train=False, batch=False, shuffle=False).as_numpy_iterator()
+name = {digest(x): path for (x, _), (path, _) in zip(views, datasets.files["train"])}
+batches, steps = iter(datasets.train.repeat()), steps_per_epoch(cfg, datasets)
+epochs = []
+for _ in range(2):   # what this process's pipeline yields in two epochs
+    got = [next(batches) for _ in range(steps)]
+    epochs.append({"files": [name[digest(x)] for images, _ in got for x in images.numpy()],
+                   "batches": [len(y) for _, y in got]})
+with open(sys.argv[2], "w") as f:
+    json.dump({"process": plan.process_index, "epochs": epochs, "train": [p for p, _ in datasets.files["train"]]}, f)
+run(cfg)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, tmp_path, tag, extra_env=None):
+    """The same command in processes 0 and 1 of a loopback cluster (one CPU device each)."""
+    port, procs = _free_port(), []
+    for i in (0, 1):
+        env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+               "KFINE_OFFLINE": "1", "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+               "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": str(i), **(extra_env or {})}
+        env.pop("XLA_FLAGS", None)
+        env = {k: v.replace("{i}", str(i)) for k, v in env.items()}
+        log = open(tmp_path / f"{tag}{i}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, *[a.replace("{i}", str(i)) for a in args]], env=env,
+                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def _logs(tmp_path, tag) -> str:
+    return "\n".join(f"--- {tag}{i}\n" + (tmp_path / f"{tag}{i}.log").read_text()[-3000:] for i in (0, 1))
+
+
+@pytest.mark.slow   # ~2-3 min: two JAX processes start, train, are killed and resume
+def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path):
+    pytest.importorskip("jax")
+    from kfine.checkpoint import read_state
+    from kfine.train import read_history
+    root = make_folder(tmp_path / "data", "sketch", per_class=8)
+    (root / "train_set" / "cat" / "000.png").unlink()                 # 23 training images: 22 used per epoch
+    (tmp_path / "c.yaml").write_text("name: t\n")
+    overrides = [f"data.root={root}", "data.image_size=[32,32]", "data.batch_size=8", "model.weights=null",
+                 "model.backbone=scratch_cnn", "model.scratch.filters=[4,4,8,8,8]", "train.verbose=2",
+                 "data.augment.enabled=false", "export.enabled=false", "data.check=false", "train.epochs=2",
+                 "train.phases=[{start_epoch: 0, freeze: {strategy: fraction, fraction: 0.5}}, {start_epoch: 1}]",
+                 "distribute.strategy=data_parallel", f"runs_dir={tmp_path}/runs{{i}}"]   # process 1: runs1
+    pause = {"KFINE_TEST_PAUSE": "epoch@1", "KFINE_TEST_PAUSE_MARKER": str(tmp_path / "paused{i}")}
+    procs = _launch(["-c", MULTI, str(tmp_path / "c.yaml"), str(tmp_path / "shard{i}.json"), *overrides],
+                    tmp_path, "first", pause)
+    rd = tmp_path / "runs0" / "t"
+    deadline = time.monotonic() + 400
+    try:   # both paused in epoch 1, and epoch 0 committed by process 0
+        while not ((tmp_path / "paused0").exists() and (tmp_path / "paused1").exists()
+                   and (read_state(rd) or {}).get("next_epoch") == 1):
+            assert all(p.poll() is None for p in procs), _logs(tmp_path, "first")
+            assert time.monotonic() < deadline, _logs(tmp_path, "first")
+            time.sleep(1)
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    shards = [json.loads((tmp_path / f"shard{i}.json").read_text()) for i in (0, 1)]
+    train = set(shards[0]["train"])
+    assert len(train) == 23 and shards[1]["train"] == shards[0]["train"]
+    for e in range(2):
+        parts = [s["epochs"][e]["files"] for s in shards]
+        assert [s["epochs"][e]["batches"] for s in shards] == [[4, 4, 3], [4, 4, 3]]   # 8 = 4 + 4 per step
+        assert len(set(parts[0])) == len(set(parts[1])) == 11 and not set(parts[0]) & set(parts[1])
+        assert set(parts[0]) | set(parts[1]) <= train                   # disjoint halves of 22 of the 23
+    assert shards[0]["epochs"][0]["files"] != shards[0]["epochs"][1]["files"]   # reshuffled each epoch
+    assert not (tmp_path / "runs1").exists()                           # process 1 wrote nothing
+    assert sorted(p.name for p in (tmp_path / "runs0").iterdir()) == ["t"]
+
+    procs = _launch(["-m", "kfine.train", "--resume", str(rd)], tmp_path, "resume")
+    try:
+        for p in procs:
+            assert p.wait(timeout=400) == 0, _logs(tmp_path, "resume")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"resume{i}.log").read_text() for i in (0, 1)]
+    assert all("resuming at epoch 1" in log for log in logs), _logs(tmp_path, "resume")
+    assert "process 1 of 2: process 0 writes the run directory" in logs[1]
+    assert [(r["epoch"], r["phase"]) for r in read_history(rd / "history.csv")] == [(0, 0), (1, 1)]
+    info = json.loads((rd / "run_info.json").read_text())
+    assert (info["processes"], info["replicas"], info["per_process_batch"]) == (2, 2, 4)
+    assert (rd / "model.keras").exists() and json.loads((rd / "metrics.json").read_text())["test"]["n"] == 6
+    assert not (tmp_path / "runs1").exists()
