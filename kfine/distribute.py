@@ -169,7 +169,7 @@ def make_plan(cfg: Config) -> Plan:
         raise bad_value("distribute.strategy", strategy,
                         f"a strategy of the {backend} backend ({other or 'none'}, or auto); {strategy} runs on "
                         f"the {BACKEND_OF[strategy]} backend (KERAS_BACKEND={BACKEND_OF[strategy]})")
-    _check_clipping(cfg, strategy)
+    _check_mirrored(cfg, strategy)
     engine, devices = ENGINES[strategy]()
     plan = Plan(strategy, backend, devices, processes, index or 0, cfg.data.batch_size, engine)
     if plan.global_batch % plan.replicas:
@@ -179,16 +179,22 @@ def make_plan(cfg: Config) -> Plan:
     return plan
 
 
-def _check_clipping(cfg: Config, strategy: str) -> None:
-    """Keras 3's TensorFlow optimizer clips before it sums the replicas' gradients: under mirrored a
-    clip norm would clip each replica's share, not the gradient (measured: another trajectory)."""
-    o = cfg.train.optimizer
+def _check_mirrored(cfg: Config, strategy: str) -> None:
+    """What Keras 3.15's TensorFlow optimizer does not do right under MirroredStrategy (measured):
+    it clips each replica's share of the gradient before summing them (another trajectory than
+    one device), and its gradient accumulation fails to trace (keras-team/keras#20582)."""
+    if strategy != "mirrored":
+        return
+    o, why = cfg.train.optimizer, "(Keras' TensorFlow optimizer clips each replica's share of the gradient " \
+                                  "before summing them, not the gradient; the JAX backend's data_parallel clips the whole gradient)"
     for key, value in (("clipnorm", o.clipnorm), ("global_clipnorm", o.global_clipnorm)):
-        if strategy == "mirrored" and value is not None:
-            raise bad_value(f"train.optimizer.{key}", value,
-                            "null under distribute.strategy mirrored (Keras' TensorFlow optimizer clips each "
-                            "replica's share of the gradient before summing them, not the gradient; the JAX "
-                            "backend's data_parallel clips the whole gradient)")
+        if value is not None:
+            raise bad_value(f"train.optimizer.{key}", value, f"null under distribute.strategy mirrored {why}")
+    if cfg.train.accumulate_steps > 1:
+        raise bad_value("train.accumulate_steps", cfg.train.accumulate_steps,
+                        "1 under distribute.strategy mirrored (Keras' gradient accumulation fails under a "
+                        "tf.distribute strategy: keras-team/keras#20582); use a larger data.batch_size over the "
+                        "GPUs, or the JAX backend's data_parallel")
 
 
 def processes_of(cfg: Config) -> tuple[str | None, int, int | None]:

@@ -51,7 +51,10 @@ class Features:
 
 def cache_reason(model, cfg, phase) -> str | None:
     """None when ``phase`` can train on cached features, else why not (said in the log)."""
+    from kfine.distribute import feature_cache_reason
     from kfine.freeze import backbone_frozen
+    if feature_cache_reason():   # a distributed run: the feature pipeline is not sharded
+        return feature_cache_reason()
     if cfg.train.feature_cache == "off":
         return "train.feature_cache is off"
     if not backbone_frozen(model):

@@ -45,6 +45,9 @@ def test_the_plan_checks_the_batch_backend_and_processes(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"train.optimizer.global_clipnorm must be null under distribute.strategy "
                                           r"mirrored \(Keras' TensorFlow optimizer clips each replica's share"):
         distribute.make_plan(load_config(None, ["distribute.strategy=mirrored", "train.optimizer.global_clipnorm=1.0"]))
+    with pytest.raises(ConfigError, match=r"train.accumulate_steps must be 1 under distribute.strategy mirrored.*"
+                                          r"keras-team/keras#20582"):
+        distribute.make_plan(load_config(None, ["distribute.strategy=mirrored", "train.accumulate_steps=2"]))
     with pytest.raises(ConfigError, match="KERAS_BACKEND=jax"):
         distribute.make_plan(load_config(None, ["distribute.strategy=data_parallel"]))
     with pytest.raises(ConfigError, match=r"JAX backend.*keras-team/keras#20585"):
@@ -75,9 +78,10 @@ def test_config_checks_of_the_distribute_section():
 
 def test_the_feature_cache_says_why_it_is_off_in_a_distributed_run():
     from kfine.distribute import Plan, feature_cache_reason
+    from kfine.features import cache_reason
     assert feature_cache_reason() is None
     with Plan("mirrored", "tensorflow", ("CPU:0", "CPU:1"), global_batch=8).scope():
-        assert "2 replicas" in feature_cache_reason()
+        assert "2 replicas" in feature_cache_reason() and cache_reason(None, None, None) == feature_cache_reason()
     assert feature_cache_reason() is None
 
 
