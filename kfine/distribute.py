@@ -164,11 +164,10 @@ def make_plan(cfg: Config) -> Plan:
         strategy = "data_parallel"
     elif strategy == "auto":
         strategy = auto_strategy(backend)
-    if BACKEND_OF.get(strategy, backend) != backend:
-        other = next(s for s, b in BACKEND_OF.items() if b == backend) if backend in BACKEND_OF.values() else None
+    if strategy in BACKEND_OF and BACKEND_OF[strategy] != backend:
         raise bad_value("distribute.strategy", strategy,
-                        f"a strategy of the {backend} backend ({other or 'none'}, or auto); {strategy} runs on "
-                        f"the {BACKEND_OF[strategy]} backend (KERAS_BACKEND={BACKEND_OF[strategy]})")
+                        f"auto, none or the {backend} backend's own strategy; {strategy} runs on the "
+                        f"{BACKEND_OF[strategy]} backend (KERAS_BACKEND={BACKEND_OF[strategy]})")
     _check_mirrored(cfg, strategy)
     engine, devices = ENGINES[strategy]()
     plan = Plan(strategy, backend, devices, processes, index or 0, cfg.data.batch_size, engine)
@@ -185,16 +184,15 @@ def _check_mirrored(cfg: Config, strategy: str) -> None:
     one device), and its gradient accumulation fails to trace (keras-team/keras#20582)."""
     if strategy != "mirrored":
         return
-    o, why = cfg.train.optimizer, "(Keras' TensorFlow optimizer clips each replica's share of the gradient " \
-                                  "before summing them, not the gradient; the JAX backend's data_parallel clips the whole gradient)"
-    for key, value in (("clipnorm", o.clipnorm), ("global_clipnorm", o.global_clipnorm)):
-        if value is not None:
-            raise bad_value(f"train.optimizer.{key}", value, f"null under distribute.strategy mirrored {why}")
-    if cfg.train.accumulate_steps > 1:
-        raise bad_value("train.accumulate_steps", cfg.train.accumulate_steps,
-                        "1 under distribute.strategy mirrored (Keras' gradient accumulation fails under a "
-                        "tf.distribute strategy: keras-team/keras#20582); use a larger data.batch_size over the "
-                        "GPUs, or the JAX backend's data_parallel")
+    o, t = cfg.train.optimizer, cfg.train
+    bad = [(f"train.optimizer.{k}", v, "null") for k, v in (("clipnorm", o.clipnorm), ("global_clipnorm", o.global_clipnorm))
+           if v is not None] + ([("train.accumulate_steps", t.accumulate_steps, "1")] if t.accumulate_steps > 1 else [])
+    for key, value, allowed in bad:
+        why = ("Keras' TensorFlow optimizer clips each replica's share of the gradient before summing them, not the "
+               "gradient" if "clip" in key else "Keras' gradient accumulation fails under a tf.distribute strategy: "
+               "keras-team/keras#20582")
+        raise bad_value(key, value, f"{allowed} under distribute.strategy mirrored ({why}); use the JAX backend's "
+                                    f"data_parallel, or distribute.strategy: none for one GPU")
 
 
 def processes_of(cfg: Config) -> tuple[str | None, int, int | None]:
