@@ -311,7 +311,8 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
                 checkpoint.reset_run_dir(run_dir)
     elif plan.chief:
         save_config(cfg, run_dir / "config.yaml")
-    print(f"kfine: run directory {run_dir}" if plan.chief else
+    who = f" (process 0 of {plan.processes}, the chief: the only one that writes)" if plan.processes > 1 else ""
+    print(f"kfine: run directory {run_dir}{who}" if plan.chief else
           f"kfine: process {plan.process_index} of {plan.processes}: process 0 writes the run directory", flush=True)
     with plan.scope():   # model, optimizer, every compile and fit on the plan's devices (kfine.distribute)
         datasets, model, history = _train(cfg, run_dir, resume, state, spans, plan)
