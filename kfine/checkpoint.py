@@ -182,7 +182,9 @@ class _Frozen:
 class CheckpointSaver:
     """The per-epoch bookkeeping of one run, as the module docstring describes: call
     ``commit_epoch`` at each epoch's end, ``close`` at the end (waits for the writes).
-    ``keep_files=False`` writes history.csv only (a tuner trial: no backup, no checkpoints).
+    ``keep_files=False`` writes history.csv only (a tuner trial: no backup, no checkpoints);
+    ``writes=False`` nothing at all (a process other than the chief of a distributed run: it
+    keeps the history in memory only).
 
     On the training thread only the host copy of what changed; on the writer thread the files,
     and the checkpoints through a shadow: a clone of the model for inference, built once, whose
@@ -191,11 +193,11 @@ class CheckpointSaver:
     thread (the optimizer's state is part of it)."""
 
     def __init__(self, run_dir: Path, cfg, epochs: int, history: list[dict] | None = None,
-                 keep_files: bool = True):
+                 keep_files: bool = True, writes: bool = True):
         self.run_dir, self.cfg, self.epochs = Path(run_dir), cfg, epochs
         self.history = list(history or [])
-        self.keep_files = keep_files
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "kfine-checkpoint") if keep_files else None
+        self.keep_files, self.writes = keep_files and writes, writes
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "kfine-checkpoint") if self.keep_files else None
         self._pending = None
         self._frozen: _Frozen | None = None
         self._view = None     # the model for inference (inference_view)
@@ -205,7 +207,8 @@ class CheckpointSaver:
     def commit_epoch(self, model, epoch: int, phase: int, row: dict, stopped: bool = False) -> None:
         self.history = [r for r in self.history if r["epoch"] < epoch] + [row]
         if not self.keep_files:
-            write_history(self.run_dir / "history.csv", self.history)
+            if self.writes:
+                write_history(self.run_dir / "history.csv", self.history)
             return
         keyed = keyed_variables(model, model.optimizer)
         if self._frozen is None or self._frozen.phase != phase:
@@ -397,6 +400,13 @@ def load_backup(run_dir: Path, model, optimizer) -> dict:
             arrays.update({k: data[k] for k in data.files})
     assign_by_key(keyed_variables(model, optimizer), arrays, f"the backup in {run_dir / BACKUP}")
     return state
+
+
+def load_model(path: Path):
+    """The .keras model at ``path`` (kfine's layers registered), not compiled: for inference."""
+    import keras
+    import kfine.model  # noqa: F401  (registers kfine>Preprocess)
+    return keras.saving.load_model(path, compile=False)
 
 
 def load_weights(path: Path, model) -> None:

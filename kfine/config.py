@@ -254,6 +254,20 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     verbose: int = 1                                 # 1: progress bar (a line per epoch when stdout
                                                      # is not a terminal); 2: a line per epoch; 0: quiet
+    scale_lr_with_batch: Optional[str] = None        # null | linear: learning rates x data.batch_size
+                                                     # / lr_base_batch (Goyal et al.'s rule; said in the log)
+    lr_base_batch: int = 256                         # the batch the configured learning rates are for (linear)
+
+
+@dataclass(frozen=True)
+class DistributeConfig:
+    """Training on several devices or processes (kfine.distribute): data.batch_size is the global
+    batch. The multi-process keys fall back to Keras' environment variables when null."""
+    strategy: str = "auto"                           # a key of kfine.distribute.STRATEGIES: auto | none
+                                                     # | mirrored (TensorFlow) | data_parallel (JAX)
+    coordinator_address: Optional[str] = None        # host:port of process 0 ($KERAS_DISTRIBUTION_JOB_ADDRESSES)
+    num_processes: Optional[int] = None              # null: $KERAS_DISTRIBUTION_NUM_PROCESSES, else 1
+    process_id: Optional[int] = None                 # this process, 0 = the chief ($KERAS_DISTRIBUTION_PROCESS_ID)
 
 
 @dataclass(frozen=True)
@@ -290,6 +304,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -563,6 +578,11 @@ def run_name(v):
         "a non-empty folder name without path separators"
 
 
+def host_port(v):
+    host, _, port = v.rpartition(":")
+    return None if host and port.isdigit() else "host:port (e.g. 10.0.0.1:1234)"
+
+
 FRACTION = in_range(0.0, 1.0)       # 0 <= v < 1
 
 CHECKS = {
@@ -640,6 +660,12 @@ CHECKS = {
     "train.early_stopping.patience": at_least(0),
     "train.early_stopping.min_delta": at_least(0.0),
     "train.verbose": one_of(0, 1, 2),
+    "train.scale_lr_with_batch": one_of(None, "linear"),
+    "train.lr_base_batch": at_least(1),
+    "distribute.strategy": menu("kfine.distribute:STRATEGIES"),
+    "distribute.coordinator_address": optional(host_port),
+    "distribute.num_processes": optional(at_least(1)),
+    "distribute.process_id": optional(at_least(0)),
     "export.formats.*": menu("kfine.export:FORMATS"),
     "search.tuner": menu("kfine.tune:TUNERS"),
     "search.max_trials": at_least(1),
@@ -799,7 +825,15 @@ def _compare_sets(cfg: Config) -> None:
                                 "published accuracy was measured on)", "compare.reference keys")
 
 
-RULES = [_phases_in_order, _fractions_sum, _cache_holds_the_crop, _augment_mixing, _image_size_fits_backbone,
+def _process_id_in_range(cfg: Config) -> None:
+    d = cfg.distribute
+    if d.process_id is not None and d.num_processes is not None and d.process_id >= d.num_processes:
+        raise bad_value("distribute.process_id", d.process_id,
+                        f"< distribute.num_processes ({d.num_processes}): processes count from 0")
+
+
+RULES = [_process_id_in_range, _phases_in_order, _fractions_sum, _cache_holds_the_crop, _augment_mixing,
+         _image_size_fits_backbone,
          _freeze_specs_complete, _stage_names, _compare_sets]
 
 

@@ -44,21 +44,24 @@ class Datasets:
     config: DataConfig | None = None
     seed: int = 0
     mixing: object = None         # tf.Variable: MixUp/CutMix on (False in the last mix_off_epochs)
+    shard: object = None          # kfine.distribute.Shard that ``train`` and ``val`` were built with
 
     def dataset(self, split: str, train: bool | None = None, batch: bool = True, shuffle: bool | None = None,
-                seed: int | None = None, drop_remainder: bool = False):
+                seed: int | None = None, drop_remainder: bool = False, shard=None):
         """A fresh pipeline over ``split``: augmented training views (``train``, default for the
         train split) or eval views; unbatched with ``batch=False``; in file order with
-        ``shuffle=False``; ``seed`` other than the run's draws other augmentations."""
+        ``shuffle=False``; ``seed`` other than the run's draws other augmentations; only this
+        process's part with ``shard`` (kfine.distribute)."""
         from kfine.pipeline import make_dataset
         train = split == "train" if train is None else train
         return make_dataset(self.cache, self.files[split], self.config, self.seed if seed is None else seed,
-                            train, batch, shuffle, drop_remainder, len(self.class_names), self.mixing)
+                            train, batch, shuffle, drop_remainder, len(self.class_names), self.mixing, shard)
 
 
-def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = False) -> Datasets:
+def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = False, shard=None) -> Datasets:
     """Train/val/test pipelines for ``cfg`` (see the module docstring). ``splits``: a splits.csv
-    whose split is used instead of drawing one (``cfg.splits`` does the same from the config)."""
+    whose split is used instead of drawing one (``cfg.splits`` does the same from the config).
+    ``shard`` (kfine.distribute.Shard): train and val are this process's part of each epoch."""
     splits = splits or cfg.splits
     if cfg.source == "tfds":
         index, cache = _index_tfds(cfg, seed, verbose)
@@ -79,8 +82,9 @@ def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = F
     import tensorflow as tf
     ds = Datasets(None, None, None, index.class_names, files={s: index.files[s] for s in SPLITS if index.files.get(s)},
                   counts=index.counts(), skipped=skipped, index=index, cache=cache, config=cfg, seed=seed,
-                  mixing=tf.Variable(True, trainable=False, name="mixing"))
-    ds.train, ds.val, ds.test = (ds.dataset(s) if s in ds.files else None for s in SPLITS)
+                  mixing=tf.Variable(True, trainable=False, name="mixing"), shard=shard)
+    ds.train, ds.val, ds.test = (ds.dataset(s, shard=shard if s != "test" else None) if s in ds.files else None
+                                 for s in SPLITS)
     return ds
 
 

@@ -53,7 +53,10 @@ def cache_reason(model, cfg, phase, epochs: int) -> str | None:
     """None when ``phase`` (already applied with kfine.freeze.apply_freeze), training for
     ``epochs`` epochs, can train on cached features and gains from it; else why not (logged)."""
     from kfine.augment import reusable_features
+    from kfine.distribute import feature_cache_reason
     from kfine.freeze import features_frozen
+    if feature_cache_reason():   # a distributed run: the feature pipeline is not sharded
+        return feature_cache_reason()
     if cfg.train.feature_cache is False:   # YAML reads "off" as false
         return "train.feature_cache is off"
     frozen, why = features_frozen(model, phase)

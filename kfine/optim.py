@@ -341,12 +341,14 @@ def inner_optimizer(optimizer):
 @contextlib.contextmanager
 def ema_weights(model):
     """Inside the block the model holds its EMA weights (e.g. to save a checkpoint), after it the
-    raw ones again. Does nothing when the model's optimizer has no EMA."""
+    raw ones again. Does nothing when the model's optimizer has no EMA. Host copies both ways:
+    in a run of several processes only the chief saves, and a host value needs no computation
+    on the others (kfine.distribute)."""
     opt = inner_optimizer(getattr(model, "optimizer", None))
     pairs = opt.ema_pairs() if hasattr(opt, "ema_pairs") else []
     raw = [ops.convert_to_numpy(v) for v, _ in pairs]
     for v, a in pairs:
-        v.assign(ops.copy(a))
+        v.assign(ops.convert_to_numpy(a))
     try:
         yield
     finally:

@@ -561,7 +561,7 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCa
 # ----------------------------------------------------------------------------- datasets
 def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
                  batch: bool = True, shuffle: bool | None = None, drop_remainder: bool = False,
-                 num_classes: int | None = None, mixing=None) -> tf.data.Dataset:
+                 num_classes: int | None = None, mixing=None, shard=None) -> tf.data.Dataset:
     """(float32 image, int32 label) batches of ``files`` (each in the cache).
 
     train: a new permutation of the whole list every epoch (a shuffle whose buffer holds every
@@ -569,7 +569,10 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
     augmented view per image (crop/flip/affine/jitter, then the recipe's ops: kfine.augment), and
     per batch MixUp/CutMix when configured: labels are then soft, float32 (B, ``num_classes``),
     while ``mixing`` (a boolean tf.Variable) is True. val/test: the eval view, in the order of
-    ``files``. ``shuffle=False`` keeps the order of ``files`` for augmented views too."""
+    ``files``. ``shuffle=False`` keeps the order of ``files`` for augmented views too.
+    ``shard`` (kfine.distribute.Shard): this process's part, taken AFTER the permutation (the same
+    in every process: same seed), each image keeping the augmentation seed it has unsharded, and
+    batched by the per-process batch."""
     from kfine import augment
     slots = np.array([cache.slot[p] for p, _ in files], np.int64)
     labels = np.array([y for _, y in files], np.int32)
@@ -581,6 +584,8 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         elif shuffle is not False:
             ds = ds.shuffle(len(slots), seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        if shard is not None:
+            ds, seeds = shard.split(ds, len(slots)), shard.split(seeds, len(slots))
         recipe = augment.per_image_ops(aug, seed)   # None for the basic recipe
 
         def view(sy, sd):
@@ -590,10 +595,11 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
             return img, sy[1]
         ds = tf.data.Dataset.zip((ds, seeds)).map(view, num_parallel_calls=AUTOTUNE)
     else:
+        ds = ds if shard is None else shard.split(ds, len(slots))
         ds = ds.map(lambda s, y: (eval_view(cache.load(s), size, cfg.eval_transform), y),
                     num_parallel_calls=AUTOTUNE)
     if batch:
-        ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
+        ds = ds.batch(cfg.batch_size if shard is None else shard.batch, drop_remainder=drop_remainder)
         mix = augment.batch_ops(aug, num_classes, seed, mixing) if train and num_classes else None
         if mix is not None:   # MixUp / CutMix: soft labels
             seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)

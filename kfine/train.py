@@ -24,6 +24,7 @@ from pathlib import Path
 from kfine import cli
 from kfine.checkpoint import TrainingError, read_history  # noqa: F401  (kfine.train's API too)
 from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
+from kfine.distribute import active
 from kfine.rundir import atomic_write_text, read_json, write_json
 
 DEMO_CONFIG = "demo"          # a reference config (kfine.cli.find_config): configs/demo.yaml
@@ -91,8 +92,10 @@ def make_callbacks(cfg: Config, run_dir: Path, saver, phase: int, schedule, earl
         cbs.append(kc.PhaseProgbar(cfg.train.epochs))
     elif cfg.train.verbose:   # stdout is a file (CI, nohup, a cluster job) or verbose: 2
         cbs.append(kc.EpochLog(cfg.train.epochs, phase, schedule))
-    cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
-    if cfg.train.wandb.enabled:
+    chief = active().chief   # kfine.distribute: only process 0 writes
+    if chief:
+        cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
+    if cfg.train.wandb.enabled and chief:
         cbs.append(_wandb_callback(cfg, run_dir))
     if kc.PauseForTest.wanted():
         cbs.append(kc.PauseForTest())
@@ -190,7 +193,8 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
     ``keep_checkpoints=False`` skips checkpoints and resume backups (a tuner trial is resumed by
     the tuner, not by epoch). Returns the history, one row per epoch."""
     from kfine.checkpoint import CheckpointSaver
-    saver = CheckpointSaver(run_dir, cfg.train.checkpoint, cfg.train.epochs, history, keep_checkpoints)
+    saver = CheckpointSaver(run_dir, cfg.train.checkpoint, cfg.train.epochs, history, keep_checkpoints,
+                            writes=active().chief)
     try:
         saver.catch_up(model)
         _fit_phases(model, cfg, datasets, run_dir, start_epoch, saver, optimizer, schedule, callbacks)
@@ -215,7 +219,8 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
     # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
     steps = steps_per_epoch(cfg, datasets)
-    train_ds = (datasets.dataset("train", drop_remainder=True) if drops_remainder(cfg) else datasets.train).repeat()
+    train_ds = (datasets.dataset("train", drop_remainder=True, shard=datasets.shard) if drops_remainder(cfg)
+                else datasets.train).repeat()
     early = None
     for i, (phase, (first, end)) in enumerate(zip(cfg.train.phases, spans)):
         if end <= start_epoch:
@@ -229,7 +234,8 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         phases_log = [p for p in phases_log if p["index"] < i] + [   # the configured start, also on resume
             {"index": i, "start_epoch": phase.start_epoch, "end_epoch": end, "freeze": to_dict(phase.freeze),
              "bn": phase.bn, "summary": rows}]
-        write_json(run_dir / "phases.json", phases_log)
+        if active().chief:
+            write_json(run_dir / "phases.json", phases_log)
         fit_model, fit_train, fit_val = model, train_ds, datasets.val
         reason = features.cache_reason(model, cfg, phase, end - first)
         if reason is None:   # the head trains on backbone features computed once (kfine.features)
@@ -273,6 +279,8 @@ def _freeze_detail(spec) -> str:
 def steps_per_epoch(cfg: Config, datasets) -> int:
     """Batches per epoch, rounded up to whole optimizer updates (train.accumulate_steps)."""
     n = sum(datasets.counts.get("train", {}).values())
+    shard = getattr(datasets, "shard", None)
+    n = shard.kept(n) if shard is not None else n   # kfine.distribute: a multiple of the replicas
     if not n:   # unknown size (a tfds split without metadata): count batches once
         steps = max(1, sum(1 for _ in datasets.train))
     else:
@@ -294,13 +302,14 @@ def setup_backend(cfg: Config) -> None:
 
 def build_training(cfg: Config, datasets):
     """Model, optimizer (built over every variable any phase trains) and LR schedule."""
+    from kfine.distribute import scaled_schedule
     from kfine.model import build_model
     from kfine.optim import (build_optimizer, check_train, decay_flags, make_schedule,
                              variable_multipliers)
     t = cfg.train
     check_train(t)
     model = build_model(cfg.model, len(datasets.class_names), cfg.data.image_size)
-    schedule = make_schedule(t.schedule, steps_per_epoch(cfg, datasets), t.epochs, t.accumulate_steps)
+    schedule = make_schedule(scaled_schedule(cfg), steps_per_epoch(cfg, datasets), t.epochs, t.accumulate_steps)
     variables = trainable_union(model, cfg.model.backbone, cfg)
     mults = variable_multipliers(model, cfg.model.backbone, t.lr_multipliers, variables, t.layer_decay)
     decay = decay_flags(model, t.optimizer.no_decay, variables)
@@ -323,58 +332,77 @@ def loss_scale_optimizer(optimizer, variables):
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory, which this process locks while it
     works in it (a second process on it stops with a message naming this one's PID)."""
-    from kfine import checkpoint
+    from kfine import checkpoint, distribute
     from kfine.optim import check_train
 
+    plan = distribute.make_plan(cfg)   # first: several processes join before anything uses JAX
     check_config(cfg)          # every value checked before a run directory exists
     check_train(cfg.train)
     spans = phase_spans(cfg)
+    if not plan.chief:   # it reads the run directory (--resume) and writes nothing
+        return _run_locked(cfg, Path(resume) if resume is not None else cfg.run_dir, resume is not None, spans, plan)
     run_dir = Path(resume) if resume is not None else prepare_run_dir(cfg, overwrite)
     lock = checkpoint.lock_run_dir(run_dir)
     try:
-        return _run_locked(cfg, run_dir, resume is not None, spans)
+        return _run_locked(cfg, run_dir, resume is not None, spans, plan)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans) -> RunResult:
+def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunResult:
     from kfine import checkpoint
-    from kfine.optim import apply_ema_weights
 
     state = None   # the last commit (kfine.checkpoint): None = train from epoch 0
     if resume:
-        checkpoint.clean_temp_files(run_dir)   # what writes cut short by a kill left behind
+        if plan.chief:
+            checkpoint.clean_temp_files(run_dir)   # what writes cut short by a kill left behind
         state = checkpoint.read_state(run_dir)
         if state is None:
             print(f"kfine: {run_dir} has no finished epoch (it was stopped before epoch 0 ended); "
                   f"starting it over in place", flush=True)
-            checkpoint.reset_run_dir(run_dir)
-    else:
+            if plan.chief:
+                checkpoint.reset_run_dir(run_dir)
+    elif plan.chief:
         save_config(cfg, run_dir / "config.yaml")
-    print(f"kfine: run directory {run_dir}", flush=True)
+    who = f" (process 0 of {plan.processes}, the chief: the only one that writes)" if plan.processes > 1 else ""
+    print(f"kfine: run directory {run_dir}{who}" if plan.chief else
+          f"kfine: process {plan.process_index} of {plan.processes}: process 0 writes the run directory", flush=True)
     finished = bool(state and state.get("finished"))   # model.keras is final: it is what the model loads
-    try:
-        datasets, model, optimizer, schedule, start_epoch, history = _prepare(cfg, run_dir, state, spans)
-        restore = restore_best(cfg, datasets)
-    except BaseException:
-        if not resume:   # a new run that fails before its first epoch leaves no run directory behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"kfine: removed {run_dir} (the run stopped before training)", file=sys.stderr, flush=True)
-        raise
-
-    trains = start_epoch < cfg.train.epochs   # False: a finished run resumed to redo its outputs
-    history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
-    if trains and apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation, export use the averages
-        print("kfine: the model now holds the EMA weights (train.ema)", flush=True)
+    with plan.scope():   # model, optimizer, every compile and fit on the plan's devices (kfine.distribute)
+        datasets, model, history, restore = _train(cfg, run_dir, resume, state, spans, plan)
+    result = RunResult(run_dir=run_dir, history=history, model=model)
+    if not plan.chief:
+        return result
     if not finished:
         use_best_epoch(cfg, run_dir, model, history, restore)
     checkpoint.save_model(model, run_dir / "model.keras")   # for inference: no optimizer state
     checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
-    result = RunResult(run_dir=run_dir, history=history, model=model)
+    if plan.strategy != "none":   # evaluate and export what was saved: on one device, every image
+        model = result.model = checkpoint.load_model(run_dir / "model.keras")
+        datasets.val = datasets.dataset("val") if datasets.val is not None else None
     finish_run(cfg, run_dir, model, datasets, result)
     print(f"kfine: done. Outputs in {run_dir}/ (model.keras, history.csv, plots/, metrics.json, "
           f"report.html{', export/' if cfg.export.enabled else ''})", flush=True)
     return result
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, state: dict | None, spans, plan):
+    """Prepare and fit, inside the plan's scope: (datasets, model, history, restore_best). A new
+    run that fails before its first epoch leaves no run directory behind."""
+    from kfine.optim import apply_ema_weights
+    try:
+        datasets, model, optimizer, schedule, start_epoch, history = _prepare(cfg, run_dir, state, spans, resume, plan)
+        restore = restore_best(cfg, datasets)
+    except BaseException:
+        if not resume and plan.chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"kfine: removed {run_dir} (the run stopped before training)", file=sys.stderr, flush=True)
+        raise
+    trains = start_epoch < cfg.train.epochs   # False: a finished run resumed to redo its outputs
+    history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
+    if trains and apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation, export use the averages
+        print("kfine: the model now holds the EMA weights (train.ema)", flush=True)
+    return datasets, model, history, restore
 
 
 def restore_best(cfg: Config, datasets) -> bool:
@@ -416,27 +444,37 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
     return used
 
 
-def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans):
+def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool = False, plan=None):
     """Everything before the first epoch: the data (its split saved in splits.csv, or read back
     from it: a resumed run trains on exactly the images it started with) and its audit, model,
-    optimizer, and the state of the last commit (``state``, None for a run from epoch 0)."""
-    from kfine import checkpoint, data as kdata
+    optimizer, and the state of the last commit (``state``, None for a run from epoch 0).
+    Under a distribution plan (kfine.distribute) only its chief writes, each process's train and
+    val pipelines are its shard, and run_info.json records the devices."""
+    from kfine import checkpoint, data as kdata, distribute
     from kfine.audit import format_check
     from kfine.model import weights_info
     from kfine.sources import write_splits
 
+    plan = plan or active()
+    chief = plan.chief
+    info = distribute.run_info(plan, cfg)
+    print(distribute.format_info(info), flush=True)
     setup_backend(cfg)
     checkpoint.pause_for_test("data_check")
     saved = run_dir / "splits.csv"
-    datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None, verbose=True)
-    write_json(run_dir / "class_names.json", datasets.class_names)
-    if not saved.exists():
+    splits = saved if (resume or chief) and saved.exists() else None   # a new run's other processes draw it
+    datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=splits, verbose=True, shard=plan.shard)
+    distribute.check_same_files(plan, datasets.files)
+    _say_shard(datasets)
+    if chief:
+        write_json(run_dir / "class_names.json", datasets.class_names)
+    if chief and not saved.exists():
         write_splits(datasets.index, saved)
-    if cfg.data.check and state is None:
+    if cfg.data.check and state is None and chief:
         report = kdata.check_data(cfg.data, cfg.seed, datasets=datasets)
         write_json(run_dir / "data_check.json", report)
         print(format_check(report), flush=True)
-    if datasets.skipped:
+    if datasets.skipped and chief:
         atomic_write_text(run_dir / "skipped_files.txt",
                           "".join(f"{p}\t{why}\n" for p, why in datasets.skipped))
         print(f"kfine: skipped {len(datasets.skipped)} unreadable images "
@@ -444,8 +482,11 @@ def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans):
 
     # on resume the weights come from the backup: no download
     model, optimizer, schedule = build_training(replace(cfg, ["model.weights=null"]) if state else cfg, datasets)
-    if state is None:   # what the backbone really started from (the report shows it)
-        write_json(run_dir / "run_info.json", {"weights": {"requested": cfg.model.weights, **weights_info(model)}})
+    if state is None and chief:   # what the backbone really started from (the report shows it)
+        write_json(run_dir / "run_info.json", {"weights": {"requested": cfg.model.weights, **weights_info(model)},
+                                               **info})
+    elif chief and (run_dir / "run_info.json").exists():   # resumed: the devices it goes on with
+        write_json(run_dir / "run_info.json", {**read_json(run_dir / "run_info.json"), **info})
 
     start_epoch, history = 0, []
     if state is not None:
@@ -458,6 +499,22 @@ def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans):
         else:
             print(f"kfine: resuming at epoch {start_epoch} (phase {phase_at(spans, start_epoch)})", flush=True)
     return datasets, model, optimizer, schedule, start_epoch, history
+
+
+def _say_shard(datasets) -> None:
+    """Under data_parallel: what each epoch leaves out so that every batch splits evenly."""
+    shard = datasets.shard
+    if shard is None:
+        return
+    for split in ("train", "val"):
+        n = len(datasets.files.get(split, ()))
+        if shard.kept(n) < n:
+            print(f"kfine: {split}: each epoch uses {shard.kept(n)} of {n} images (a multiple of the "
+                  f"{shard.multiple} replicas: JAX splits every batch evenly); the final evaluation uses all",
+                  flush=True)
+    if shard.count > 1:
+        print(f"kfine: process {shard.index} of {shard.count} feeds its part of each epoch, "
+              f"{shard.batch} images per batch", flush=True)
 
 
 def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -> None:

@@ -145,9 +145,10 @@ def test_cli_end_to_end(tmp_path):
     assert "\x1b" not in p.stdout and "\u2501" not in p.stdout and "kfine: phase 0 (epochs 0..1)" in p.stdout
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
     assert load_config(rd / "config.yaml").train.epochs == 2
-    info = read_json(rd / "run_info.json")
+    info = read_json(rd / "run_info.json")   # + the devices (kfine.distribute; tests/test_distribute.py)
     assert info["weights"] == {"requested": None, "used": "random", "note": "scratch_cnn trains from scratch"}
     assert info["model"]["weights"] == "best" and info["model"]["final_epoch"] == 1   # restore_best: auto
+    assert (info["strategy"], info["replicas"]) == ("none", 1)
     bad = _cli(["--config", str(cfg_file), "train.epoch=2"])
     assert bad.returncode == 2 and "unknown key train.epoch" in bad.stderr and "Traceback" not in bad.stderr
 
