@@ -81,7 +81,7 @@ def test_the_feature_cache_says_why_it_is_off_in_a_distributed_run():
     from kfine.features import cache_reason
     assert feature_cache_reason() is None
     with Plan("mirrored", "tensorflow", ("CPU:0", "CPU:1"), global_batch=8).scope():
-        assert "2 replicas" in feature_cache_reason() and cache_reason(None, None, None) == feature_cache_reason()
+        assert "2 replicas" in feature_cache_reason() and cache_reason(None, None, None, 5) == feature_cache_reason()
     assert feature_cache_reason() is None
 
 
@@ -351,7 +351,8 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
                  "model.backbone=scratch_cnn", "model.scratch.filters=[4,4,8,8,8]", "train.verbose=2",
                  "data.augment.enabled=false", "export.enabled=false", "data.check=false", "train.epochs=2",
                  "train.phases=[{start_epoch: 0, freeze: {strategy: fraction, fraction: 0.5}}, {start_epoch: 1}]",
-                 "distribute.strategy=data_parallel", f"runs_dir={tmp_path}/runs{{i}}"]   # process 1: runs1
+                 "distribute.strategy=data_parallel", f"runs_dir={tmp_path}/runs{{i}}",   # process 1: runs1
+                 "train.drop_remainder=false"]   # JAX would drop each shard's partial batch; here every image counts
     pause = {"KFINE_TEST_PAUSE": "epoch@1", "KFINE_TEST_PAUSE_MARKER": str(tmp_path / "paused{i}")}
     procs = _launch(["-c", MULTI, str(tmp_path / "c.yaml"), str(tmp_path / "shard{i}.json"), *overrides],
                     tmp_path, "first", pause)

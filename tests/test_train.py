@@ -290,3 +290,23 @@ def test_restore_best_true_needs_a_validation_split(tmp_path):
     with pytest.raises(ConfigError, match="train.restore_best is true but the data has no validation split"):
         run(cfg)
     assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_drop_remainder_counts_whole_batches_and_yields_only_full_ones(tmp_path):
+    """train.drop_remainder=true (what null means under XLA): steps = n // batch and every batch
+    is full; false (null on a CPU with TensorFlow): the partial batch is trained as well."""
+    import keras
+    from kfine.data import make_datasets
+    from kfine.train import drops_remainder, steps_per_epoch
+    root = make_folder(tmp_path / "data", "inat", per_class=7)
+    base = [f"data.root={root}", "data.image_size=[32,32]", "data.batch_size=8", "data.check=false"]
+    for drop in (True, False):
+        cfg = load_config(None, base + [f"train.drop_remainder={str(drop).lower()}"])
+        ds = make_datasets(cfg.data, cfg.seed)
+        n = sum(ds.counts["train"].values())
+        assert n % 8 and drops_remainder(cfg) is drop
+        sizes = [8] * (n // 8) + ([] if drop else [n % 8])
+        assert steps_per_epoch(cfg, ds) == len(sizes)
+        assert [len(y) for _, y in ds.dataset("train", drop_remainder=drop)] == sizes
+    auto = load_config(None, base)
+    assert drops_remainder(auto) is (keras.backend.backend() == "jax")   # the CI machine has no GPU
