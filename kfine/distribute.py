@@ -338,6 +338,14 @@ def check_same_files(plan: Plan, files: dict) -> None:
                                          "data.splits, the files themselves): every process must read the same data")
 
 
+def barrier(plan: Plan, name: str) -> None:
+    """Several processes: each waits here until all have arrived (e.g. until the chief's writes
+    are on disk before the others read them)."""
+    if plan.processes > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def feature_cache_reason() -> str | None:
     """Why the frozen-feature cache (kfine.features) is not used in the run in progress, or None."""
     plan = active()

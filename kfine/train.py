@@ -350,7 +350,7 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
 
 
 def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunResult:
-    from kfine import checkpoint
+    from kfine import checkpoint, distribute
 
     state = None   # the last commit (kfine.checkpoint): None = train from epoch 0
     if resume:
@@ -371,10 +371,11 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
     with plan.scope():   # model, optimizer, every compile and fit on the plan's devices (kfine.distribute)
         datasets, model, history, restore = _train(cfg, run_dir, resume, state, spans, plan)
     result = RunResult(run_dir=run_dir, history=history, model=model)
+    distribute.barrier(plan, "kfine: trained")   # the chief's last checkpoint is written
+    if not finished:   # every process: assigning to variables placed across processes is collective
+        use_best_epoch(cfg, run_dir, model, history, restore, writes=plan.chief)
     if not plan.chief:
         return result
-    if not finished:
-        use_best_epoch(cfg, run_dir, model, history, restore)
     checkpoint.save_model(model, run_dir / "model.keras")   # for inference: no optimizer state
     checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
     if plan.strategy != "none":   # evaluate and export what was saved: on one device, every image
@@ -417,7 +418,8 @@ def restore_best(cfg: Config, datasets) -> bool:
     return wanted
 
 
-def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], restore: bool) -> dict:
+def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], restore: bool,
+                   writes: bool = True) -> dict:
     """The weights model.keras, the evaluation and the export get: with ``restore`` those of
     checkpoints/best.keras (the best epoch by train.checkpoint.monitor; with train.ema its averaged
     weights, as the model holds after training) loaded into ``model``, else the final epoch's as
@@ -439,8 +441,9 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
         print(f"kfine: train.restore_best: there is no checkpoints/best.keras ({monitor} was never logged); "
               f"the model holds the final epoch's weights", flush=True)
     info_path = run_dir / "run_info.json"
-    info = read_json(info_path) if info_path.exists() else {}
-    write_json(info_path, {**info, "model": used})
+    if writes:
+        info = read_json(info_path) if info_path.exists() else {}
+        write_json(info_path, {**info, "model": used})
     return used
 
 
