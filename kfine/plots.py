@@ -108,9 +108,13 @@ def normalize_rows(cm) -> np.ndarray:
     return np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
 
 
+LABELLED_MAX = 60   # more classes than this: no tick labels (unreadable, and seconds per label)
+
+
 def plot_confusion(cm, class_names, out_path, annotate_max: int = 15) -> Path:
     """Row-normalised confusion matrix (rows: true class). Scales with the number of classes;
-    cell values are written only up to ``annotate_max`` classes."""
+    cell values are written only up to ``annotate_max`` classes, class names up to LABELLED_MAX
+    (past that the axes count class indices, in class_names.json order)."""
     return save_figure(confusion_figure(cm, class_names, annotate_max), out_path)
 
 
@@ -121,13 +125,17 @@ def confusion_figure(cm, class_names, annotate_max: int = 15) -> Figure:
     fontsize = 9 if n <= 15 else max(5, 9 - (n - 15) // 8)
     fig = Figure(figsize=(side + 1, side))
     ax = fig.subplots()
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(n), [str(c) for c in class_names], rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(n), [str(c) for c in class_names], fontsize=fontsize)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (row-normalised)")
+    if n <= LABELLED_MAX:
+        ax.set_xticks(range(n), [str(c) for c in class_names], rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(n), [str(c) for c in class_names], fontsize=fontsize)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    else:
+        ax.set_xlabel("predicted (class index, as in class_names.json)")
+        ax.set_ylabel("true (class index)")
+    ax.set_title(f"confusion matrix (row-normalised, {n} classes)")
     if n <= annotate_max:
         for i in range(n):
             for j in range(n):
@@ -139,23 +147,34 @@ def confusion_figure(cm, class_names, annotate_max: int = 15) -> Figure:
 
 
 def plot_per_class_accuracy(accuracies, class_names, out_path, support=None) -> Path:
-    """Horizontal bars: accuracy (recall) of each class, with the mean as a line."""
+    """Horizontal bars: accuracy (recall) of each class, with the mean (of all classes) as a
+    line. Past LABELLED_MAX classes only the LABELLED_MAX lowest are drawn, lowest first (the full
+    table is metrics.json's per_class)."""
+    return save_figure(per_class_figure(accuracies, class_names, support), out_path)
+
+
+def per_class_figure(accuracies, class_names, support=None) -> Figure:
     acc = np.asarray(accuracies, dtype=np.float64)
-    n = len(class_names)
+    labels = [f"{c} (n={s})" for c, s in zip(class_names, support)] if support is not None else list(class_names)
+    mean, title = (acc.mean() if len(acc) else 0.0), "per-class accuracy"
+    if len(acc) > LABELLED_MAX:
+        keep = np.argsort(acc, kind="stable")[:LABELLED_MAX]
+        title = f"per-class accuracy: the {LABELLED_MAX} lowest of {len(acc)} classes"
+        acc, labels = acc[keep], [labels[i] for i in keep]
+    n = len(acc)
     fig = Figure(figsize=(7, max(3.0, 0.25 * n + 1.2)))
     ax = fig.subplots()
     y = np.arange(n)
-    ax.barh(y, acc, color=[RIGHT if a >= acc.mean() else "#d4a72c" for a in acc])
-    labels = [f"{c} (n={s})" for c, s in zip(class_names, support)] if support is not None else list(class_names)
+    ax.barh(y, acc, color=[RIGHT if a >= mean else "#d4a72c" for a in acc])
     ax.set_yticks(y, labels, fontsize=9 if n <= 25 else 6)
     ax.invert_yaxis()
-    ax.axvline(acc.mean() if n else 0, color="grey", ls="--", lw=1, label=f"mean {acc.mean() if n else 0:.3f}")
+    ax.axvline(mean, color="grey", ls="--", lw=1, label=f"mean {mean:.3f}")
     ax.set_xlim(0, 1.0)
     ax.set_xlabel("accuracy (recall)")
-    ax.set_title("per-class accuracy")
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    return save_figure(fig, out_path)
+    return fig
 
 
 # ----------------------------------------------------------------------------- predictions grid

@@ -98,3 +98,18 @@ def test_plot_predictions_grid(tmp_path, count):
     arr = np.asarray(Image.open(out).convert("RGB")).astype(int)
     red = (arr[..., 0] > 180) & (arr[..., 1] < 80) & (arr[..., 2] < 80)
     assert red.sum() > 50
+
+
+def test_a_thousand_classes_plot_without_names_and_the_lowest_classes(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 1000
+    names = [f"n{i:08d}" for i in range(n)]
+    fig = plots.confusion_figure(np.eye(n, dtype=int) * 3 + rng.integers(0, 2, (n, n)), names)
+    assert not fig.axes[0].get_yticklabels() or names[0] not in [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    acc = rng.random(n)
+    fig = plots.per_class_figure(acc, names, support=[5] * n)
+    shown = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    lowest = np.argsort(acc)[:plots.LABELLED_MAX]
+    assert shown == [f"{names[i]} (n=5)" for i in lowest]             # the lowest, lowest first
+    assert f"mean {acc.mean():.3f}" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    check_png(plots.plot_per_class_accuracy(acc, names, tmp_path / "pc.png"))
