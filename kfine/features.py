@@ -55,8 +55,9 @@ def cache_reason(model, cfg, phase, epochs: int) -> str | None:
     from kfine.augment import reusable_features
     from kfine.distribute import feature_cache_reason
     from kfine.freeze import features_frozen
-    if feature_cache_reason():   # a distributed run: the feature pipeline is not sharded
-        return feature_cache_reason()
+    distributed = feature_cache_reason()   # a distributed run: the feature pipeline is not sharded
+    if distributed:
+        return distributed
     if cfg.train.feature_cache is False:   # YAML reads "off" as false
         return "train.feature_cache is off"
     frozen, why = features_frozen(model, phase)
