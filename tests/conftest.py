@@ -74,14 +74,17 @@ def tiny_overrides(tmp_path):
 
 def eval_reference(data: bytes, size: int = 32) -> np.ndarray:
     """torchvision's eval transform written out independently of kfine: decode; shorter side to
-    round(1.143 * size) (the other side int(cache * long / short)), bilinear antialiased, clipped
-    and rounded; centre crop at round((H - size) / 2). What evaluation, predict and serving see."""
+    round(1.143 * size) (the other side int(cache * long / short)), antialiased (a downscale
+    averages the area under each output pixel, an upscale is bilinear), clipped and rounded;
+    centre crop at round((H - size) / 2). What evaluation, predict and serving see."""
     import tensorflow as tf
     cache = round(1.143 * size)
     image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
     h, w = image.shape[:2]
     hw = (cache, int(cache * w / h)) if h <= w else (int(cache * h / w), cache)
-    resized = tf.image.resize(image.astype(np.float32), hw, antialias=True)
+    method = "area" if h >= hw[0] and w >= hw[1] else "bilinear" if h <= hw[0] and w <= hw[1] else None
+    resized = (tf.image.resize(image.astype(np.float32), hw, method=method) if method else
+               tf.image.resize(image.astype(np.float32), hw, antialias=True))
     resized = tf.round(tf.clip_by_value(resized, 0, 255)).numpy()
     top, left = round((hw[0] - size) / 2), round((hw[1] - size) / 2)
     return resized[top:top + size, left:left + size]

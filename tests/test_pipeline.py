@@ -103,7 +103,7 @@ def test_default_cache_size_keeps_the_aspect_ratio_like_torchvision_resize(tmp_p
 def test_random_resized_crop_box_follows_torchvision():
     """Area fraction in `scale`, aspect ratio in [3/4, 4/3], inside the image; the fallback is
     the centre crop with the ratio clamped (torchvision RandomResizedCrop.get_params)."""
-    boxes = np.array([[int(v) for v in pipeline.random_resized_crop_box(256, 341, tf.constant([s, 1]), (0.08, 1.0))]
+    boxes = np.array([pipeline.crop_box(256, 341, pipeline.crop_uniforms(tf.constant([s, 1])).numpy(), (0.08, 1.0))
                       for s in range(400)])
     top, left, h, w = boxes.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 256).all() and (left + w <= 341).all()
@@ -113,8 +113,8 @@ def test_random_resized_crop_box_follows_torchvision():
     assert ratio.min() >= 0.74 and ratio.max() <= 1.35 and ratio.min() < 0.8 and ratio.max() > 1.25
     assert len({(t, l) for t, l in zip(top, left)}) > 300          # positions vary
     # nothing with area >= 0.9 and ratio <= 4/3 fits a 10x200 strip: centre crop 10 x round(10 * 4/3)
-    fallback = [int(v) for v in pipeline.random_resized_crop_box(10, 200, tf.constant([0, 1]), (0.9, 1.0))]
-    assert fallback == [0, (200 - 13) // 2, 10, 13]
+    fallback = pipeline.crop_box(10, 200, pipeline.crop_uniforms(tf.constant([0, 1])).numpy(), (0.9, 1.0))
+    assert fallback == (0, (200 - 13) // 2, 10, 13)
 
 
 def test_center_crop_offsets_round_like_torchvision():
