@@ -21,8 +21,9 @@ multiplicative factors drawn from [max(0, 1 - x), 1 + x] (brightness scales pixe
 blends with the mean grey level, saturation with the greyscale image), hue is a shift drawn from
 [-x, x] of the colour circle, and the four are applied in a random order per image.
 
-Map functions use ``tf.*`` only (keras.ops break inside tf.data under the JAX backend); every
-random choice is stateless, from a per-image seed. Images leave the pipeline as float32 0..255:
+Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend) and one Python
+call per training view (``tf.numpy_function``: torchvision's crop box, then the copy of only the
+crop's pixels out of the cache); every random choice is stateless, from a per-image seed. Images leave the pipeline as float32 0..255:
 the model does its own preprocessing.
 
 The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image

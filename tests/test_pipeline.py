@@ -117,6 +117,22 @@ def test_random_resized_crop_box_follows_torchvision():
     assert fallback == (0, (200 - 13) // 2, 10, 13)
 
 
+def test_crop_box_takes_the_first_attempt_that_fits_and_places_it_as_torch_randint():
+    """get_params line by line: attempt k uses uniforms 2k (area) and 2k+1 (log-ratio); the first
+    box inside the image wins; top/left are randint(0, H - h + 1) from the last two uniforms."""
+    u = np.zeros(22)
+    u[0], u[1] = 0.999, 0.999        # area ~ all of it at ratio ~4/3: 115 px wide, does not fit
+    u[2], u[3] = 0.0, 0.5            # area 0.5 at ratio 1: 71 x 71
+    u[20], u[21] = 0.5, 0.999        # top int(0.5 * 30), left int(0.999 * 30)
+    assert pipeline.crop_box(100, 100, u, (0.5, 1.0)) == (15, 29, 71, 71)
+    # a whole training view draws its box from the image's seed: same seed, same crop
+    img = tf.constant(np.random.default_rng(0).integers(0, 256, (60, 80, 3)), tf.uint8)
+    a, b, c = (pipeline.random_resized_crop(img, tf.constant(s), (0.08, 1.0), (32, 32)).numpy()
+               for s in ([3, 4], [3, 4], [5, 4]))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
 def test_center_crop_offsets_round_like_torchvision():
     img = tf.reshape(tf.range(37 * 40 * 3), [37, 40, 3])
     out = pipeline.center_crop(img, (32, 32)).numpy()
@@ -161,6 +177,24 @@ def test_crops_are_antialiased_where_it_matters():
     mild = tf.constant(rng.integers(0, 256, (290, 260, 3)), tf.uint8)
     np.testing.assert_array_equal(pipeline.resize_crop(mild, (224, 224)).numpy(),
                                   tf.image.resize(mild, (224, 224)).numpy())
+
+
+def test_cache_resize_is_antialiased_by_the_area_filter_and_bilinear_upwards():
+    """A downscale to the cache averages the area under each output pixel: one-pixel stripes
+    come out near mid-grey instead of aliasing to black and white as plain bilinear sampling
+    does. An upscale is bilinear (= antialiased bilinear there)."""
+    stripes = tf.constant(np.tile(np.array([0, 255], np.uint8)[None, :, None], (64, 45, 3)))   # 64 x 90
+    out = pipeline.resize(stripes, (46, 65)).numpy().astype(int)
+    np.testing.assert_array_equal(out, tf.cast(tf.round(tf.image.resize(stripes, (46, 65), method="area")),
+                                                tf.int32).numpy())
+    assert 60 <= out.min() and out.max() <= 195
+    sampled = tf.image.resize(stripes, (46, 65)).numpy()
+    assert sampled.min() < 40 and sampled.max() > 215                # what the box filter avoids
+    rng = np.random.default_rng(0)
+    small = tf.constant(rng.integers(0, 256, (20, 30, 3)), tf.uint8)
+    up = pipeline.resize(small, (37, 55)).numpy().astype(int)
+    ref = np.round(tf.image.resize(tf.cast(small, tf.float32), (37, 55), antialias=True).numpy())
+    assert np.abs(up - ref).max() <= 1 and (up != ref).mean() < 0.01          # float ties apart, equal
 
 
 # ----------------------------------------------------------------------------- one eval transform
