@@ -23,8 +23,8 @@ blends with the mean grey level, saturation with the greyscale image), hue is a 
 
 Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend) and one Python
 call per training view (``tf.numpy_function``: torchvision's crop box, then the copy of only the
-crop's pixels out of the cache); every random choice is stateless, from a per-image seed. Images leave the pipeline as float32 0..255:
-the model does its own preprocessing.
+crop's pixels out of the cache); every random choice is stateless, from a per-image seed. Images
+leave the pipeline as float32 0..255: the model does its own preprocessing.
 
 The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image
 (``ImageCache``). ``memory`` keeps it in RAM; ``disk`` writes it once under
@@ -216,7 +216,8 @@ def _uniform(seed, lo, hi, shape=()):
     return tf.random.stateless_uniform(shape, seed, lo, hi, dtype=tf.float32)
 
 
-def crop_box(height: int, width: int, u, scale, ratio=CROP_RATIO, attempts: int = CROP_ATTEMPTS) -> tuple[int, int, int, int]:
+def crop_box(height: int, width: int, u, scale, ratio=CROP_RATIO, attempts: int = CROP_ATTEMPTS
+             ) -> tuple[int, int, int, int]:
     """torchvision RandomResizedCrop.get_params, line for line, with its random numbers taken
     from ``u`` (``2 * attempts + 2`` uniforms in [0, 1)): (top, left, h, w) of a crop of area
     fraction in ``scale`` and aspect ratio (w/h) log-uniform in ``ratio``; up to ``attempts``
