@@ -7,6 +7,7 @@
                   a file: stdout not a terminal, or train.verbose: 2)
     PhaseProgbar  Keras' progress bar, its "Epoch k/N" counted over the whole run
     WandbLog      the epoch's logs to Weights & Biases
+    EarlyStop     Keras' EarlyStopping, its patience counted on across a --resume
 
 Keras' own are used where they fit (EarlyStopping, TensorBoard). TerminateOnNaN is not: it reads
 the loss after every batch, a host sync per training step; StopOnNaN reads the epoch's logs, so a
@@ -57,6 +58,27 @@ class StopOnNaN(keras.callbacks.Callback):
             raise TrainingError(f"loss became NaN/inf in epoch {epoch} (phase {self.phase}): {bad}; "
                                 f"nothing of that epoch was saved. Lower train.schedule.learning_rate "
                                 f"or set train.optimizer.clipnorm")
+
+
+class EarlyStop(keras.callbacks.EarlyStopping):
+    """Keras' EarlyStopping whose count survives ``--resume``: at the start of a phase's fit
+    (where Keras resets it) it replays ``earlier``, the history rows of this phase's epochs
+    before the resume, so patience runs over the phase's epochs however often it was resumed.
+    A new phase starts its count afresh: what trains has changed."""
+
+    def __init__(self, earlier: list[dict], **kwargs):
+        super().__init__(restore_best_weights=False, **kwargs)
+        self.earlier = earlier
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.monitor_op is None:
+            self._set_monitor_op()   # min or max: kfine always passes the mode
+        for row in self.earlier:
+            if row.get(self.monitor) is not None:
+                self.wait += 1
+                if self._is_improvement(row[self.monitor], self.best):
+                    self.best, self.best_epoch, self.wait = row[self.monitor], row["epoch"], 0
 
 
 class EpochCommit(keras.callbacks.Callback):

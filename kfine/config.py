@@ -208,9 +208,10 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
-    patience: int = 0                                # 0 = off
+    patience: int = 0                                # 0 = off; counted within a phase, across --resume
     monitor: str = "val_loss"
     min_delta: float = 0.0
+    mode: Literal["auto", "min", "max"] = "auto"     # auto: max for accuracy-like monitors
 
 
 @dataclass(frozen=True)

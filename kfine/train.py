@@ -208,7 +208,8 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     import keras
     from kfine import features
     from kfine.augment import mixing_epochs
-    from kfine.callbacks import MixingSwitch, fit_verbosity
+    from kfine.callbacks import EarlyStop, MixingSwitch, fit_verbosity
+    from kfine.checkpoint import monitor_mode
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     from kfine.optim import stage_multipliers
 
@@ -221,7 +222,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     steps = steps_per_epoch(cfg, datasets)
     train_ds = (datasets.dataset("train", drop_remainder=True, shard=datasets.shard) if drops_remainder(cfg)
                 else datasets.train).repeat()
-    early = None
+    early, es = None, cfg.train.early_stopping
     for i, (phase, (first, end)) in enumerate(zip(cfg.train.phases, spans)):
         if end <= start_epoch:
             continue
@@ -249,10 +250,10 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         compile_model(model, optimizer, cfg, num_classes, steps)   # the full model: what is committed
         if fit_model is not model:
             compile_model(fit_model, optimizer, cfg, num_classes, steps)
-        if cfg.train.early_stopping.patience:
-            early = early or keras.callbacks.EarlyStopping(
-                monitor=cfg.train.early_stopping.monitor, patience=cfg.train.early_stopping.patience,
-                min_delta=cfg.train.early_stopping.min_delta, restore_best_weights=False)
+        if es.patience:
+            early = EarlyStop([r for r in saver.history if r["phase"] == i and r["epoch"] < first],
+                              monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
+                              mode=monitor_mode(es))
         phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early, model) + list(callbacks)
         if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
             phase_callbacks.append(keras.callbacks.SwapEMAWeights())

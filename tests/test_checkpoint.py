@@ -358,6 +358,19 @@ def _assert_complete(rd, resumed, epochs=3):
     assert best["val_accuracy"] == max(r["val_accuracy"] for r in hist)
 
 
+def test_early_stopping_patience_counts_on_across_a_resume(tmp_path):
+    """Nothing improves by 1000 after epoch 0, patience 2: the run stops at epoch 2. Killed after
+    epoch 1's commit, the resumed run still stops at epoch 2 (Keras alone would count afresh from
+    the resume and stop at epoch 4)."""
+    rd, resumed = _kill_and_resume(tmp_path, "after_commit@1", epochs=6, extra=(
+        "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]", "train.early_stopping.patience=2",
+        "train.early_stopping.min_delta=1000"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming at epoch 2 (phase 0)" in resumed.stdout
+    assert "early stopping at epoch 2" in resumed.stdout
+    assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1, 2]
+
+
 def test_resume_after_a_kill_between_the_commit_and_history_csv(tmp_path):
     """Killed after epoch 1's backup was committed but before history.csv and its checkpoints were
     written: --resume writes them from the commit and goes on at epoch 2, in phase 1."""
