@@ -559,8 +559,9 @@ def search_dir_for(cfg: Config) -> Path:
 
 def search(cfg: Config, search_dir: Path | None = None, resume: bool = False,
            overwrite: bool = False) -> SearchResult:
-    """Run (or go on with) the search declared in cfg.search; everything lands in the search dir."""
-    from kfine.config import save_config
+    """Run (or go on with) the search declared in cfg.search; everything lands in the search dir,
+    which the process that writes it (a lone search, or the chief) locks as a run's (.lock)."""
+    from kfine import checkpoint
     from kfine.train import phase_spans, prepare_run_dir
 
     check_config(cfg)                                # every value, before the search directory exists
@@ -572,18 +573,35 @@ def search(cfg: Config, search_dir: Path | None = None, resume: bool = False,
     elif is_distributed() or resume:
         search_dir = search_dir_for(cfg)             # one fixed directory every process agrees on
     else:
-        search_dir = prepare_run_dir(dataclasses.replace(cfg, name=f"{cfg.name}-search"), overwrite)
+        try:   # --overwrite never removes a search directory in use
+            search_dir = prepare_run_dir(dataclasses.replace(cfg, name=f"{cfg.name}-search"), overwrite)
+        except checkpoint.TrainingError as e:
+            raise SearchError(str(e)) from None
     if resume and not (search_dir / "tuner" / "oracle.json").exists():
         raise SearchError(f"{search_dir} has no tuner/oracle.json: nothing to resume; start the search "
                           f"without --resume")
     reload = resume or is_distributed()
     if not reload and (search_dir / "tuner").exists() and not overwrite:
         raise SearchError(f"{search_dir} already holds a search; pass --resume to go on or --overwrite")
-    if overwrite and not (is_distributed() and not is_chief()) and (search_dir / "tuner").exists():
+    search_dir.mkdir(parents=True, exist_ok=True)
+    writer = not is_distributed() or is_chief()   # a worker shares the chief's directory
+    try:
+        lock = checkpoint.lock_run_dir(search_dir) if writer else None
+    except checkpoint.TrainingError as e:   # a second search (or --resume) in the same directory
+        raise SearchError(str(e)) from None
+    try:
+        return _search(cfg, params, search_dir, overwrite, writer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _search(cfg: Config, params: list[Param], search_dir: Path, overwrite: bool, writer: bool) -> SearchResult:
+    from kfine.config import save_config
+    if overwrite and writer and (search_dir / "tuner").exists():
         import shutil
         shutil.rmtree(search_dir / "tuner")
-    search_dir.mkdir(parents=True, exist_ok=True)
-    if not is_distributed() or is_chief():
+    if writer:
         save_config(cfg, search_dir / "config.yaml")
     cfg = pin_split(cfg, search_dir)
     direction = objective_direction(cfg.search)

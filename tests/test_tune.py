@@ -175,6 +175,26 @@ def test_an_objective_the_runs_do_not_log_stops_the_search_with_the_choices(tmp_
     assert len(list((tmp_path / "runs" / "t-search" / "tuner").glob("trial_*/history.csv"))) == 1   # stopped at once
 
 
+def test_a_search_directory_in_use_is_neither_searched_nor_overwritten(tmp_path, capsys):
+    """A second search (--resume, or --overwrite) while another process holds the search
+    directory stops naming that process, and leaves the directory as it was."""
+    from kfine.checkpoint import lock_run_dir
+    from kfine.tune import main
+    path = write_config(tmp_path)
+    sd = tmp_path / "runs" / "t-search"
+    (sd / "tuner").mkdir(parents=True)
+    (sd / "tuner" / "oracle.json").write_text("{}")
+    held = lock_run_dir(sd)                          # another search (its PID: this process)
+    try:
+        for flag in ("--resume", "--overwrite"):
+            assert main(["--config", str(path), flag]) == 2
+            err = capsys.readouterr().err
+            assert f"in use by another kfine process (PID {os.getpid()})" in err, err
+            assert (sd / "tuner" / "oracle.json").read_text() == "{}"
+    finally:
+        held.release()
+
+
 # ----------------------------------------------------------------------------- a search
 def test_search_writes_its_outputs_and_best_yaml_trains(tmp_path):
     from kfine.train import run
