@@ -136,8 +136,10 @@ def _tfds_load(cfg: DataConfig, split: str, labels_only: bool = False):
 
 
 def _index_tfds(cfg: DataConfig, seed: int, verbose: bool):
-    """A tfds source as a file index (keys ``tfds:<split>[<i>]``) and its image cache, each
-    split read once. A validation share of train is drawn stratified, as for folders."""
+    """A tfds source as a file index (keys ``tfds:<name>/<version>/<split>[<i>]``: the disk and
+    feature caches are keyed by them, so two data sets with equal splits never share one) and
+    its image cache, each split read once. A validation share of train is drawn stratified, as
+    for folders."""
     import tensorflow as tf
     from kfine.pipeline import build_cache
     if not cfg.name:
@@ -159,7 +161,7 @@ def _index_tfds(cfg: DataConfig, seed: int, verbose: bool):
             continue
         raw, _ = _tfds_load(cfg, name, labels_only=True)
         labels = np.fromiter(raw.map(lambda ex: ex[cfg.label_key]).as_numpy_iterator(), np.int64)
-        files[split] = [(f"tfds:{name}[{i}]", int(y)) for i, y in enumerate(labels)]
+        files[split] = [(f"tfds:{info.full_name}/{name}[{i}]", int(y)) for i, y in enumerate(labels)]
         keys += [k for k, _ in files[split]]
         full, _ = _tfds_load(cfg, name)
 

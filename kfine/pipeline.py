@@ -475,21 +475,21 @@ def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> 
     """Decode every key once (the data check's decode pass) into the cache ``cfg.cache`` says.
 
     Returns (cache, {key: reason} for keys that failed to decode). ``images`` replaces reading
-    files: a tf.data.Dataset of decoded uint8 images in ``keys`` order (tfds). ``info`` (path ->
-    FileInfo with content hashes) keys the disk cache; a cache found there is mapped, not rebuilt.
+    files: a tf.data.Dataset of decoded uint8 images in ``keys`` order (tfds: its keys name the
+    data set and version). ``info`` (path -> FileInfo with content hashes) keys the disk cache
+    with the keys; a cache found there, or built earlier in this process, is reused.
     """
     keys, info = list(keys), info or {}
     key = (cache_key(keys, info, cfg), cfg.cache)
-    if images is None and key in _RECENT:    # tune trials, comparisons: decode once per process
+    if key in _RECENT:    # tune trials, comparisons: decode once per process
         _RECENT.move_to_end(key)
         _RECENT[key][0].source = "reused from this process"
         return _RECENT[key]
     final = cache_root(cfg) / key[0] if cfg.cache == "disk" else None
     result = _build_cache(keys, cfg, info, images, progress, final)
-    if images is None:
-        _RECENT[key] = result
-        while len(_RECENT) > 2:
-            _RECENT.popitem(last=False)
+    _RECENT[key] = result
+    while len(_RECENT) > 2:
+        _RECENT.popitem(last=False)
     return result
 
 

@@ -283,6 +283,33 @@ def test_tfds_mock_gives_batches_and_builder_classes():
         assert labels_of(ds.val) == [y for _, y in ds.files["val"]]
 
 
+def test_tfds_caches_are_keyed_by_the_data_set_and_reused_within_a_process(tmp_path, monkeypatch):
+    """Two tfds data sets with the same split sizes never share a disk cache (cifar10 and
+    cifar100 both have 50,000 + 10,000 images); the same one built again in this process (tune
+    trials, compare runs) is not decoded again."""
+    import tensorflow_datasets as tfds
+    from kfine import pipeline
+    monkeypatch.setenv("KFINE_CACHE", str(tmp_path / "cache"))
+    pipeline._RECENT.clear()
+
+    def build(name):
+        cfg = DataConfig(source="tfds", name=name, image_size=(32, 32), batch_size=4, download=False,
+                         val_fraction=0.0, test_split=None, cache="disk")
+        return data.make_datasets(cfg, seed=0)
+
+    with tfds.testing.mock_data(num_examples=12):
+        before = pipeline.BUILT["decoded"]
+        beans = build("beans")
+        decoded = pipeline.BUILT["decoded"]
+        again = build("beans")
+        after_again = pipeline.BUILT["decoded"]
+        flowers = build("tf_flowers")
+    assert beans.files["train"][0][0].startswith("tfds:beans/") and decoded == before + 12
+    assert again.cache.source == "reused from this process" and after_again == decoded
+    assert flowers.cache.path != beans.cache.path and pipeline.BUILT["decoded"] == decoded + 12
+    assert len(list((tmp_path / "cache" / "images").iterdir())) == 2
+
+
 def test_tfds_missing_without_download_says_where(tmp_path):
     cfg = DataConfig(source="tfds", name="beans", download=False, data_dir=str(tmp_path / "tfds"))
     with pytest.raises(data.DataError) as e:
