@@ -261,7 +261,7 @@ def crop_loader(img: tf.Tensor):
 
 def crop_uniforms(seed, attempts: int = CROP_ATTEMPTS) -> tf.Tensor:
     """The uniforms ``crop_box`` consumes, drawn statelessly from ``seed`` in one op."""
-    return tf.random.stateless_uniform([2 * attempts + 2], seed, dtype=tf.float32)
+    return _uniform(seed, 0.0, 1.0, [2 * attempts + 2])
 
 
 ANTIALIAS_ABOVE = 1.5   # downscales by more than this are antialiased; below, bilinear differs by < 1 grey level
