@@ -35,13 +35,17 @@ run decodes nothing. Delete the folder to clear it. ``none`` decodes every file 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -49,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from kfine.log import quiet_stderr
-from kfine.sources import BadImageError, scan_files
+from kfine.sources import BadImageError, DataError, scan_files
 
 CACHE_VERSION = 5            # bump when what the cache holds changes (the resize below)
 CROP_RATIO = 3 / 4, 4 / 3    # torchvision RandomResizedCrop's default aspect-ratio range
@@ -477,7 +481,10 @@ def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> 
     Returns (cache, {key: reason} for keys that failed to decode). ``images`` replaces reading
     files: a tf.data.Dataset of decoded uint8 images in ``keys`` order (tfds: its keys name the
     data set and version). ``info`` (path -> FileInfo with content hashes) keys the disk cache
-    with the keys; a cache found there, or built earlier in this process, is reused.
+    with the keys; a cache found there, or built earlier in this process, is reused. Before
+    decoding, the cache's size (from the header sizes in ``info``) is checked against the
+    memory or disk there is (``check_room``), and temporary folders that dead builds left under
+    the cache root are removed (``clean_stale``).
     """
     keys, info = list(keys), info or {}
     key = (cache_key(keys, info, cfg), cfg.cache)
@@ -485,6 +492,7 @@ def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> 
         _RECENT.move_to_end(key)
         _RECENT[key][0].source = "reused from this process"
         return _RECENT[key]
+    clean_stale(cache_root(cfg))
     final = cache_root(cfg) / key[0] if cfg.cache == "disk" else None
     result = _build_cache(keys, cfg, info, images, progress, final)
     _RECENT[key] = result
@@ -500,47 +508,197 @@ BUILT = Counter()   # images decoded into caches in this process (tests assert r
 
 def _build_cache(keys, cfg, info, images, progress, final):
     if final is not None and (final / "index.npz").is_file():
-        with np.load(final / "index.npz", allow_pickle=False) as z:
-            saved = dict(zip(z["keys"].tolist(), zip(z["offsets"], z["shapes"])))
-            bad = dict(zip(z["bad_keys"].tolist(), z["bad_reasons"].tolist()))
-        if set(keys) <= set(saved) | set(bad):
-            good = [k for k in keys if k in saved]
-            pixels = np.memmap(final / "pixels.u8", np.uint8, mode="r")
-            return (ImageCache(good, np.array([saved[k][0] for k in good], np.int64),
-                               np.array([saved[k][1] for k in good], np.int32).reshape(-1, 2), pixels,
-                               cfg.cache_size, cfg.image_size, final),
-                    {k: bad[k] for k in keys if k in bad})
+        found = _load_published(final, keys, cfg)
+        if found is not None:
+            return found
     if cfg.cache == "none" and images is None:   # decode to find bad files, keep nothing
         with quiet_stderr():
             ok = {int(i) for i, _ in _decoded(keys, cfg).map(graph_fn(lambda i, img: (i, 0))).as_numpy_iterator()}
         bad = {k: _bad_reason(k) for i, k in enumerate(keys) if i not in ok}
         return ImageCache([k for k in keys if k not in bad], None, None, None, cfg.cache_size, cfg.image_size), bad
 
-    estimate = sum(3 * math.prod(cache_hw(i.height, i.width, cfg.cache_size, cfg.image_size))
-                   for i in (info.get(k) for k in keys) if i is not None and i.height)
+    estimate = cache_bytes(keys, info, cfg)
+    check_room(estimate, len(keys), cfg)
     buf = _Buffer(max(estimate, 1 << 16), final)
-    offsets, shapes = np.zeros(len(keys), np.int64), np.zeros((len(keys), 2), np.int32)
-    done = np.zeros(len(keys), bool)
-    source = _decoded(keys, cfg) if images is None else images.enumerate().map(
-        graph_fn(lambda i, img: (i, to_cache(img, cfg.cache_size, cfg.image_size))), num_parallel_calls=AUTOTUNE)
-    with quiet_stderr():   # libjpeg prints to stderr on a broken file; kfine reports it by path
-        for i, img in source.as_numpy_iterator():
-            offsets[i], shapes[i], done[i] = buf.append(img), img.shape[:2], True
-            BUILT["decoded"] += 1
-        if progress is not None:
-            progress(1)
-    bad = {k: (_bad_reason(k) if images is None else "could not be decoded") for k, d in zip(keys, done) if not d}
-    good = [i for i in range(len(keys)) if done[i]]
-    pixels = buf.finish()
-    cache = ImageCache([keys[i] for i in good], offsets[good], shapes[good], pixels,
-                       cfg.cache_size, cfg.image_size)
-    if final is not None:
-        cache = _publish(cache, bad, final, buf)
-    return cache, bad
+    try:
+        offsets, shapes = np.zeros(len(keys), np.int64), np.zeros((len(keys), 2), np.int32)
+        done = np.zeros(len(keys), bool)
+        source = _decoded(keys, cfg) if images is None else images.enumerate().map(
+            graph_fn(lambda i, img: (i, to_cache(img, cfg.cache_size, cfg.image_size))), num_parallel_calls=AUTOTUNE)
+        with quiet_stderr():   # libjpeg prints to stderr on a broken file; kfine reports it by path
+            for i, img in source.as_numpy_iterator():
+                offsets[i], shapes[i], done[i] = buf.append(img), img.shape[:2], True
+                BUILT["decoded"] += 1
+            if progress is not None:
+                progress(1)
+        bad = {k: (_bad_reason(k) if images is None else "could not be decoded") for k, d in zip(keys, done) if not d}
+        good = [i for i in range(len(keys)) if done[i]]
+        pixels = buf.finish()
+        cache = ImageCache([keys[i] for i in good], offsets[good], shapes[good], pixels,
+                           cfg.cache_size, cfg.image_size)
+        if final is None:
+            return cache, bad
+        return _publish(cache, bad, final, buf, cfg)
+    finally:   # published, or stopped (an error, Ctrl-C): no temporary folder stays behind
+        if buf.tmp is not None:
+            shutil.rmtree(buf.tmp, ignore_errors=True)
 
 
+def _load_published(final: Path, keys, cfg):
+    """(cache, bad) from a published disk cache: its own index (keys, offsets, shapes, the files
+    it could not decode) maps its pixels; None when that index does not cover ``keys``."""
+    with np.load(final / "index.npz", allow_pickle=False) as z:
+        saved = dict(zip(z["keys"].tolist(), zip(z["offsets"], z["shapes"])))
+        bad = dict(zip(z["bad_keys"].tolist(), z["bad_reasons"].tolist()))
+    if not set(keys) <= set(saved) | set(bad):
+        return None
+    good = [k for k in keys if k in saved]
+    pixels = np.memmap(final / "pixels.u8", np.uint8, mode="r")
+    return (ImageCache(good, np.array([saved[k][0] for k in good], np.int64),
+                       np.array([saved[k][1] for k in good], np.int32).reshape(-1, 2), pixels,
+                       cfg.cache_size, cfg.image_size, final),
+            {k: bad[k] for k in keys if k in bad})
+
+
+# ----------------------------------------------------------------------------- room for the cache
+MEMORY_SHARE = 0.8   # of the available memory a memory cache may take (the model, TF and tf.data need the rest)
+DISK_SHARE = 0.9     # of the free disk space a disk cache may take
+
+
+def cache_bytes(keys, info, cfg) -> int:
+    """The cache's size in bytes, from the header sizes the scan read: every image at its cached
+    size (``cache_hw``: aspect kept), uint8 RGB. Images without a known header size count 0."""
+    return sum(3 * math.prod(cache_hw(i.height, i.width, cfg.cache_size, cfg.image_size))
+               for i in (info.get(k) for k in keys) if i is not None and i.height)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: MemAvailable (/proc/meminfo), else the free physical
+    pages (os.sysconf), at most what a cgroup v2 memory limit (a container) leaves; None if unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the disk that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_room(estimate: int, count: int, cfg) -> None:
+    """Stop before decoding (DataError, one line naming the figures and what to set) when the
+    cache would not fit: a memory cache in MEMORY_SHARE of the available memory (caches this
+    process keeps for reuse are let go first), a disk cache in DISK_SHARE of the free disk."""
+    if not estimate or cfg.cache not in ("memory", "disk"):
+        return
+    size = cfg.cache_size if cfg.cache_size is not None else default_cache_size(cfg.image_size)
+    what = f"about {_gb(estimate)} for {count} images at cache size {size} (uint8 RGB)"
+    if cfg.cache == "memory":
+        avail = available_memory()
+        if avail is not None and estimate > MEMORY_SHARE * avail and _RECENT:
+            import gc
+            _RECENT.clear()
+            gc.collect()
+            avail = available_memory()
+        if avail is not None and estimate > MEMORY_SHARE * avail:
+            raise DataError(f"the image cache (data.cache: memory) needs {what}, more than "
+                            f"{MEMORY_SHARE:.0%} of the {_gb(max(avail, 0))} of memory available; set data.cache: disk "
+                            f"(data.cache_dir: where it is written), a smaller data.cache_size, or fewer images")
+    else:
+        root = cache_root(cfg)
+        free = free_disk(root)
+        if estimate > DISK_SHARE * free:
+            raise DataError(f"the disk cache (data.cache: disk) needs {what}, but {root} has {_gb(free)} free; "
+                            f"set data.cache_dir to a disk with room, a smaller data.cache_size, or data.cache: memory")
+
+
+# ----------------------------------------------------------------------------- temporary folders
+_STARTED = time.time()   # about when this process started (this module is imported early)
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_prefix(name: str) -> str:
+    """A build's temporary folder: ``.<key>.tmp-<host>-<pid>-<random>``, so that a later process
+    can tell one whose build died (its PID is gone) from one still being written."""
+    return f".{name}.tmp-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # PermissionError: another user's live process
+        return True
+    return True
+
+
+def is_stale(folder: Path) -> bool:
+    """A build's temporary folder whose process is gone: its PID (this host's) is dead, or, with
+    no PID in its name, nothing in it changed since this process started."""
+    m = re.fullmatch(r"\..+\.tmp-(?:([A-Za-z0-9._]+)-(\d+)-)?[^-]*", folder.name)
+    if m is None or not folder.is_dir():
+        return False
+    if m.group(2) is not None:
+        return m.group(1) == _HOST and not _alive(int(m.group(2)))
+    try:
+        newest = max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.iterdir()])
+    except OSError:
+        return False
+    return newest < _STARTED
+
+
+def disk_size(path: Path) -> int:
+    """Bytes ``path`` takes on disk (allocated blocks: a sparse file counts what it holds)."""
+    try:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return sum(p.stat().st_blocks * 512 for p in files)
+    except OSError:
+        return 0
+
+
+def clean_stale(root: Path) -> list[tuple[Path, int]]:
+    """Remove the temporary folders that builds killed midway left under the cache root;
+    [(folder, bytes)] of those removed."""
+    removed = []
+    if not Path(root).is_dir():
+        return removed
+    for folder in sorted(Path(root).glob(".*.tmp-*")):
+        if is_stale(folder):
+            size = disk_size(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append((folder, size))
+    return removed
+
+
+# ----------------------------------------------------------------------------- building
 class _Buffer:
-    """A growing flat uint8 buffer in RAM, or in a file for the disk cache."""
+    """A growing flat uint8 buffer in RAM, or in a file for the disk cache. The file is
+    allocated up front (posix_fallocate), so a full disk is an error here, naming the cache
+    folder, and never a SIGBUS on a write through the memory map."""
 
     def __init__(self, capacity: int, final: Path | None):
         self.size, self.tmp = 0, None
@@ -548,8 +706,32 @@ class _Buffer:
             self.data = np.empty(capacity, np.uint8)
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-            self.data = np.memmap(self.tmp / "pixels.u8", np.uint8, mode="w+", shape=(capacity,))
+            self.tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name), dir=final.parent))
+            try:
+                self._allocate(capacity)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            self.data = np.memmap(self.tmp / "pixels.u8", np.uint8, mode="r+", shape=(capacity,))
+
+    def _allocate(self, capacity: int):
+        """Make the pixel file ``capacity`` bytes of real disk blocks (ENOSPC: DataError)."""
+        with open(self.tmp / "pixels.u8", "a+b") as f:
+            try:
+                if hasattr(os, "posix_fallocate"):
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, capacity)
+                        return
+                    except OSError as e:
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                            raise
+                f.truncate(capacity)   # no fallocate here: a sparse file, as before
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DataError(f"the disk cache does not fit: {self.tmp.parent} ran out of space "
+                                    f"({_gb(capacity)} needed); free space there, set data.cache_dir to a disk "
+                                    f"with room, a smaller data.cache_size, or data.cache: memory") from None
+                raise
 
     def append(self, img: np.ndarray) -> int:
         n = img.size
@@ -568,8 +750,7 @@ class _Buffer:
         else:
             self.data.flush()
             del self.data
-            with open(self.tmp / "pixels.u8", "r+b") as f:
-                f.truncate(capacity)
+            self._allocate(capacity)
             self.data = np.memmap(self.tmp / "pixels.u8", np.uint8, mode="r+", shape=(capacity,))
 
     def finish(self):
@@ -582,17 +763,30 @@ class _Buffer:
         return None
 
 
-def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCache:
-    """Write the disk cache's index beside its pixels and rename the folder into place."""
+def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer, cfg) -> tuple[ImageCache, dict]:
+    """Write the disk cache's index (keys, offsets, shapes, the files it could not decode) into
+    the temporary folder beside its pixels and rename the folder into place: what is published
+    is complete and self-describing. A process that loses that race (another published the same
+    cache first) drops its own build and maps the winner's pixels by the WINNER's index: its
+    offsets would misread them where the two builds kept different files."""
     np.savez(buf.tmp / "index.npz", keys=np.array(cache.keys, dtype=str), offsets=cache.offsets,
              shapes=cache.shapes, bad_keys=np.array(list(bad), dtype=str),
              bad_reasons=np.array(list(bad.values()), dtype=str))
+    keys = cache.keys + list(bad)
     try:
         os.replace(buf.tmp, final)
-    except OSError:   # another process published the same cache first: use theirs
-        shutil.rmtree(buf.tmp, ignore_errors=True)
+        buf.tmp = None
+    except OSError as e:
+        if not (final / "index.npz").is_file():
+            raise DataError(f"could not publish the disk cache at {final}: {e.strerror or e}; "
+                            f"check data.cache_dir") from None
+        found = _load_published(final, keys, cfg)
+        if found is None:
+            raise DataError(f"the disk cache at {final} does not hold this data's files; delete the folder") from None
+        return found
     cache.pixels, cache.path = np.memmap(final / "pixels.u8", np.uint8, mode="r"), final
-    return cache
+    cache.source = "decoded"
+    return cache, bad
 
 
 # ----------------------------------------------------------------------------- datasets
