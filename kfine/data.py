@@ -12,6 +12,7 @@ with ``data.cache: disk`` decodes nothing). Images leave the pipeline as float32
 model does its own preprocessing.
 
     python -m kfine.data check ROOT_OR_CONFIG [--out DIR] [--samples N] [--class NAME]
+    python -m kfine.data clean-cache [--cache-dir DIR]
 """
 from __future__ import annotations
 
@@ -221,8 +222,37 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--out", help="write DIR/data_check.json and DIR/plots/samples_<class>.png")
     chk.add_argument("--samples", type=int, default=10, help="images in the sample grid")
     chk.add_argument("--class", dest="class_name", help="class for the sample grid (default: random)")
+    cln = sub.add_parser("clean-cache", help="remove what killed cache builds left behind; list the image caches")
+    cln.add_argument("--cache-dir", help="the image cache root (default: data.cache_dir's default, "
+                                         "$KFINE_CACHE/images or ~/.cache/kfine/images)")
     args = ap.parse_args(argv)
+    if args.command == "clean-cache":
+        return cli.run_command(lambda: _clean_command(args))
     return cli.run_command(lambda: _check_command(args))
+
+
+def _clean_command(args) -> int:
+    """``clean-cache``: the temporary folders of builds whose process is gone are removed; each
+    published cache is listed with its size (delete a folder to clear that cache)."""
+    from kfine.pipeline import cache_root, clean_stale, disk_size
+    root = cache_root(DataConfig(cache_dir=args.cache_dir))
+    removed = clean_stale(root)
+    mb = lambda n: f"{n / 1e6:,.0f} MB"   # noqa: E731
+    print(f"kfine: removed {len(removed)} temporary folder(s) left by stopped cache builds "
+          f"({mb(sum(n for _, n in removed))})")
+    for folder, n in removed:
+        print(f"  {folder.name}  {mb(n)}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    caches = [(p, disk_size(p)) for p in folders if not p.name.startswith(".")]
+    building = [p for p in folders if p.name.startswith(".")]
+    print(f"kfine: {len(caches)} image cache(s) in {root}: {mb(sum(n for _, n in caches))}"
+          + (" (delete a folder to clear that cache)" if caches else ""))
+    for folder, n in caches:
+        print(f"  {folder.name}  {mb(n)}")
+    if building:
+        print(f"kfine: {len(building)} folder(s) still being built by a live process, kept: "
+              + ", ".join(p.name for p in building))
+    return 0
 
 
 def _check_command(args) -> int:

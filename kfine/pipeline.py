@@ -538,7 +538,7 @@ def _build_cache(keys, cfg, info, images, progress, final):
                            cfg.cache_size, cfg.image_size)
         if final is None:
             return cache, bad
-        return _publish(cache, bad, final, buf, cfg)
+        return _publish(cache, bad, final, buf, keys, cfg)
     finally:   # published, or stopped (an error, Ctrl-C): no temporary folder stays behind
         if buf.tmp is not None:
             shutil.rmtree(buf.tmp, ignore_errors=True)
@@ -604,7 +604,7 @@ def free_disk(path: Path) -> int:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def check_room(estimate: int, count: int, cfg) -> None:
@@ -763,7 +763,7 @@ class _Buffer:
         return None
 
 
-def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer, cfg) -> tuple[ImageCache, dict]:
+def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer, keys, cfg) -> tuple[ImageCache, dict]:
     """Write the disk cache's index (keys, offsets, shapes, the files it could not decode) into
     the temporary folder beside its pixels and rename the folder into place: what is published
     is complete and self-describing. A process that loses that race (another published the same
@@ -772,7 +772,6 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer, cfg) -> tu
     np.savez(buf.tmp / "index.npz", keys=np.array(cache.keys, dtype=str), offsets=cache.offsets,
              shapes=cache.shapes, bad_keys=np.array(list(bad), dtype=str),
              bad_reasons=np.array(list(bad.values()), dtype=str))
-    keys = cache.keys + list(bad)
     try:
         os.replace(buf.tmp, final)
         buf.tmp = None

@@ -277,10 +277,29 @@ def trial_datasets(cfg: Config):
     from kfine import data as kdata
     key = yaml_value([to_dict(cfg.data), cfg.seed])
     if key not in _DATA_CACHE:
+        # One image cache at a time (each can be gigabytes): data sets over another cache are let
+        # go BEFORE decoding, those that share this one (they differ in batch size, augmentation
+        # ...) are kept.
+        for k in [k for k, d in _DATA_CACHE.items() if _image_part(d.config) != _image_part(cfg.data)]:
+            del _DATA_CACHE[k]
         while len(_DATA_CACHE) >= _DATA_CACHE_SIZE:
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
-        _DATA_CACHE[key] = kdata.make_datasets(cfg.data, cfg.seed)
+        new = _DATA_CACHE[key] = kdata.make_datasets(cfg.data, cfg.seed)
+        for k in [k for k, d in _DATA_CACHE.items() if d.cache is not new.cache]:
+            del _DATA_CACHE[k]
     return _DATA_CACHE[key]
+
+
+# data keys that change how images are viewed, not which images the cache holds nor at what size
+_VIEW_KEYS = dict(batch_size=0, augment=None, sampling="uniform", eval_transform="resize_center_crop",
+                  deterministic=False, check=True, val_fraction=0.0, test_fraction=0.0, on_bad_image="skip",
+                  download=True)
+
+
+def _image_part(data_cfg):
+    """The part of a data section that decides its image cache."""
+    from dataclasses import replace as dc_replace
+    return dc_replace(data_cfg, **_VIEW_KEYS)
 
 
 def pin_split(cfg: Config, search_dir: Path) -> Config:

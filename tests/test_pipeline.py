@@ -254,6 +254,219 @@ def test_cache_none_decodes_every_epoch_and_gives_the_same_images(tmp_path):
                                   np.concatenate([x.numpy() for x, _ in b.val]))
 
 
+# ----------------------------------------------------------------------------- room for the cache
+def _paths_info(root):
+    paths = sorted(str(p) for p in Path(root).rglob("*.png"))
+    return paths, sources.scan_files(paths)
+
+
+def test_the_cache_size_estimate_from_headers_is_what_the_cache_holds(tmp_path):
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=6)   # 40x48 images -> 37x44 at a 32 px crop
+    paths, info = _paths_info(root)
+    cache, _ = pipeline.build_cache(paths, cfg_for(root), info)
+    assert pipeline.cache_bytes(paths, info, cfg_for(root)) == cache.nbytes == 18 * 37 * 44 * 3
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_a_cache_larger_than_the_memory_or_disk_there_is_stops_the_run_before_decoding(tmp_path, monkeypatch, kind):
+    """24 images need 117 kB at the cache size; with 100 kB of memory (or disk) the run stops
+    before the decode pass, with one line naming the figure and what to set, and leaves no run
+    directory and no cache folder behind. With room, the same data builds."""
+    from conftest import make_folder
+    from kfine.config import load_config
+    from kfine.train import run
+    root = make_folder(tmp_path / "d", "single", per_class=8)
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 100_000)
+    monkeypatch.setattr(pipeline, "free_disk", lambda path: 100_000)
+    cache_dir = tmp_path / "cache"
+    cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", f"data.root={root}", "data.layout=single",
+                             "data.image_size=[32,32]", "data.batch_size=8", "model.weights=null", "train.verbose=0",
+                             "data.augment.enabled=false", "export.enabled=false", "name=t", "train.epochs=1",
+                             f"data.cache={kind}", f"data.cache_dir={cache_dir}"])
+    before = pipeline.BUILT["decoded"]
+    with pytest.raises(sources.DataError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "0.1 MB for 24 images at cache size 37" in msg
+    wanted = ["data.cache: disk", "data.cache_size", "data.cache_dir"] if kind == "memory" else \
+        [str(cache_dir), "data.cache_dir", "data.cache_size"]
+    assert all(w in msg for w in wanted), msg
+    assert pipeline.BUILT["decoded"] == before                      # nothing was decoded
+    assert not (tmp_path / "runs" / "t").exists()                   # and no run directory is left
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 10_000_000)
+    monkeypatch.setattr(pipeline, "free_disk", lambda path: 10_000_000)
+    pipeline._RECENT.clear()
+    assert len(data.make_datasets(cfg.data, seed=0).cache) == 24
+
+
+@pytest.mark.parametrize("when", ["up front", "midway"])
+def test_a_full_disk_while_building_is_a_clean_error_naming_the_cache_dir(tmp_path, monkeypatch, when):
+    """The disk cache's file is allocated (posix_fallocate) before it is written through the
+    memory map: ENOSPC is then an error naming the cache folder, not a SIGBUS. "midway": the
+    estimate is too small, the file grows during the pass and the disk is full then."""
+    import errno
+    import os
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=8)
+    calls, real = [], os.posix_fallocate
+
+    def allocate(fd, offset, length):
+        calls.append(length)
+        if when == "up front" or len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+    monkeypatch.setattr(os, "posix_fallocate", allocate)
+    if when == "midway":
+        monkeypatch.setattr(pipeline, "cache_bytes", lambda *a: 0)   # 64 kB to start; the images need 117 kB
+    cache_dir = tmp_path / "cache"
+    before = pipeline.BUILT["decoded"]
+    with pytest.raises(sources.DataError) as err:
+        data.make_datasets(cfg_for(root, cache="disk", cache_dir=str(cache_dir)), seed=0)
+    msg = str(err.value)
+    assert "\n" not in msg and str(cache_dir) in msg and "ran out of space" in msg and "data.cache_dir" in msg
+    assert list(cache_dir.iterdir()) == []                          # no temporary folder left
+    assert (pipeline.BUILT["decoded"] > before) == (when == "midway") and len(calls) == (1 if when == "up front" else 2)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _fake_build(folder: Path, nbytes: int, mtime: float | None = None) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "pixels.u8").write_bytes(b"\1" * nbytes)
+    if mtime is not None:
+        import os
+        for p in (folder / "pixels.u8", folder):
+            os.utime(p, (mtime, mtime))
+    return folder
+
+
+def stale_and_live_builds(cache: Path) -> tuple[list[Path], list[Path]]:
+    """Temporary folders of cache builds: (those of dead processes, those that may be live)."""
+    import os
+    import time
+    host, dead = pipeline._HOST, _dead_pid()
+    stale = [_fake_build(cache / f".k1.tmp-{host}-{dead}-ab_1", 3_000_000),
+             _fake_build(cache / ".k2.tmp-ab_2", 1000, mtime=time.time() - 3600)]   # no PID, older than us
+    live = [_fake_build(cache / f".k3.tmp-{host}-{os.getpid()}-ab_3", 1000),
+            _fake_build(cache / f".k4.tmp-elsewhere-{dead}-ab_4", 1000),            # another host's PID
+            _fake_build(cache / ".k5.tmp-ab_5", 1000)]                               # no PID, written now
+    return stale, live
+
+
+def test_temporary_folders_of_dead_builds_are_removed_at_start(tmp_path):
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=6)
+    stale, live = stale_and_live_builds(tmp_path / "cache")
+    ds = data.make_datasets(cfg_for(root, cache="disk", cache_dir=str(tmp_path / "cache")), seed=0)
+    assert [p.exists() for p in stale] == [False, False] and all(p.exists() for p in live)
+    assert sorted((tmp_path / "cache").iterdir()) == sorted(live + [ds.cache.path])
+
+
+def _memory_pixels(paths, info, cfg):
+    cache, _ = pipeline.build_cache(paths, replace(cfg, cache="memory"), info)
+    return {k: cache.get(cache.slot[k]) for k in cache.keys}
+
+
+@pytest.mark.parametrize("who_skips", ["loser", "winner"])
+def test_a_build_that_loses_the_publish_race_reads_the_winners_index(tmp_path, monkeypatch, who_skips):
+    """Two builds of one disk cache, one of which could not read the second file (a transient
+    error): the one that publishes second finds the first's folder in place and reads ITS
+    pixels by ITS index, so every image it keeps is the right one."""
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=8)
+    paths, info = _paths_info(root)
+    cfg = cfg_for(root, cache="disk", cache_dir=str(tmp_path / "cache"))
+    want = _memory_pixels(paths, info, cfg)
+    real_publish, real_decoded = pipeline._publish, pipeline._decoded
+
+    def skipping(keys, c):   # the second file fails to read
+        return real_decoded(keys, c).filter(lambda i, img: tf.not_equal(i, 1))
+
+    def winner_publishes_first(*args):
+        monkeypatch.setattr(pipeline, "_publish", real_publish)
+        monkeypatch.setattr(pipeline, "_decoded", skipping if who_skips == "winner" else real_decoded)
+        pipeline._RECENT.clear()
+        winners.append(pipeline.build_cache(paths, cfg, info)[0])
+        return real_publish(*args)
+
+    winners = []
+    monkeypatch.setattr(pipeline, "_publish", winner_publishes_first)
+    monkeypatch.setattr(pipeline, "_decoded", skipping if who_skips == "loser" else real_decoded)
+    pipeline._RECENT.clear()
+    loser, bad = pipeline.build_cache(paths, cfg, info)
+    winner = winners[0]
+    assert loser.keys == winner.keys and loser.path == winner.path
+    assert (paths[1] in bad) == (who_skips == "winner") and len(loser) == len(paths) - len(bad)
+    for k in loser.keys:
+        np.testing.assert_array_equal(loser.get(loser.slot[k]), want[k])
+        np.testing.assert_array_equal(winner.get(winner.slot[k]), want[k])
+    assert list((tmp_path / "cache").iterdir()) == [loser.path]     # the loser's build is gone
+
+
+RACE_SCRIPT = """
+import sys, time
+from pathlib import Path
+import numpy as np
+import tensorflow as tf
+from kfine import pipeline, sources
+from kfine.config import AugmentConfig, DataConfig
+root, cache_dir, me, other, skip, out = sys.argv[1:]
+paths = sorted(str(p) for p in Path(root).rglob("*.png"))
+info = sources.scan_files(paths)
+cfg = DataConfig(root=root, image_size=(32, 32), cache="disk", cache_dir=cache_dir, augment=AugmentConfig(enabled=False))
+real_decoded, real_publish = pipeline._decoded, pipeline._publish
+if skip != "-":   # a transient read error on one file
+    j = paths.index(skip)
+    pipeline._decoded = lambda keys, c: real_decoded(keys, c).filter(lambda i, img: tf.not_equal(i, j))
+def publish(*args):   # both builds are done before either publishes
+    Path(me).touch()
+    while not Path(other).exists():
+        time.sleep(0.02)
+    return real_publish(*args)
+pipeline._publish = publish
+cache, bad = pipeline.build_cache(paths, cfg, info)
+np.savez(out, keys=np.array(cache.keys), bad=np.array(list(bad), dtype=str),
+         **{f"i{n}": cache.get(n) for n in range(len(cache))})
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_building_one_disk_cache_read_the_same_right_pixels(tmp_path):
+    """Two real processes build the same disk cache at once, one unable to read the second
+    file: whichever loses the publish race maps the winner's pixels by the winner's index, so
+    both keep the same files and read the right pixels for each."""
+    import os
+    import subprocess
+    import sys
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=8)
+    paths, info = _paths_info(root)
+    cache_dir = tmp_path / "cache"
+    want = _memory_pixels(paths, info, cfg_for(root))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(root), str(cache_dir), str(me), str(other),
+                               skip, str(tmp_path / f"{me.name}.npz")], env=env)
+             for me, other, skip in ((a, b, "-"), (b, a, paths[1]))]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    got = [np.load(tmp_path / f"{n}.npz") for n in "ab"]
+    assert got[0]["keys"].tolist() == got[1]["keys"].tolist() and got[0]["bad"].tolist() == got[1]["bad"].tolist()
+    assert len(got[0]["keys"]) >= len(paths) - 1
+    for g in got:
+        for n, k in enumerate(g["keys"].tolist()):
+            np.testing.assert_array_equal(g[f"i{n}"], want[k])
+    assert len(list(cache_dir.iterdir())) == 1                      # one published cache, no temporary folder
+
+
 # ----------------------------------------------------------------------------- header sizes
 def _png_header_only(w: int, h: int) -> bytes:
     """A valid PNG signature + IHDR claiming w x h, and one tiny IDAT: kilobytes for gigapixels."""
