@@ -434,3 +434,48 @@ def test_huge_image_decodes_and_resizes(tmp_path):
     img = load_image(str(p), (32, 48))
     assert img.shape == (32, 48, 3) and img.dtype == np.uint8
     assert img[:, :20].mean() < 10 and img[:, 28:].mean() > 245   # left dark, right bright
+
+
+# ----------------------------------------------------------------------------- cache housekeeping
+def test_clean_cache_removes_dead_builds_and_reports_what_the_caches_take(tmp_path, monkeypatch, capsys):
+    """``python -m kfine.data clean-cache``: the temporary folders of builds whose process died
+    go (with their size), live ones stay, and each cache under the root is listed with its size."""
+    from test_pipeline import _fake_build, stale_and_live_builds
+    monkeypatch.setenv("KFINE_CACHE", str(tmp_path / "kf"))   # the default root: $KFINE_CACHE/images
+    root = tmp_path / "kf" / "images"
+    stale, live = stale_and_live_builds(root)
+    cache = _fake_build(root / "0123456789abcdef0123", 2_000_000)
+    assert data.main(["clean-cache"]) == 0
+    out = capsys.readouterr().out
+    assert [p.exists() for p in stale] == [False, False] and all(p.exists() for p in live) and cache.exists()
+    assert "removed 2 temporary folder(s) left by stopped cache builds (3 MB)" in out
+    assert f"{stale[0].name}  3 MB" in out and f"1 image cache(s) in {root}: 2 MB" in out
+    assert f"{cache.name}  2 MB" in out and all(p.name in out for p in live)
+    assert data.main(["clean-cache", "--cache-dir", str(tmp_path / "none")]) == 0   # no root yet: nothing to do
+    assert "removed 0 temporary folder(s)" in capsys.readouterr().out
+
+
+def test_a_search_holds_one_image_cache_at_a_time(tmp_path, monkeypatch):
+    """kfine.tune's data sets: those over the same image cache (other batch size, augmentation)
+    are kept together; one over another cache (another image size) replaces them, and they are
+    let go BEFORE it decodes."""
+    from kfine import tune
+    root = make_folder(tmp_path / "d", "single", per_class=6)
+    cfg = load_config(None, [f"data.root={root}", "data.image_size=[32,32]", "data.batch_size=8",
+                             "data.augment.enabled=false"])
+    held_at_build = []
+    real = data.make_datasets
+    monkeypatch.setattr(data, "make_datasets", lambda *a, **k: held_at_build.append(len(tune._DATA_CACHE)) or real(*a, **k))
+    monkeypatch.setattr(tune, "_DATA_CACHE", {})
+    a = tune.trial_datasets(cfg)
+    b = tune.trial_datasets(replace_cfg(cfg, "data.batch_size=4"))
+    assert b is not a and b.cache is a.cache and list(tune._DATA_CACHE.values()) == [a, b]
+    c = tune.trial_datasets(replace_cfg(cfg, "data.image_size=[24,24]"))
+    assert c.cache is not a.cache and list(tune._DATA_CACHE.values()) == [c]
+    assert held_at_build == [0, 1, 0]
+    assert tune.trial_datasets(replace_cfg(cfg, "data.image_size=[24,24]")) is c
+
+
+def replace_cfg(cfg, override):
+    from kfine.config import replace as config_replace
+    return config_replace(cfg, [override])
