@@ -32,6 +32,14 @@ The cache holds every image of the index, flat: one uint8 buffer, an offset and 
 the file list (content hashes) and the cache size, and maps it back in later runs, tune trials
 and comparisons of the same data, so a set larger than RAM trains at cached speed and a second
 run decodes nothing. Delete the folder to clear it. ``none`` decodes every file every epoch.
+
+Before decoding, the cache's size (from the header sizes the scan read) is checked against the
+memory or the free disk there is (``check_room``): a cache that cannot fit stops the run in one
+line, not the OOM killer minutes later. The disk cache's file is allocated up front (a full disk
+is an error naming the folder, not a SIGBUS) and published by renaming a finished temporary folder
+that holds its own index, which is the only index anyone reads it by (a process that loses the
+publish race included). Temporary folders of builds whose process died are removed at the next
+build and by ``python -m kfine.data clean-cache``.
 """
 from __future__ import annotations
 
