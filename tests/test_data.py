@@ -465,7 +465,11 @@ def test_a_search_holds_one_image_cache_at_a_time(tmp_path, monkeypatch):
                              "data.augment.enabled=false"])
     held_at_build = []
     real = data.make_datasets
-    monkeypatch.setattr(data, "make_datasets", lambda *a, **k: held_at_build.append(len(tune._DATA_CACHE)) or real(*a, **k))
+
+    def make_datasets(*args, **kwargs):
+        held_at_build.append(len(tune._DATA_CACHE))   # data sets still held when this one decodes
+        return real(*args, **kwargs)
+    monkeypatch.setattr(data, "make_datasets", make_datasets)
     monkeypatch.setattr(tune, "_DATA_CACHE", {})
     a = tune.trial_datasets(cfg)
     b = tune.trial_datasets(replace_cfg(cfg, "data.batch_size=4"))

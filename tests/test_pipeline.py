@@ -421,7 +421,8 @@ from kfine.config import AugmentConfig, DataConfig
 root, cache_dir, me, other, skip, out = sys.argv[1:]
 paths = sorted(str(p) for p in Path(root).rglob("*.png"))
 info = sources.scan_files(paths)
-cfg = DataConfig(root=root, image_size=(32, 32), cache="disk", cache_dir=cache_dir, augment=AugmentConfig(enabled=False))
+cfg = DataConfig(root=root, image_size=(32, 32), cache="disk", cache_dir=cache_dir,
+                 augment=AugmentConfig(enabled=False))
 real_decoded, real_publish = pipeline._decoded, pipeline._publish
 if skip != "-":   # a transient read error on one file
     j = paths.index(skip)
