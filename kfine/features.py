@@ -18,8 +18,11 @@ distribution at no saving.
 
 The head trains on the examples uncached training would draw: the same permutation of the whole
 index per epoch, or with ``data.sampling: balanced`` the image pipeline's own balanced draw
-(kfine.pipeline.balanced) over positions in the file list; cache_reason refuses what it cannot
-draw (MixUp/CutMix blend pairs of images: kfine.augment.reusable_features).
+(kfine.pipeline.balanced) over positions in the file list, batched and repeated as kfine.train
+batches images (batch size, drop_remainder, steps per epoch); cache_reason refuses what it cannot
+draw (MixUp/CutMix blend pairs of images: kfine.augment.reusable_features). With balanced
+sampling and augmentation, an image drawn more than once in an epoch (a small class's) is the
+same cached view each time, where uncached training augments every draw anew.
 
 The cache is keyed by everything that changes the features: the backbone's weights (a hash of
 their values, so random, ImageNet and local weights are told apart), its config (preprocessing,
@@ -65,7 +68,9 @@ class Features:
 
 def cache_reason(model, cfg, phase, epochs: int) -> str | None:
     """None when ``phase`` (already applied with kfine.freeze.apply_freeze), training for
-    ``epochs`` epochs, can train on cached features and gains from it; else why not (logged)."""
+    ``epochs`` epochs, can train on cached features and gains from it; else why not (logged).
+    Every data option that changes which examples a batch holds is drawn alike by
+    feature_datasets or refused here (tests/test_features.py lists them)."""
     from kfine.augment import reusable_features
     from kfine.distribute import feature_cache_reason
     from kfine.freeze import features_frozen
@@ -93,7 +98,7 @@ def views(cfg) -> int:
     return cfg.train.feature_cache_views if cfg.data.augment.enabled else 1
 
 
-def layer_config(layer) -> str:
+def _layer_config(layer) -> str:
     """``layer.get_config()`` as JSON, with the name of every layer of a functional model (and of
     the model itself) replaced by its position: Keras numbers the names it generates per process
     (``input_layer``, ``input_layer_1``, ...), which would give the same backbone built twice
@@ -130,7 +135,7 @@ def layer_config(layer) -> str:
 def _weights_hash(layers) -> str:
     h = hashlib.sha1()
     for layer in layers:
-        h.update(layer_config(layer).encode())
+        h.update(_layer_config(layer).encode())
         for w in layer.weights:
             h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
     return h.hexdigest()
