@@ -158,6 +158,7 @@ def fit_labels(monkeypatch) -> list:
         def record(y):
             batches.append(y.numpy())
             return y
+
         def recorded(a, y):
             out = tf.py_function(record, [y], y.dtype)
             out.set_shape(y.shape)
@@ -177,10 +178,10 @@ def test_balanced_sampling_draws_the_same_minority_share_with_and_without_the_ca
                        "data.sampling=balanced", "data.check=false")
     shares = {}
     for name, extra in (("cached", []), ("plain", ["train.feature_cache=off"])):
-        seen = fit_labels(monkeypatch)
-        monkeypatch.setattr("kfine.train.finish_run", lambda *a: None)   # training is what is compared
-        run(load_config(None, common + [f"name={name}", *extra]))
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            seen = fit_labels(m)
+            m.setattr("kfine.train.finish_run", lambda *a: None)   # training is what is compared
+            run(load_config(None, common + [f"name={name}", *extra]))
         (labels, steps, epochs), = seen
         shares[name] = [np.mean(np.concatenate(labels[e * steps:(e + 1) * steps]) == 1) for e in range(epochs)]
     out = capsys.readouterr().out
