@@ -102,7 +102,9 @@ def _layer_config(layer) -> str:
     """``layer.get_config()`` as JSON, with the name of every layer of a functional model (and of
     the model itself) replaced by its position: Keras numbers the names it generates per process
     (``input_layer``, ``input_layer_1``, ...), which would give the same backbone built twice
-    another key. What a layer computes is in the rest of the config and in its weights."""
+    another key. ``trainable`` flags are left out too: features are only computed where nothing
+    in the backbone trains (cache_reason), whichever freeze spec got it there. What a layer
+    computes is in the rest of the config and in its weights."""
     config = layer.get_config()
     names = {}
 
@@ -120,7 +122,7 @@ def _layer_config(layer) -> str:
 
     def canon(x):
         if isinstance(x, dict):
-            return {k: canon(v) for k, v in x.items()}
+            return {k: canon(v) for k, v in x.items() if k != "trainable"}
         if isinstance(x, (list, tuple)):
             return [canon(v) for v in x]
         return names.get(x, x) if isinstance(x, str) else x

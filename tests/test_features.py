@@ -286,6 +286,8 @@ def test_the_cache_draws_what_uncached_training_draws_or_is_refused(tmp_path, fo
 # ----------------------------------------------------------------------------- the feature key
 def test_the_same_backbone_built_again_or_in_a_fresh_process_reuses_its_features(tmp_path, folder):
     from kfine import data
+    from kfine.config import FreezeConfig
+    from kfine.freeze import apply_freeze
     from kfine.model import build_model
     cfg = load_config(None, overrides(tmp_path, folder, *SCRATCH, HEAD_ONLY, "data.augment.enabled=false",
                                       "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"))
@@ -300,6 +302,9 @@ def test_the_same_backbone_built_again_or_in_a_fresh_process_reuses_its_features
     before = features.COMPUTED["features"]
     assert features.get_features(first, ds, cfg).source == "computed"
     assert features.get_features(again(), ds, cfg).source == "memory"
+    other_freeze = again()   # another head-only freeze spec: only layers without variables train
+    apply_freeze(other_freeze, cfg.model.backbone, FreezeConfig(strategy="regex", pattern="_act$"))
+    assert features.get_features(other_freeze, ds, cfg).source == "memory"
     features._RECENT.clear()   # a fresh process: nothing in memory, the disk cache of the first
     assert features.get_features(again(), data.make_datasets(cfg.data, cfg.seed), cfg).source == "disk"
     assert features.COMPUTED["features"] == before + 1
