@@ -243,8 +243,9 @@ NOT_DRAW = {   # key: why it leaves the draw alone (or where it is handled)
     "data.augment": "per-image views: kfine.augment.reusable_features and the feature key; mixing keys are in DRAW",
     "data.augment.mix_off_epochs": "only with mixup/cutmix, which are refused",
     "train.class_weight": "weights each example's loss (fit gets it on both paths), draws nothing",
+    "train.phases": "which epochs a fit covers; the draw of each epoch follows the per-epoch seeding (resume)",
     **{f"train.{k}": "how the model trains, not on which examples" for k in (
-        "epochs", "phases", "optimizer", "schedule", "lr_multipliers", "layer_decay", "ema", "label_smoothing",
+        "epochs", "optimizer", "schedule", "lr_multipliers", "layer_decay", "ema", "label_smoothing",
         "precision", "feature_cache", "feature_cache_views", "steps_per_execution", "restore_best", "checkpoint",
         "early_stopping", "wandb", "verbose", "scale_lr_with_batch", "lr_base_batch")},
 }
