@@ -16,11 +16,21 @@ e mod K: K backbone passes instead of one per epoch, at the price of the head se
 augmentations instead of one per epoch. K = the phase's epochs is uncached training's
 distribution at no saving.
 
+The head trains on the examples uncached training would draw: the same permutation of the whole
+index per epoch, or with ``data.sampling: balanced`` the image pipeline's own balanced draw
+(kfine.pipeline.balanced) over positions in the file list, batched and repeated as kfine.train
+batches images (batch size, drop_remainder, steps per epoch); cache_reason refuses what it cannot
+draw (MixUp/CutMix blend pairs of images: kfine.augment.reusable_features). With balanced
+sampling and augmentation, an image drawn more than once in an epoch (a small class's) is the
+same cached view each time, where uncached training augments every draw anew.
+
 The cache is keyed by everything that changes the features: the backbone's weights (a hash of
-their values, so random, ImageNet and local weights are told apart), its preprocessing and
-pooling, the image cache (file list, content hashes, cache size), the eval transform, the
-augmentation settings and seed, K, and the train/val file lists. Search trials and comparison
-runs with the same key reuse it (``COMPUTED`` counts what was computed, for tests).
+their values, so random, ImageNet and local weights are told apart), its config (preprocessing,
+architecture, pooling, dtype policy; without the layer names Keras generates per process, so the
+same backbone built twice, or in another process, gets the same key), the image cache (file list,
+content hashes, cache size), the image size and eval transform, the augmentation settings and
+seed, K, the train/val file lists and FEATURES_VERSION. Search trials, comparison runs and
+notebook reruns with the same key reuse it (``COMPUTED`` counts what was computed, for tests).
 """
 from __future__ import annotations
 
@@ -33,6 +43,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+
+# Part of every feature key. Bump it when a code change alters the features computed from the same
+# images and weights: the crop/flip/affine/jitter or eval-transform code (kfine.pipeline), the
+# per-image recipes (kfine.augment), or the feature pass here; disk caches written by older code
+# are then recomputed, never reused.
+FEATURES_VERSION = 2
+SAMPLINGS = ("uniform", "balanced")   # the data.sampling draws feature_datasets makes
 
 COMPUTED = Counter()            # feature sets computed in this process
 _RECENT: OrderedDict = OrderedDict()   # the last feature sets, by key (bounded: they can be large)
@@ -51,7 +68,9 @@ class Features:
 
 def cache_reason(model, cfg, phase, epochs: int) -> str | None:
     """None when ``phase`` (already applied with kfine.freeze.apply_freeze), training for
-    ``epochs`` epochs, can train on cached features and gains from it; else why not (logged)."""
+    ``epochs`` epochs, can train on cached features and gains from it; else why not (logged).
+    Every data option that changes which examples a batch holds is drawn alike by
+    feature_datasets or refused here (tests/test_features.py lists them)."""
     from kfine.augment import reusable_features
     from kfine.distribute import feature_cache_reason
     from kfine.freeze import features_frozen
@@ -63,9 +82,11 @@ def cache_reason(model, cfg, phase, epochs: int) -> str | None:
     frozen, why = features_frozen(model, phase)
     if not frozen:
         return why
-    reusable, why = reusable_features(cfg.data.augment)
+    reusable, why = reusable_features(cfg.data.augment)   # MixUp/CutMix: batches of blended pairs
     if not reusable:
         return why
+    if cfg.data.sampling not in SAMPLINGS:
+        return f"data.sampling: {cfg.data.sampling} has no draw over cached features ({', '.join(SAMPLINGS)} do)"
     k = views(cfg)
     if k >= epochs:
         return (f"the phase trains {epochs} epoch{'s' if epochs > 1 else ''}: computing {k} cached "
@@ -77,10 +98,46 @@ def views(cfg) -> int:
     return cfg.train.feature_cache_views if cfg.data.augment.enabled else 1
 
 
+def _layer_config(layer) -> str:
+    """``layer.get_config()`` as JSON, with the name of every layer of a functional model (and of
+    the model itself) replaced by its position: Keras numbers the names it generates per process
+    (``input_layer``, ``input_layer_1``, ...), which would give the same backbone built twice
+    another key. ``trainable`` flags are left out too: features are only computed where nothing
+    in the backbone trains (cache_reason), whichever freeze spec got it there. What a layer
+    computes is in the rest of the config and in its weights."""
+    config = layer.get_config()
+    names = {}
+
+    def collect(x):
+        if isinstance(x, dict):
+            if isinstance(x.get("layers"), list):
+                for sub in x["layers"]:
+                    if isinstance(sub, dict) and isinstance(sub.get("name"), str):
+                        names.setdefault(sub["name"], f"#{len(names)}")
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+
+    def canon(x):
+        if isinstance(x, dict):
+            return {k: canon(v) for k, v in x.items() if k != "trainable"}
+        if isinstance(x, (list, tuple)):
+            return [canon(v) for v in x]
+        return names.get(x, x) if isinstance(x, str) else x
+
+    collect(config)
+    config = canon(config)
+    if isinstance(config, dict):
+        config.pop("name", None)   # the model's own name
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 def _weights_hash(layers) -> str:
     h = hashlib.sha1()
     for layer in layers:
-        h.update(json.dumps(layer.get_config(), sort_keys=True, default=str).encode())
+        h.update(_layer_config(layer).encode())
         for w in layer.weights:
             h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
     return h.hexdigest()
@@ -91,7 +148,7 @@ def feature_key(model, datasets, cfg) -> str:
     from kfine.model import get_backbone
     from kfine.pipeline import cache_key
     d = datasets.config
-    spec = {"v": 1, "weights": _weights_hash([model.get_layer("preprocess"), get_backbone(model)]),
+    spec = {"v": FEATURES_VERSION, "weights": _weights_hash([model.get_layer("preprocess"), get_backbone(model)]),
             "images": cache_key(datasets.cache.keys, datasets.index.info, d), "image_size": list(d.image_size),
             "cache_size": d.cache_size, "eval_transform": d.eval_transform, "views": views(cfg),
             "augment": to_dict(d.augment) if d.augment.enabled else None, "seed": datasets.seed,
@@ -177,11 +234,13 @@ def _save(feats: Features, path: Path) -> None:
 
 
 def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: int, steps: int,
-                     drop_remainder: bool = False):
-    """(train, val) tf.data of (features, label) batches. Train: the same permutation per epoch
-    as the image pipeline (a shuffle of the whole index with the run's seed, batched, repeated),
+                     drop_remainder: bool = False, sampling: str = "uniform"):
+    """(train, val) tf.data of (features, label) batches. Train: the same draw per epoch as the
+    image pipeline (``sampling`` is data.sampling: a shuffle of the whole index with the run's
+    seed, or kfine.pipeline.balanced over the positions of the file list; batched, repeated),
     and view ``epoch mod K`` of each image; epochs are counted from ``start_epoch``."""
     import tensorflow as tf
+    from kfine.pipeline import balanced
     k, n = feats.train.shape[0], feats.train.shape[1]
     labels = tf.constant(feats.train_labels)
 
@@ -191,7 +250,13 @@ def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: i
         x.set_shape([None, feats.train.shape[2]])
         return x, tf.gather(labels, idx)
 
-    train = (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling {sampling!r}: feature_datasets draws {', '.join(SAMPLINGS)}")
+    if sampling == "balanced":   # the very draw of the image pipeline: positions stand in for cache slots
+        order = balanced(np.arange(n, dtype=np.int64), feats.train_labels, seed).map(lambda i, y: i)
+    else:
+        order = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    train = (order
              .batch(batch_size, drop_remainder=drop_remainder).repeat().enumerate().map(gather)
              .prefetch(tf.data.AUTOTUNE))
     val = None

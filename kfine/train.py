@@ -244,7 +244,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
             print(f"kfine: phase {i}: {features.describe(feats, seconds)}", flush=True)
             fit_model = features.head_model(model)
             fit_train, fit_val = features.feature_datasets(feats, cfg.data.batch_size, datasets.seed, first,
-                                                           steps, drops_remainder(cfg))
+                                                           steps, drops_remainder(cfg), sampling=cfg.data.sampling)
         else:
             print(f"kfine: phase {i}: no feature cache: {reason}", flush=True)
         compile_model(model, optimizer, cfg, num_classes, steps)   # the full model: what is committed
