@@ -397,3 +397,33 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
     assert (info["processes"], info["replicas"], info["per_process_batch"]) == (2, 2, 4)
     assert (rd / "model.keras").exists() and json.loads((rd / "metrics.json").read_text())["test"]["n"] == 6
     assert not (tmp_path / "runs1").exists()
+
+
+@pytest.mark.slow   # ~1 min: two JAX processes start and train one epoch
+def test_two_processes_use_the_run_directory_the_chief_chose(tmp_path):
+    pytest.importorskip("jax")
+    root = make_folder(tmp_path / "data", "sketch", per_class=4)
+    earlier = tmp_path / "runs" / "t"   # an earlier run of the same name: the new one goes to t-2
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "config.yaml").write_text("name: t\n")
+    (earlier / "checkpoints" / "best.keras").write_bytes(b"the earlier run's weights")   # not a model
+    (earlier / "checkpoints" / "best.json").write_text('{"epoch": 7}')
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    (tmp_path / "c.yaml").write_text("name: t\n")
+    overrides = tiny(root, tmp_path, "train.epochs=1", "distribute.strategy=data_parallel")
+    procs = _launch(["-m", "kfine.train", "--config", str(tmp_path / "c.yaml"), *overrides], tmp_path, "rd")
+    try:
+        for p in procs:
+            assert p.wait(timeout=400) == 0, _logs(tmp_path, "rd")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"rd{i}.log").read_text() for i in (0, 1)]
+    new = tmp_path / "runs" / "t-2"
+    assert f"kfine: run directory {new} (process 0 of 2" in logs[0], _logs(tmp_path, "rd")
+    assert f"process 0 writes the run directory {new}\n" in logs[1], _logs(tmp_path, "rd")
+    assert "the model now holds epoch 0's weights, the best" in logs[1]   # t-2's best.keras, not epoch 7
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before   # untouched
+    assert (new / "model.keras").exists() and (new / "metrics.json").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t-2"]
