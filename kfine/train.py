@@ -147,7 +147,8 @@ def execution_steps(cfg: Config, steps: int, cap: int = 32) -> int:
 
 def drops_remainder(cfg: Config) -> bool:
     """train.drop_remainder, or (null) whether training steps are XLA-compiled (JAX, or the
-    TensorFlow backend on a GPU): a last partial batch would compile a second program there. On a
+    TensorFlow backend on a GPU outside distribute.strategy mirrored, where Keras' jit_compile
+    "auto" turns XLA off): a last partial batch would compile a second program there. On a
     CPU every image is seen every epoch, as PyTorch's DataLoader does by default."""
     import keras
     if cfg.train.drop_remainder is not None:
@@ -156,6 +157,8 @@ def drops_remainder(cfg: Config) -> bool:
         return bool(cfg.train.jit_compile)
     if keras.backend.backend() == "jax":
         return True
+    if active().strategy == "mirrored":   # Keras: no XLA under a tf.distribute strategy (Trainer._resolve_auto_jit_compile)
+        return False
     import tensorflow as tf
     return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
 

@@ -427,3 +427,29 @@ def test_two_processes_use_the_run_directory_the_chief_chose(tmp_path):
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before   # untouched
     assert (new / "model.keras").exists() and (new / "metrics.json").exists()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t-2"]
+
+
+def test_mirrored_keeps_the_partial_batch_as_keras_compiles_it_without_xla(monkeypatch):
+    """train.drop_remainder null follows what Keras compiles (jit_compile auto): on a GPU a step
+    is XLA-compiled and a partial batch would compile a second program (dropped), but under
+    MirroredStrategy Keras turns XLA off, so nothing is dropped. A GPU is faked: Keras and kfine
+    both ask tf.config.list_physical_devices."""
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("mirrored runs on the TensorFlow backend")
+    import tensorflow as tf
+    from kfine import distribute
+    from kfine.train import drops_remainder
+    cfg = load_config(None, ["data.batch_size=8"])
+    assert cfg.train.drop_remainder is None and cfg.train.jit_compile == "auto"
+    strategy, devices = distribute._mirrored()
+    real, gpu = tf.config.list_physical_devices, tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda device_type=None: real(device_type) + ([gpu] if device_type in (None, "GPU") else []))
+    for plan in (distribute.Plan("none", "tensorflow", ("GPU:0",), global_batch=8),
+                 distribute.Plan("mirrored", "tensorflow", devices, global_batch=8, engine=strategy)):
+        with plan.scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            model.compile(optimizer="sgd", loss="mse", jit_compile=cfg.train.jit_compile)   # as compile_model does
+            assert bool(model.jit_compile) is (plan.strategy == "none"), plan.strategy
+            assert drops_remainder(cfg) is bool(model.jit_compile), plan.strategy
