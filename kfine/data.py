@@ -204,11 +204,12 @@ def _index_tfds(cfg: DataConfig, seed: int, verbose: bool):
 
 
 def _tfds_encoded(feature) -> bool:
-    """Whether tfds stores this image feature as JPEG/PNG bytes (``tfds.features.Image`` of
-    uint8): kfine then decodes them itself, as it decodes files (a JPEG at its DCT scale), so that
-    evaluation sees what the exported model computes from the same bytes."""
+    """Whether tfds stores this image feature as JPEG/PNG bytes (``tfds.features.Image`` of uint8
+    or uint16; float images are bitcast into PNGs): kfine then decodes them itself, as it decodes
+    files (a JPEG at its DCT scale, a 16-bit PNG scaled to 8 bits), so that evaluation sees what
+    the exported model computes from the same bytes."""
     import tensorflow_datasets as tfds
-    return isinstance(feature, tfds.features.Image) and np.dtype(feature.np_dtype) == np.uint8
+    return isinstance(feature, tfds.features.Image) and np.dtype(feature.np_dtype) in (np.uint8, np.uint16)
 
 
 # ----------------------------------------------------------------------------- audit

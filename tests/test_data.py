@@ -468,3 +468,12 @@ def test_tfds_jpeg_images_are_decoded_as_the_exported_model_decodes_them(tmp_pat
     serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model" / "1")).signatures["serving_default"]
     out = serve(image_bytes=tf.constant(blobs))
     np.testing.assert_allclose(out["probabilities"].numpy(), probs, rtol=0, atol=1e-6)
+
+
+def test_tfds_images_are_decoded_by_kfine_only_where_tfds_stores_bytes():
+    import tensorflow_datasets as tfds
+    f = tfds.features
+    assert data._tfds_encoded(f.Image()) and data._tfds_encoded(f.Image(encoding_format="jpeg"))
+    assert not data._tfds_encoded(f.Image(shape=(None, None, 1), dtype=np.float32))   # bitcast floats
+    assert data._tfds_encoded(f.Image(shape=(None, None, 1), dtype=np.uint16))        # 16-bit PNG bytes
+    assert not data._tfds_encoded(f.Tensor(shape=(8, 8, 3), dtype=np.uint8))          # a raw array
