@@ -35,9 +35,9 @@ is cut, and the input is one pipeline, as on one device.
 
 The chief: process 0 writes the run directory (config, splits, history, checkpoints, backups,
 model, evaluation, export); the others train and write nothing. The chief picks the directory
-(runs/<name>-2 when runs/<name> exists) and sends its path to the others (``share_path``). Every process must read the
-same data (a fingerprint of the file lists is compared at the start) and, for ``--resume``, see
-the run directory (a shared file system).
+(runs/<name>-2 when runs/<name> exists) and sends its path to the others (``share_path``).
+Every process must read the same data (a fingerprint of the file lists is compared at the
+start) and see the run directory (a shared file system: the best checkpoint, ``--resume``).
 
 Several processes on the TensorFlow backend are refused: MultiWorkerMirroredStrategy with
 Keras 3 has open failure reports (keras-team/keras#20585, tensorflow/tensorflow#72388); the JAX

@@ -476,8 +476,9 @@ def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> 
 
     Returns (cache, {key: reason} for keys that failed to decode). ``images`` replaces reading
     files: a tf.data.Dataset of decoded uint8 images, or of their encoded bytes (decoded as files
-    are), in ``keys`` order (tfds: its keys name the data set and version). ``info`` (path -> FileInfo with content hashes) keys the disk cache
-    with the keys; a cache found there, or built earlier in this process, is reused.
+    are), in ``keys`` order (tfds: its keys name the data set and version). ``info`` (path ->
+    FileInfo with content hashes) keys the disk cache with the keys; a cache found there, or
+    built earlier in this process, is reused.
     """
     keys, info = list(keys), info or {}
     key = (cache_key(keys, info, cfg), cfg.cache)
