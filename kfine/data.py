@@ -139,7 +139,8 @@ def _tfds_load(cfg: DataConfig, split: str, labels_only: bool = False):
 def _index_tfds(cfg: DataConfig, seed: int, verbose: bool):
     """A tfds source as a file index (keys ``tfds:<name>/<version>/<split>[<i>]``: the disk and
     feature caches are keyed by them, so two data sets with equal splits never share one) and
-    its image cache, each split read once. A validation share of train is drawn stratified, as
+    its image cache, each split read once. Images tfds stores as JPEG/PNG bytes are decoded by
+    kfine, as files are (``_tfds_encoded``). A validation share of train is drawn stratified, as
     for folders."""
     import tensorflow as tf
     from kfine.pipeline import build_cache
@@ -154,6 +155,11 @@ def _index_tfds(cfg: DataConfig, seed: int, verbose: bool):
                         "set data.image_key / data.label_key to the right ones")
     class_names = list(info.features[cfg.label_key].names)
     channels = info.features[cfg.image_key].shape[-1] or 3
+    encoded = _tfds_encoded(info.features[cfg.image_key])
+    if not encoded:
+        print(f"kfine: tfds {cfg.name!r} stores {cfg.image_key!r} as arrays, not JPEG/PNG bytes: evaluation resizes "
+              f"those arrays; the exported model sees the same pixels only from a PNG of them (a JPEG is lossy)",
+              flush=True)
     wanted = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
     files: dict[str, list[tuple[str, int]]] = {}
     keys, images = [], None
@@ -164,6 +170,10 @@ def _index_tfds(cfg: DataConfig, seed: int, verbose: bool):
         labels = np.fromiter(raw.map(lambda ex: ex[cfg.label_key]).as_numpy_iterator(), np.int64)
         files[split] = [(f"tfds:{info.full_name}/{name}[{i}]", int(y)) for i, y in enumerate(labels)]
         keys += [k for k, _ in files[split]]
+        if encoded:   # the stored JPEG/PNG bytes, decoded as a file's (and as the exported model's input)
+            part = raw.map(lambda ex: ex[cfg.image_key])
+            images = part if images is None else images.concatenate(part)
+            continue
         full, _ = _tfds_load(cfg, name)
 
         def rgb(ex):
@@ -192,6 +202,15 @@ def _index_tfds(cfg: DataConfig, seed: int, verbose: bool):
         print(f"kfine: {_cache_summary(cache, time.perf_counter() - t)}", flush=True)
     files = {s: [(k, y) for k, y in fl if k not in bad] for s, fl in files.items()}
     return FileIndex(class_names, files, None, None, bad=bad), cache
+
+
+def _tfds_encoded(feature) -> bool:
+    """Whether tfds stores this image feature as JPEG/PNG bytes (``tfds.features.Image`` of uint8
+    or uint16; float images are bitcast into PNGs): kfine then decodes them itself, as it decodes
+    files (a JPEG at its DCT scale, a 16-bit PNG scaled to 8 bits), so that evaluation sees what
+    the exported model computes from the same bytes."""
+    import tensorflow_datasets as tfds
+    return isinstance(feature, tfds.features.Image) and np.dtype(feature.np_dtype) in (np.uint8, np.uint16)
 
 
 # ----------------------------------------------------------------------------- audit

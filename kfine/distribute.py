@@ -34,9 +34,10 @@ distribution, on process 0, and see every image. mirrored splits uneven batches 
 is cut, and the input is one pipeline, as on one device.
 
 The chief: process 0 writes the run directory (config, splits, history, checkpoints, backups,
-model, evaluation, export); the others train and write nothing. Every process must read the
-same data (a fingerprint of the file lists is compared at the start) and, for ``--resume``, see
-the run directory (a shared file system).
+model, evaluation, export); the others train and write nothing. The chief picks the directory
+(runs/<name>-2 when runs/<name> exists) and sends its path to the others (``share_path``).
+Every process must read the same data (a fingerprint of the file lists is compared at the
+start) and see the run directory (a shared file system: the best checkpoint, ``--resume``).
 
 Several processes on the TensorFlow backend are refused: MultiWorkerMirroredStrategy with
 Keras 3 has open failure reports (keras-team/keras#20585, tensorflow/tensorflow#72388); the JAX
@@ -50,6 +51,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kfine.config import Config, ConfigError, bad_value
 
@@ -58,6 +60,7 @@ BACKEND_OF = {"mirrored": "tensorflow", "data_parallel": "jax"}   # the backend 
 ENV = {"coordinator_address": "KERAS_DISTRIBUTION_JOB_ADDRESSES",   # what keras.distribution.initialize
        "num_processes": "KERAS_DISTRIBUTION_NUM_PROCESSES",        # reads itself
        "process_id": "KERAS_DISTRIBUTION_PROCESS_ID"}
+PATH_BYTES = 4096   # share_path: the longest path the chief sends (Linux's PATH_MAX)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -336,6 +339,24 @@ def check_same_files(plan: Plan, files: dict) -> None:
     digest = np.frombuffer(hashlib.sha1(text.encode()).digest()[:16], np.uint32)
     multihost_utils.assert_equal(digest, "kfine: the processes see different train/val files (data.root, "
                                          "data.splits, the files themselves): every process must read the same data")
+
+
+def share_path(plan: Plan, path) -> Path | None:
+    """Several processes: the chief's ``path`` on every process (the others pass anything, e.g.
+    None), so that all of them use the run directory the chief chose (runs/<name>-2 when
+    runs/<name> exists). Returns when the chief has called it: what it prepared is on disk.
+    The chief sends "" when it failed (the others get None and stop too)."""
+    if plan.processes == 1:
+        return Path(path) if path else None
+    import numpy as np
+    from jax.experimental import multihost_utils
+    data = np.zeros(PATH_BYTES, np.uint8)
+    if plan.chief:
+        raw = os.fsencode(str(path or ""))
+        data[:len(raw)] = np.frombuffer(raw, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(data, is_source=plan.chief))
+    text = os.fsdecode(got.astype(np.uint8).tobytes().rstrip(b"\0"))
+    return Path(text) if text else None
 
 
 def barrier(plan: Plan, name: str) -> None:

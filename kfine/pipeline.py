@@ -63,7 +63,7 @@ import tensorflow as tf
 from kfine.log import quiet_stderr
 from kfine.sources import BadImageError, DataError, scan_files
 
-CACHE_VERSION = 5            # bump when what the cache holds changes (the resize below)
+CACHE_VERSION = 6            # bump when what the cache holds changes (the resize below)
 CROP_RATIO = 3 / 4, 4 / 3    # torchvision RandomResizedCrop's default aspect-ratio range
 CROP_ATTEMPTS = 10           # and its number of tries before the centre crop
 AUTOTUNE = tf.data.AUTOTUNE
@@ -487,12 +487,12 @@ def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> 
     """Decode every key once (the data check's decode pass) into the cache ``cfg.cache`` says.
 
     Returns (cache, {key: reason} for keys that failed to decode). ``images`` replaces reading
-    files: a tf.data.Dataset of decoded uint8 images in ``keys`` order (tfds: its keys name the
-    data set and version). ``info`` (path -> FileInfo with content hashes) keys the disk cache
-    with the keys; a cache found there, or built earlier in this process, is reused. Before
-    decoding, the cache's size (from the header sizes in ``info``) is checked against the
-    memory or disk there is (``check_room``), and temporary folders that dead builds left under
-    the cache root are removed (``clean_stale``).
+    files: a tf.data.Dataset of decoded uint8 images, or of their encoded bytes (decoded as files
+    are), in ``keys`` order (tfds: its keys name the data set and version). ``info`` (path ->
+    FileInfo with content hashes) keys the disk cache with the keys; a cache found there, or
+    built earlier in this process, is reused. Before decoding, the cache's size (from the header
+    sizes in ``info``) is checked against the memory or disk there is (``check_room``), and
+    temporary folders that dead builds left under the cache root are removed (``clean_stale``).
     """
     keys, info = list(keys), info or {}
     key = (cache_key(keys, info, cfg), cfg.cache)
@@ -531,8 +531,9 @@ def _build_cache(keys, cfg, info, images, progress, final):
     try:
         offsets, shapes = np.zeros(len(keys), np.int64), np.zeros((len(keys), 2), np.int32)
         done = np.zeros(len(keys), bool)
-        source = _decoded(keys, cfg) if images is None else images.enumerate().map(
-            graph_fn(lambda i, img: (i, to_cache(img, cfg.cache_size, cfg.image_size))), num_parallel_calls=AUTOTUNE)
+        source = _decoded(keys, cfg) if images is None else images.enumerate().map(   # images: tfds
+            graph_fn(lambda i, img: (i, decode_to_cache(img, cfg.cache_size, cfg.image_size) if img.dtype == tf.string
+                                     else to_cache(img, cfg.cache_size, cfg.image_size))), num_parallel_calls=AUTOTUNE)
         with quiet_stderr():   # libjpeg prints to stderr on a broken file; kfine reports it by path
             for i, img in source.as_numpy_iterator():
                 offsets[i], shapes[i], done[i] = buf.append(img), img.shape[:2], True

@@ -147,7 +147,8 @@ def execution_steps(cfg: Config, steps: int, cap: int = 32) -> int:
 
 def drops_remainder(cfg: Config) -> bool:
     """train.drop_remainder, or (null) whether training steps are XLA-compiled (JAX, or the
-    TensorFlow backend on a GPU): a last partial batch would compile a second program there. On a
+    TensorFlow backend on a GPU outside distribute.strategy mirrored, where Keras' jit_compile
+    "auto" turns XLA off): a last partial batch would compile a second program there. On a
     CPU every image is seen every epoch, as PyTorch's DataLoader does by default."""
     import keras
     if cfg.train.drop_remainder is not None:
@@ -156,6 +157,8 @@ def drops_remainder(cfg: Config) -> bool:
         return bool(cfg.train.jit_compile)
     if keras.backend.backend() == "jax":
         return True
+    if active().strategy == "mirrored":   # Keras: no XLA under a tf.distribute strategy (Trainer._resolve_auto_jit_compile)
+        return False
     import tensorflow as tf
     return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
 
@@ -341,8 +344,19 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
     check_train(cfg.train)
     spans = phase_spans(cfg)
     if not plan.chief:   # it reads the run directory (--resume) and writes nothing
-        return _run_locked(cfg, Path(resume) if resume is not None else cfg.run_dir, resume is not None, spans, plan)
-    run_dir = Path(resume) if resume is not None else prepare_run_dir(cfg, overwrite)
+        run_dir = Path(resume) if resume is not None else distribute.share_path(plan, None)   # the chief's
+        if run_dir is None:
+            raise TrainingError("process 0 could not prepare the run directory (its error says why)")
+        return _run_locked(cfg, run_dir, resume is not None, spans, plan)
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
+        try:
+            run_dir = prepare_run_dir(cfg, overwrite)
+        except BaseException:
+            distribute.share_path(plan, None)   # the others stop instead of waiting
+            raise
+        distribute.share_path(plan, run_dir)   # every process uses the directory the chief chose
     lock = checkpoint.lock_run_dir(run_dir)
     try:
         return _run_locked(cfg, run_dir, resume is not None, spans, plan)
@@ -367,7 +381,8 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
         save_config(cfg, run_dir / "config.yaml")
     who = f" (process 0 of {plan.processes}, the chief: the only one that writes)" if plan.processes > 1 else ""
     print(f"kfine: run directory {run_dir}{who}" if plan.chief else
-          f"kfine: process {plan.process_index} of {plan.processes}: process 0 writes the run directory", flush=True)
+          f"kfine: process {plan.process_index} of {plan.processes}: process 0 writes the run directory {run_dir}",
+          flush=True)
     finished = bool(state and state.get("finished"))   # model.keras is final: it is what the model loads
     with plan.scope():   # model, optimizer, every compile and fit on the plan's devices (kfine.distribute)
         datasets, model, history, restore = _train(cfg, run_dir, resume, state, spans, plan)

@@ -483,3 +483,46 @@ def test_a_search_holds_one_image_cache_at_a_time(tmp_path, monkeypatch):
 def replace_cfg(cfg, override):
     from kfine.config import replace as config_replace
     return config_replace(cfg, [override])
+
+
+def test_tfds_jpeg_images_are_decoded_as_the_exported_model_decodes_them(tmp_path):
+    """tfds stores dmlab's images as 360x480 JPEG bytes: kfine decodes those bytes itself (at
+    libjpeg's DCT scale, as for files), so evaluation's pixels and probabilities for a test
+    image equal the exported SavedModel's serving_default on that image's bytes."""
+    import keras
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    from kfine.evaluate import evaluate_model
+    from kfine.export import export_model, transform_of
+    from kfine.pipeline import eval_image
+    cfg = DataConfig(source="tfds", name="dmlab", image_size=(32, 32), batch_size=4, download=False,
+                     val_fraction=0.0, test_split="test")
+    with tfds.testing.mock_data(num_examples=6):
+        ds = data.make_datasets(cfg, seed=0)
+        stored, _ = tfds.load("dmlab", split="test", decoders={"image": tfds.decode.SkipDecoding()}, with_info=True)
+        blobs = [ex["image"] for ex in stored.as_numpy_iterator()]
+    assert [k for k, _ in ds.files["test"]] == [f"tfds:dmlab/2.0.1/test[{i}]" for i in range(6)]
+    assert all(b[:2] == b"\xff\xd8" for b in blobs)                      # JPEG bytes
+    seen = np.stack([x for x, _ in ds.dataset("test", batch=False).as_numpy_iterator()])
+    served = np.stack([eval_image(tf.constant(b), cfg.image_size, cfg.cache_size, cfg.eval_transform).numpy()
+                       for b in blobs])
+    np.testing.assert_array_equal(seen, served)                           # the very pixels
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255.0), keras.layers.Flatten(),
+                              keras.layers.Dense(6, kernel_initializer=keras.initializers.RandomNormal(0, 0.05)),
+                              keras.layers.Softmax()])
+    _, probs, labels = evaluate_model(model, ds.test, ds.class_names)
+    assert labels.tolist() == [y for _, y in ds.files["test"]] and probs.std(axis=1).min() > 1e-3   # not uniform
+    export_model(model, ds.class_names, cfg.image_size, tmp_path / "export", transform=transform_of(cfg))
+    serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model" / "1")).signatures["serving_default"]
+    out = serve(image_bytes=tf.constant(blobs))
+    np.testing.assert_allclose(out["probabilities"].numpy(), probs, rtol=0, atol=1e-6)
+
+
+def test_tfds_images_are_decoded_by_kfine_only_where_tfds_stores_bytes():
+    import tensorflow_datasets as tfds
+    f = tfds.features
+    assert data._tfds_encoded(f.Image()) and data._tfds_encoded(f.Image(encoding_format="jpeg"))
+    assert not data._tfds_encoded(f.Image(shape=(None, None, 1), dtype=np.float32))   # bitcast floats
+    assert data._tfds_encoded(f.Image(shape=(None, None, 1), dtype=np.uint16))        # 16-bit PNG bytes
+    assert not data._tfds_encoded(f.Tensor(shape=(8, 8, 3), dtype=np.uint8))          # a raw array

@@ -397,3 +397,59 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
     assert (info["processes"], info["replicas"], info["per_process_batch"]) == (2, 2, 4)
     assert (rd / "model.keras").exists() and json.loads((rd / "metrics.json").read_text())["test"]["n"] == 6
     assert not (tmp_path / "runs1").exists()
+
+
+@pytest.mark.slow   # ~1 min: two JAX processes start and train one epoch
+def test_two_processes_use_the_run_directory_the_chief_chose(tmp_path):
+    pytest.importorskip("jax")
+    root = make_folder(tmp_path / "data", "sketch", per_class=4)
+    earlier = tmp_path / "runs" / "t"   # an earlier run of the same name: the new one goes to t-2
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "config.yaml").write_text("name: t\n")
+    (earlier / "checkpoints" / "best.keras").write_bytes(b"the earlier run's weights")   # not a model
+    (earlier / "checkpoints" / "best.json").write_text('{"epoch": 7}')
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    (tmp_path / "c.yaml").write_text("name: t\n")
+    overrides = tiny(root, tmp_path, "train.epochs=1", "distribute.strategy=data_parallel")
+    procs = _launch(["-m", "kfine.train", "--config", str(tmp_path / "c.yaml"), *overrides], tmp_path, "rd")
+    try:
+        for p in procs:
+            assert p.wait(timeout=400) == 0, _logs(tmp_path, "rd")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"rd{i}.log").read_text() for i in (0, 1)]
+    new = tmp_path / "runs" / "t-2"
+    assert f"kfine: run directory {new} (process 0 of 2" in logs[0], _logs(tmp_path, "rd")
+    assert f"process 0 writes the run directory {new}\n" in logs[1], _logs(tmp_path, "rd")
+    assert "the model now holds epoch 0's weights, the best" in logs[1]   # t-2's best.keras, not epoch 7
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before   # untouched
+    assert (new / "model.keras").exists() and (new / "metrics.json").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t-2"]
+
+
+def test_mirrored_keeps_the_partial_batch_as_keras_compiles_it_without_xla(monkeypatch):
+    """train.drop_remainder null follows what Keras compiles (jit_compile auto): on a GPU a step
+    is XLA-compiled and a partial batch would compile a second program (dropped), but under
+    MirroredStrategy Keras turns XLA off, so nothing is dropped. A GPU is faked: Keras and kfine
+    both ask tf.config.list_physical_devices."""
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("mirrored runs on the TensorFlow backend")
+    import tensorflow as tf
+    from kfine import distribute
+    from kfine.train import drops_remainder
+    cfg = load_config(None, ["data.batch_size=8"])
+    assert cfg.train.drop_remainder is None and cfg.train.jit_compile == "auto"
+    strategy, devices = distribute._mirrored()
+    real, gpu = tf.config.list_physical_devices, tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda device_type=None: real(device_type) + ([gpu] if device_type in (None, "GPU") else []))
+    for plan in (distribute.Plan("none", "tensorflow", ("GPU:0",), global_batch=8),
+                 distribute.Plan("mirrored", "tensorflow", devices, global_batch=8, engine=strategy)):
+        with plan.scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            model.compile(optimizer="sgd", loss="mse", jit_compile=cfg.train.jit_compile)   # as compile_model does
+            assert bool(model.jit_compile) is (plan.strategy == "none"), plan.strategy
+            assert drops_remainder(cfg) is bool(model.jit_compile), plan.strategy

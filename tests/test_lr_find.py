@@ -82,3 +82,15 @@ def test_cli_prints_the_override_line(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lr_find"]   # no run directory
     cfg2 = load_config(cfg, tiny(tmp_path) + [last])             # the line is a valid override
     assert cfg2.train.schedule.learning_rate == pytest.approx(float(m.group(1)))
+
+
+@pytest.mark.parametrize("flags, words", [(["--start-lr", "1", "--end-lr", "0.1"], "0 < start_lr < end_lr"),
+                                          (["--steps", "1"], "steps must be >= 2")])
+def test_cli_bad_range_is_one_line_and_exit_status_2(tmp_path, capsys, flags, words):
+    from kfine.lr_find import main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: lr\n")
+    assert main(["--config", str(cfg), *flags, *tiny(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kfine: error: lr_find: ") and words in err[0], err
+    assert not (tmp_path / "runs").exists()
