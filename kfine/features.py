@@ -178,8 +178,8 @@ def head_model(model) -> keras.Model:
 
 def _run(extractor, ds) -> np.ndarray:
     # predict_on_batch: Keras' compiled predict step (tf.function / jax.jit), 1.7x an eager call
-    # of ResNet50 on this CPU (graph mode fuses conv + BN + ReLU)
-    out = [np.asarray(extractor.predict_on_batch(x), np.float32) for x, _ in ds]
+    # of ResNet50 on this CPU (graph mode fuses conv + BN + ReLU); numpy in: jax.jit takes no tf.Tensor
+    out = [np.asarray(extractor.predict_on_batch(x), np.float32) for x, _ in ds.as_numpy_iterator()]
     return np.concatenate(out) if out else np.zeros((0, extractor.output_shape[-1]), np.float32)
 
 
