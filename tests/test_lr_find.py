@@ -42,7 +42,7 @@ def test_ramp_suggestion_and_the_model_passed_in_is_unchanged(tmp_path):
     before = [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
     flags = [l.trainable for l in model.get_layer("backbone").layers]
 
-    result = find_lr(cfg, datasets, model=model, start_lr=1e-4, end_lr=100.0, steps=60)
+    result = find_lr(cfg, datasets, model=model, start_lr=1e-4, end_lr=1e4, steps=60)   # diverges near lr 100, step ~44
 
     for a, v in zip(before, model.weights):                     # bit-identical
         np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(v))
@@ -50,13 +50,13 @@ def test_ramp_suggestion_and_the_model_passed_in_is_unchanged(tmp_path):
     assert result.losses[0] == pytest.approx(math.log(3), rel=1e-5)   # it started from those weights
     lrs = np.array(result.lrs)
     assert lrs[0] == pytest.approx(1e-4)
-    np.testing.assert_allclose(lrs[1:] / lrs[:-1], (100.0 / 1e-4) ** (1 / 59), rtol=1e-4)   # exponential
-    assert lrs[-1] <= 100.0 * (1 + 1e-5)
+    np.testing.assert_allclose(lrs[1:] / lrs[:-1], (1e4 / 1e-4) ** (1 / 59), rtol=1e-4)   # exponential
+    assert lrs[-1] <= 1e4 * (1 + 1e-5)
     assert result.smoothed == pytest.approx(smooth(result.losses))
     assert lrs[0] <= result.suggestion <= lrs[-1]
     best = lrs[int(np.nanargmin(result.smoothed))]
     assert result.suggestion == pytest.approx(max(best / 10, lrs[0]))
-    assert result.diverged_at is not None and len(lrs) == result.diverged_at + 1 < 60   # SGD at lr 100 diverges
+    assert result.diverged_at is not None and len(lrs) == result.diverged_at + 1 < 60   # SGD at lr ~100 diverges, well before the ramp's end
     assert not (tmp_path / "runs").exists()                     # nothing written
 
 
