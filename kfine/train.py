@@ -41,17 +41,9 @@ class RunResult:
 # ----------------------------------------------------------------------------- phases
 def phase_spans(cfg: Config) -> list[tuple[int, int]]:
     """(first epoch, end epoch exclusive) of each phase; checks the phase list."""
-    phases, epochs = cfg.train.phases, cfg.train.epochs
-    if not phases:
-        raise ConfigError("train.phases: give at least one phase")
-    starts = [p.start_epoch for p in phases]
-    if starts[0] != 0:
-        raise ConfigError(f"train.phases.0.start_epoch must be 0, got {starts[0]}")
-    if any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ConfigError(f"train.phases: start_epoch values must increase, got {starts}")
-    if starts[-1] >= epochs:
-        raise ConfigError(f"train.phases: the last phase starts at epoch {starts[-1]} but "
-                          f"train.epochs is {epochs}; raise train.epochs or drop the phase")
+    from kfine.config import check_phases
+    check_phases(cfg.train.phases, cfg.train.epochs)
+    starts, epochs = [p.start_epoch for p in cfg.train.phases], cfg.train.epochs
     ends = starts[1:] + [epochs]
     return list(zip(starts, ends))
 
