@@ -310,3 +310,21 @@ def test_drop_remainder_counts_whole_batches_and_yields_only_full_ones(tmp_path)
         assert [len(y) for _, y in ds.dataset("train", drop_remainder=drop)] == sizes
     auto = load_config(None, base)
     assert drops_remainder(auto) is (keras.backend.backend() == "jax")   # the CI machine has no GPU
+
+
+def test_limit_per_class_scans_and_decodes_only_the_capped_images(tmp_path, monkeypatch):
+    """data.limit_per_class on the digits demo (1,797 images): the decode pass and the image cache
+    hold limit x classes images, not the whole set; the same seed draws the same images."""
+    from kfine import sources
+    from kfine.config import DataConfig
+    from kfine.data import make_datasets
+    monkeypatch.setenv("KFINE_CACHE", str(tmp_path / "cache"))
+    scanned = []
+    scan = sources.scan_files
+    monkeypatch.setattr(sources, "scan_files", lambda paths, *a, **k: scanned.extend(paths) or scan(paths, *a, **k))
+    cfg = DataConfig(source="digits", image_size=(32, 32), limit_per_class=5, check=False)
+    ds = make_datasets(cfg, seed=0)
+    assert len(ds.cache) == 50 and len(scanned) == 50
+    assert sum(len(f) for f in ds.files.values()) == 50 and all(sum(c.values()) for c in ds.counts.values())
+    assert sorted(ds.counts["train"]) == [str(i) for i in range(10)]
+    assert make_datasets(cfg, seed=0).files == ds.files
