@@ -588,8 +588,6 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, t
             used = read_json(run_dir / "run_info.json").get("model") if (run_dir / "run_info.json").exists() else None
             if used:   # which epoch's weights were evaluated (train.restore_best)
                 write_json(run_dir / "metrics.json", {**read_json(run_dir / "metrics.json"), "model": used})
-    elif not wanted("evaluation"):
-        result.metrics = _saved_metrics(run_dir)
     formats = [f for f in cfg.export.formats if wanted(f"export {f}")]
     if cfg.export.enabled and formats:
         try:
