@@ -87,6 +87,9 @@ def find_config(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; it expects a YAML config file "
+                          f"(e.g. {path / 'config.yaml'}) or the name of a reference config (--list-configs)")
     if len(path.parts) == 1:
         shipped = config_dir() / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
         if shipped.is_file():

@@ -446,6 +446,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
+        if "" in key.strip().split("."):
+            raise ConfigError(f"override {item!r}: the key {key.strip()!r} has an empty part (a dot at an end "
+                              f"or two dots in a row); write section.key=value (e.g. data.batch_size=32)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
@@ -461,6 +464,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     data: dict = dict(base or {})
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a folder; give a YAML config file")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         loaded = _read_yaml(p) or {}
@@ -705,19 +710,27 @@ def values_at(obj, key: str):
     return list(walk(obj, key.split("."), ""))
 
 
-def _phases_in_order(cfg: Config) -> None:
-    starts = [p.start_epoch for p in cfg.train.phases]
+def check_phases(phases, epochs: int | None) -> None:
+    """The phase list runs in order: at least one phase, the first at epoch 0, start epochs
+    increasing, the last before ``epochs`` (None: not checked, a hyperband search picks the epochs).
+    The one home of these checks: check_config and kfine.train.phase_spans call it."""
+    starts = [p.start_epoch for p in phases]
     if not starts:
         raise bad_value("train.phases", [], "a list of at least one phase")
     if starts[0] != 0:
         raise bad_value("train.phases.0.start_epoch", starts[0], "0 (the first phase starts the run)")
-    if any(b <= a for a, b in zip(starts, starts[1:])):
-        raise bad_value("train.phases", [to_dict(p) for p in cfg.train.phases],
-                        f"phases whose start_epoch values increase (got {starts})")
-    hyperband = cfg.search.tuner == "hyperband" and cfg.search.space   # it picks the epochs itself
-    if starts[-1] >= cfg.train.epochs and not hyperband:
+    for i, (a, b) in enumerate(zip(starts, starts[1:]), start=1):
+        if b <= a:
+            raise bad_value(f"train.phases.{i}.start_epoch", b, f"> train.phases.{i - 1}.start_epoch ({a}): "
+                            f"phases are listed in the order they run (start epochs {starts})")
+    if epochs is not None and starts[-1] >= epochs:
         raise bad_value(f"train.phases.{len(starts) - 1}.start_epoch", starts[-1],
-                        f"< train.epochs ({cfg.train.epochs}); raise train.epochs or drop the phase")
+                        f"< train.epochs ({epochs}); raise train.epochs or drop the phase")
+
+
+def _phases_in_order(cfg: Config) -> None:
+    hyperband = cfg.search.tuner == "hyperband" and cfg.search.space   # it picks the epochs itself
+    check_phases(cfg.train.phases, None if hyperband else cfg.train.epochs)
 
 
 def _fractions_sum(cfg: Config) -> None:
@@ -777,9 +790,12 @@ def _freeze_specs_complete(cfg: Config) -> None:
 
 
 def _stage_names(cfg: Config) -> None:
-    """trainable_from and lr_multipliers keys name stages of the configured backbone."""
+    """trainable_from, lora_stages and lr_multipliers keys name stages of the configured backbone."""
     named = [(f"train.phases.{i}.freeze.trainable_from", p.freeze.trainable_from, p.freeze.trainable_from, None)
              for i, p in enumerate(cfg.train.phases) if p.freeze.strategy == "stages"]
+    named += [(f"train.phases.{i}.freeze.lora_stages.{j}", s, s, None)
+              for i, p in enumerate(cfg.train.phases) if p.freeze.strategy == "lora"
+              for j, s in enumerate(p.freeze.lora_stages)]
     named += [(f"train.lr_multipliers.{k}", k, v, "train.lr_multipliers keys")
               for k, v in cfg.train.lr_multipliers.items() if k not in ("head", "fc", "backbone")]
     if not named:
@@ -833,9 +849,20 @@ def _process_id_in_range(cfg: Config) -> None:
                         f"< distribute.num_processes ({d.num_processes}): processes count from 0")
 
 
+def _data_source_given(cfg: Config) -> None:
+    """Where the data comes from is set (reading it is make_datasets' work, after the checks)."""
+    d = cfg.data
+    if d.source == "folder" and not d.root:
+        raise bad_value("data.root", d.root, "your dataset folder for data.source folder (data.root=path/to/data)")
+    if d.source == "tfds" and not d.name:
+        raise bad_value("data.name", d.name, "a tfds data set name for data.source tfds (e.g. data.name=tf_flowers)")
+    if d.source == "tfds" and d.cache == "none":
+        raise bad_value("data.cache", d.cache, "memory or disk for data.source tfds (its examples are not files)")
+
+
 RULES = [_process_id_in_range, _phases_in_order, _fractions_sum, _cache_holds_the_crop, _augment_mixing,
          _image_size_fits_backbone,
-         _freeze_specs_complete, _stage_names, _compare_sets]
+         _freeze_specs_complete, _stage_names, _compare_sets, _data_source_given]
 
 
 def check_config(cfg: Config) -> Config:

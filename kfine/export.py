@@ -285,6 +285,14 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
     return written
 
 
+def missing_formats(out_dir, formats) -> list[str]:
+    """The ``formats`` whose export is not in ``out_dir`` (a finished run resumed writes only these)."""
+    out_dir = Path(out_dir)
+    there = {"saved_model": (out_dir / "saved_model").is_dir() and any((out_dir / "saved_model").iterdir()),
+             "onnx": (out_dir / "model.onnx").is_file(), "keras": (out_dir / "model.keras").is_file()}
+    return [f for f in dict.fromkeys(formats) if not there.get(f)]
+
+
 def without_lora(model):
     """The served model has no adapters: LoRA kernels merged into plain ones (kfine.lora)."""
     from kfine.lora import merge_lora

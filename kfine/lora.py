@@ -13,6 +13,11 @@ so an adapted model starts out computing exactly what the pretrained one did. kf
   and before a resume backup is loaded;
 - trains only A and B there (kernel and bias frozen), BatchNorm as ``freeze.train_bn`` says
   (frozen, in inference mode, by default), the head fully;
+- keeps the adapters apart in every .keras file it writes (model.keras, checkpoints): Keras'
+  Conv2D / Dense save ``kernel + (alpha / rank) A @ B`` as the kernel and load zero adapters, so
+  an adapted layer becomes kfine's LoRAConv2D / LoRADense (the same layer; its saved state is
+  kernel, bias, A and B as they are): a LoRA run's model.keras loads with its adapters and its
+  original kernels, to be inspected or trained on;
 - merges the adapters for export (merge_lora): the served model is a plain backbone whose kernels
   are the merged ones, with no LoRA variables and no LoRA settings in its config.
 
@@ -28,6 +33,44 @@ LORA_KEYS = ("lora_rank", "lora_alpha")
 
 class LoRAError(ValueError):
     """LoRA settings that cannot be applied; the message names the key."""
+
+
+class _KeepsAdapters:
+    """Saves (and loads) kernel, bias, lora_kernel_a and lora_kernel_b as they are, where Keras'
+    Conv2D / Dense save the merged kernel and load zero adapters."""
+
+    def _own_state(self) -> list:
+        return [self._kernel, *([self.bias] if self.use_bias else []), self.lora_kernel_a, self.lora_kernel_b]
+
+    def save_own_variables(self, store):
+        if not (self.built and self.lora_enabled):
+            return super().save_own_variables(store)
+        for i, v in enumerate(self._own_state()):
+            store[str(i)] = v
+
+    def load_own_variables(self, store):
+        if not (self.built and self.lora_enabled):
+            return super().load_own_variables(store)
+        variables = self._own_state()
+        if len(store.keys()) != len(variables):
+            raise LoRAError(f"layer {self.name}: the file holds {len(store.keys())} arrays for it, not its "
+                            f"kernel, bias and two adapters ({len(variables)})")
+        for i, v in enumerate(variables):
+            v.assign(store[str(i)])
+
+
+@keras.saving.register_keras_serializable(package="kfine")
+class LoRAConv2D(_KeepsAdapters, keras.layers.Conv2D):
+    """keras.layers.Conv2D whose adapters are saved apart from its kernel (kfine.lora)."""
+
+
+@keras.saving.register_keras_serializable(package="kfine")
+class LoRADense(_KeepsAdapters, keras.layers.Dense):
+    """keras.layers.Dense whose adapters are saved apart from its kernel (kfine.lora)."""
+
+
+KEEPS_ADAPTERS = {keras.layers.Conv2D: LoRAConv2D, keras.layers.Dense: LoRADense}
+PLAIN = {f"kfine>{c.__name__}": base.__name__ for base, c in KEEPS_ADAPTERS.items()}   # for merge_lora
 
 
 def lora_targets(model, backbone_name: str, stages=()) -> list:
@@ -58,6 +101,8 @@ def enable_lora(model, backbone_name: str, rank: int, alpha: float | None = None
     for layer in targets:
         if not layer.lora_enabled:
             layer.enable_lora(int(rank), lora_alpha=alpha)
+            # the same layer, saved with its adapters (a Keras subclass that adds no state)
+            layer.__class__ = KEEPS_ADAPTERS.get(type(layer), type(layer))
         elif layer.lora_rank != int(rank) or float(layer.lora_alpha) != alpha:
             raise LoRAError(f"layer {layer.name} already has adapters of rank {layer.lora_rank} "
                             f"(alpha {layer.lora_alpha}); every lora phase must use the same "
@@ -83,8 +128,11 @@ def _walk(layer):
 
 
 def _strip(config):
-    """A Keras config with every layer's LoRA settings removed."""
+    """A Keras config with every layer's LoRA settings removed (kfine's LoRA layers: Keras' own)."""
     if isinstance(config, dict):
+        if config.get("registered_name") in PLAIN:
+            config = {**config, "module": "keras.layers", "class_name": PLAIN[config["registered_name"]],
+                      "registered_name": None}
         return {k: _strip(v) for k, v in config.items() if k not in LORA_KEYS}
     if isinstance(config, list):
         return [_strip(v) for v in config]
@@ -105,6 +153,6 @@ def merge_lora(model):
         if old is model or isinstance(old, keras.Model):
             continue
         store = {}
-        old.save_own_variables(store)   # an adapted layer saves its merged kernel (Keras' own merge)
+        type(new).save_own_variables(old, store)   # Keras' Conv2D / Dense save the merged kernel
         new.load_own_variables(store)
     return plain

@@ -26,6 +26,7 @@ import keras
 from keras import layers, ops
 
 from kfine.config import HeadConfig, ModelConfig, ScratchConfig
+from kfine import lora as _lora  # noqa: F401  (registers kfine>LoRAConv2D / LoRADense: model.keras of a LoRA run)
 
 
 class ModelError(ValueError):

@@ -330,6 +330,11 @@ def index_folder(cfg, seed: int, strict: bool = True, saved=None, decode=None) -
             index.files = {s: [(p, y) for p, y in fl if p not in index.bad] for s, fl in index.files.items()}
         return index
     layout, tree, non_images, broken = find_folder(root, layout)
+    if cfg.limit_per_class is not None:   # capped first: a quick run scans and decodes only what it uses
+        rng = np.random.default_rng(seed)
+        capped = {f: {c: _cap(ps, cfg.limit_per_class, rng) for c, ps in classes.items()} for f, classes in tree.items()}
+        left_out = {p for f, classes in tree.items() for c, ps in classes.items() for p in set(ps) - set(capped[f][c])}
+        tree, broken = capped, {p: r for p, r in broken.items() if p not in left_out}
     paths = [p for classes in tree.values() for ps in classes.values() for p in ps]
     scanned = scan_files(paths, cfg.max_pixels)
     info = {p: r for p, r in scanned.items() if isinstance(r, FileInfo)}

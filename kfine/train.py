@@ -41,17 +41,9 @@ class RunResult:
 # ----------------------------------------------------------------------------- phases
 def phase_spans(cfg: Config) -> list[tuple[int, int]]:
     """(first epoch, end epoch exclusive) of each phase; checks the phase list."""
-    phases, epochs = cfg.train.phases, cfg.train.epochs
-    if not phases:
-        raise ConfigError("train.phases: give at least one phase")
-    starts = [p.start_epoch for p in phases]
-    if starts[0] != 0:
-        raise ConfigError(f"train.phases.0.start_epoch must be 0, got {starts[0]}")
-    if any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ConfigError(f"train.phases: start_epoch values must increase, got {starts}")
-    if starts[-1] >= epochs:
-        raise ConfigError(f"train.phases: the last phase starts at epoch {starts[-1]} but "
-                          f"train.epochs is {epochs}; raise train.epochs or drop the phase")
+    from kfine.config import check_phases
+    check_phases(cfg.train.phases, cfg.train.epochs)
+    starts, epochs = [p.start_epoch for p in cfg.train.phases], cfg.train.epochs
     ends = starts[1:] + [epochs]
     return list(zip(starts, ends))
 
@@ -384,6 +376,8 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
           f"kfine: process {plan.process_index} of {plan.processes}: process 0 writes the run directory {run_dir}",
           flush=True)
     finished = bool(state and state.get("finished"))   # model.keras is final: it is what the model loads
+    if finished:
+        return _finish_finished(cfg, run_dir, state, plan)
     with plan.scope():   # model, optimizer, every compile and fit on the plan's devices (kfine.distribute)
         datasets, model, history, restore = _train(cfg, run_dir, resume, state, spans, plan)
     result = RunResult(run_dir=run_dir, history=history, model=model)
@@ -400,6 +394,30 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
     finish_run(cfg, run_dir, model, datasets, result)
     print(f"kfine: done. Outputs in {run_dir}/ (model.keras, history.csv, plots/, metrics.json, "
           f"report.html{', export/' if cfg.export.enabled else ''})", flush=True)
+    return result
+
+
+def _finish_finished(cfg: Config, run_dir: Path, state: dict, plan) -> RunResult:
+    """--resume of a finished run: model.keras holds its weights (the backup's arrays are gone);
+    only the outputs it lacks are written (missing_outputs), and the data is read only when the
+    evaluation is among them."""
+    from kfine import checkpoint
+    todo = missing_outputs(cfg, run_dir)
+    history = state["history"]
+    print(f"kfine: {run_dir} already finished training ({len(history)} epochs); " +
+          (f"writing what is missing: {', '.join(todo)}" if todo else
+           "it has all its outputs (delete one to have it written again)"), flush=True)
+    result = RunResult(run_dir=run_dir, history=history, metrics=_saved_metrics(run_dir),
+                       model=checkpoint.load_model(run_dir / "model.keras"))
+    if todo and plan.chief:
+        datasets = None
+        if "evaluation" in todo:   # the run's own split (splits.csv), as kfine.evaluate reads it
+            from kfine import data as kdata
+            setup_backend(cfg)
+            saved = run_dir / "splits.csv"
+            datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None)
+        finish_run(cfg, run_dir, result.model, datasets, result, todo)
+        print(f"kfine: done. Outputs in {run_dir}/", flush=True)
     return result
 
 
@@ -536,38 +554,71 @@ def _say_shard(datasets) -> None:
               f"{shard.batch} images per batch", flush=True)
 
 
-def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -> None:
-    """Evaluation, plots, report and export: each optional module is used when present."""
-    try:
-        from kfine import plots
-        plots.plot_history(run_dir / "history.csv", run_dir / "plots" / "history.png",
-                           phases=read_json(run_dir / "phases.json"))
-    except ImportError:
-        pass
+def missing_outputs(cfg: Config, run_dir: Path) -> list[str]:
+    """What finish_run would write that ``run_dir`` lacks (a finished run resumed writes only
+    these): "history plot", "evaluation" (metrics.json, predictions.csv, its plots), "export
+    FORMAT", and "report" when it is missing or anything before it is rewritten."""
+    from kfine.export import missing_formats
+    todo = [] if (run_dir / "plots" / "history.png").exists() else ["history plot"]
+    split = _saved_metrics(run_dir).get("split")
+    if split is None or not (run_dir / "predictions.csv").exists() or \
+            not (run_dir / "plots" / f"confusion_{split}.png").exists():
+        todo.append("evaluation")
+    if cfg.export.enabled:
+        todo += [f"export {f}" for f in missing_formats(run_dir / "export", cfg.export.formats)]
+    if todo or not (run_dir / "report.html").exists():
+        todo.append("report")
+    return todo
+
+
+def _saved_metrics(run_dir: Path) -> dict:
+    """The main evaluation's figures in metrics.json (test, else val; as finish_run sets
+    RunResult.metrics), {} when there are none."""
+    saved = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    return next((saved[s] for s in ("test", "val") if isinstance(saved.get(s), dict)), {})
+
+
+def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, todo: list[str] | None = None) -> None:
+    """Evaluation, plots, report and export: each optional module is used when present.
+    ``todo``: only these outputs (missing_outputs' names; a finished run resumed), else all;
+    ``datasets`` may then be None when the evaluation is not among them."""
+    def wanted(step: str) -> bool:
+        return todo is None or step in todo
+
+    if wanted("history plot"):
+        try:
+            from kfine import plots
+            plots.plot_history(run_dir / "history.csv", run_dir / "plots" / "history.png",
+                               phases=read_json(run_dir / "phases.json"))
+        except ImportError:
+            pass
     try:
         from kfine import evaluate
     except ImportError:
         evaluate = None
-    if evaluate is not None:
+    if evaluate is not None and wanted("evaluation") and datasets is not None:
         split = "test" if datasets.test is not None else "val"
         if getattr(datasets, split) is not None:
-            result.metrics = evaluate.evaluate_run(run_dir, model=model, datasets=datasets, split=split)
+            result.metrics = evaluate.evaluate_run(run_dir, model=model, datasets=datasets, split=split, report=False)
             used = read_json(run_dir / "run_info.json").get("model") if (run_dir / "run_info.json").exists() else None
             if used:   # which epoch's weights were evaluated (train.restore_best)
                 write_json(run_dir / "metrics.json", {**read_json(run_dir / "metrics.json"), "model": used})
-    if cfg.export.enabled:
+    formats = [f for f in cfg.export.formats if wanted(f"export {f}")]
+    if cfg.export.enabled and formats:
         try:
             from kfine import export
         except ImportError:
             export = None
         if export is not None:
-            export.export_model(model, datasets.class_names, cfg.data.image_size, run_dir / "export",
-                                formats=cfg.export.formats, transform=export.transform_of(cfg.data))
-    try:
-        from kfine import report
-        report.write_report(run_dir)
-    except ImportError:
-        pass
+            class_names = datasets.class_names if datasets is not None else read_json(run_dir / "class_names.json")
+            export.export_model(model, class_names, cfg.data.image_size, run_dir / "export",
+                                formats=formats, transform=export.transform_of(cfg.data))
+    if wanted("report"):
+        try:
+            from kfine import report
+            report.write_report(run_dir)
+        except ImportError:
+            pass
 
 
 # ----------------------------------------------------------------------------- CLI

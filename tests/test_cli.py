@@ -122,3 +122,11 @@ def test_the_wheel_ships_the_configs_and_runs_the_demo_from_another_folder(tmp_p
     run = work / "runs" / "demo"
     assert (run / "report.html").is_file() and (run / "export" / "saved_model" / "1").is_dir()
     assert load_config(run / "config.yaml").data.source == "digits"
+
+
+def test_a_folder_given_as_config_is_called_a_folder(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        cli.find_config(tmp_path)
+    assert f"--config {tmp_path} is a folder; it expects a YAML config file" in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="is a folder; give a YAML config file"):
+        load_config(tmp_path)

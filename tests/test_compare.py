@@ -123,7 +123,7 @@ def test_strategies_shorthand_makes_one_phase_per_set():
     assert sets["regex-conv5_.*"]["train.phases"][0]["freeze"]["pattern"] == "conv5_.*"
     with pytest.raises(ConfigError, match="only .* take an argument"):
         compare.strategy_sets("backbone:3")
-    cfg = compare.with_strategies(load_config(None, ["train.epochs=3"]), "bn_and_head")
+    cfg = compare.with_strategies(load_config(None, ["train.epochs=3", "data.root=x"]), "bn_and_head")
     sub = compare.set_config(cfg, "bn_and_head", Path("runs/x-compare"))
     assert sub.train.phases[0].freeze.strategy == "bn_and_head" and sub.train.epochs == 3
     assert sub.run_dir == Path("runs/x-compare/bn_and_head") and sub.data.splits == "runs/x-compare/splits.csv"

@@ -139,7 +139,7 @@ def test_every_check_names_a_field_of_the_config():
 def test_menus_are_the_registries_themselves(monkeypatch):
     """A head added to kfine.model.HEADS is accepted with no change to the config code."""
     from kfine import model
-    cfg = load_config(None, ["model.head.type=cosine"])
+    cfg = load_config(None, ["model.head.type=cosine", "data.root=x"])
     with pytest.raises(ConfigError, match=r"model.head.type must be one of \['linear', 'mlp'\]"):
         check_config(cfg)
     monkeypatch.setitem(model.HEADS, "cosine", model.HEADS["linear"])
@@ -147,7 +147,7 @@ def test_menus_are_the_registries_themselves(monkeypatch):
 
 
 def test_cross_key_rules():
-    ok = ["train.epochs=10", "train.phases=[{start_epoch: 0}, {start_epoch: 4}]",
+    ok = ["data.root=x", "train.epochs=10", "train.phases=[{start_epoch: 0}, {start_epoch: 4}]",
           "train.lr_multipliers={layer4: 0.3, conv4: 0.1, head: 1, backbone: 0.01}"]
     check_config(load_config(None, ok))
     for overrides, words in [
@@ -155,7 +155,7 @@ def test_cross_key_rules():
         (["train.phases=[{start_epoch: 0}, {start_epoch: 12}]"], "train.phases.1.start_epoch must be < train.epochs (10)"),
         (["train.phases=[{start_epoch: 0, freeze: {strategy: regex}}]"], "train.phases.0.freeze.pattern must be a regex"),
         (["model.backbone=scratch_cnn", "train.lr_multipliers={conv5: 1}"], "['block1', 'block2', 'block3', 'block4', 'block5']"),
-        (["model.backbone=scratch_cnn", "data.image_size=[8, 8]"], None),          # no 32 px floor without keras.applications
+        (["model.backbone=scratch_cnn", "data.image_size=[8, 8]", "data.source=digits"], None),          # no 32 px floor without keras.applications
         (["model.head.activation=relux"], "model.head.activation must be the name of a keras.activations function"),
         (["train.class_weight=balance"], "train.class_weight must be one of [null, 'balanced']"),
         (["name=runs/x"], "name must be a non-empty folder name"),
@@ -231,3 +231,60 @@ def test_cli_bad_configs_are_one_line_and_leave_no_directory(tmp_path):
         lines = p.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("kfine: error: ") and words in lines[0], p.stderr[-3000:]
         assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_an_empty_config_stops_on_data_root_before_any_run_directory(tmp_path, monkeypatch, capsys):
+    """Where the data is (data.root, or data.name for tfds) is checked with the values, before
+    kfine.train makes runs/<name>: an empty file is one line and no runs/ folder at all."""
+    from kfine.train import main
+    (tmp_path / "empty.yaml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "empty.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.root must be your dataset folder" in err[0], err
+    assert "Received: data.root=null" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
+    with pytest.raises(ConfigError, match=r"data.name must be a tfds data set name"):
+        check_config(load_config(None, ["data.source=tfds"]))
+    with pytest.raises(ConfigError, match=r"data.cache must be memory or disk"):
+        check_config(load_config(None, ["data.source=tfds", "data.name=mnist", "data.cache=none"]))
+    check_config(load_config(None, ["data.source=digits"]))              # digits needs neither
+
+
+def test_lora_stages_are_checked_with_the_config_and_name_the_full_key(tmp_path):
+    from kfine.train import run
+    runs = tmp_path / "runs"
+    phases = "train.phases=[{start_epoch: 0}, {start_epoch: 1, freeze: {strategy: lora, lora_stages: [conv5, conv9]}}]"
+    cfg = load_config(None, [f"runs_dir={runs}", f"data.root={tmp_path / 'no_data_read'}", phases])
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert msg.startswith("train.phases.1.freeze.lora_stages.1 must be a stage of resnet50") and "conv5" in msg, msg
+    assert "Received: train.phases.1.freeze.lora_stages.1='conv9'" in msg and "layer4" in msg, msg
+    assert not runs.exists()
+    check_config(load_config(None, ["data.root=x", phases.replace(", conv9", ", layer3")]))   # aliases are stages
+
+
+def test_an_override_key_with_an_empty_part_is_reported_whole():
+    for item, key in (("data..batch_size=3", "data..batch_size"), ("data.=3", "data."), (".seed=1", ".seed")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [item])
+        assert f"the key {key!r} has an empty part" in str(e.value), str(e.value)
+
+
+def test_phases_out_of_order_is_a_short_line_naming_the_key_and_the_start_epochs():
+    """One home for the phase-list checks: check_config and kfine.train.phase_spans say the same."""
+    from kfine.train import phase_spans
+    phases = ("train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 5, freeze: {strategy: "
+              "stages, trainable_from: conv4}}, {start_epoch: 3, freeze: {strategy: regex, pattern: 'conv5_.*'}}]")
+    cfg = load_config(None, ["data.root=x", phases])
+    with pytest.raises(ConfigError) as e:
+        check_config(cfg)
+    msg = str(e.value)
+    assert msg.startswith("train.phases.2.start_epoch must be > train.phases.1.start_epoch (5)"), msg
+    assert "[0, 5, 3]" in msg and "Received: train.phases.2.start_epoch=3" in msg and len(msg) < 200, msg
+    with pytest.raises(ConfigError) as e2:
+        phase_spans(cfg)
+    assert str(e2.value) == msg
+    with pytest.raises(ConfigError, match=r"train.phases.1.start_epoch must be < train.epochs \(10\)"):
+        phase_spans(load_config(None, ["train.phases=[{start_epoch: 0}, {start_epoch: 10}]"]))

@@ -167,7 +167,7 @@ def test_resume_backup_restores_the_adapters(lora_run, tmp_path):
     from kfine.train import build_training
     cfg = lora_run["cfg"]
     trained = lora_run["result"].model
-    # the run finished (its backup arrays are gone: model.keras holds the merged weights), so
+    # the run finished (its backup arrays are gone: model.keras holds the weights), so
     # commit the trained model's state as an epoch's backup, then load it into a fresh model
     rd = tmp_path / "run"
     saver = CheckpointSaver(rd, cfg.train.checkpoint, cfg.train.epochs)
@@ -178,3 +178,53 @@ def test_resume_backup_restores_the_adapters(lora_run, tmp_path):
     assert load_backup(rd, fresh, opt)["next_epoch"] == 2
     for a, b in zip(trained.weights, fresh.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+def test_model_keras_keeps_the_adapters_apart_and_export_merges_them(tmp_path):
+    """Saved and loaded through kfine.checkpoint (model.keras, checkpoints): the adapted layers come
+    back adapted, with their own kernels and adapters (Keras' Conv2D would save the merged kernel
+    and load zero adapters), and compute what the trained model did; merge_lora of the loaded
+    model is plain and gives the same outputs."""
+    from kfine import checkpoint
+    keras.utils.set_random_seed(5)
+    model = build_model(ModelConfig(weights=None), 3, (32, 32))
+    apply_freeze(model, "resnet50", FreezeConfig("lora", lora_rank=2, lora_alpha=4, lora_stages=("conv5",)))
+    adapted = [l for l in get_backbone(model).layers if getattr(l, "lora_enabled", False)]
+    for layer in adapted:                                       # trained adapters: B non-zero
+        b = _var(layer, "lora_kernel_b")
+        b.assign(np.random.default_rng(0).normal(0, 0.05, b.shape).astype("float32"))
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    want = keras.ops.convert_to_numpy(model(x, training=False))
+    checkpoint.save_model(model, tmp_path / "model.keras")
+    loaded = checkpoint.load_model(tmp_path / "model.keras")
+    for layer in adapted:
+        back = get_backbone(loaded).get_layer(layer.name)
+        assert back.lora_enabled and (back.lora_rank, back.lora_alpha) == (2, 4), layer.name
+        for name in ("kernel", "lora_kernel_a", "lora_kernel_b"):
+            np.testing.assert_array_equal(_var(back, name).numpy(), _var(layer, name).numpy())
+    assert [l.name for l in get_backbone(loaded).layers if getattr(l, "lora_enabled", False)] == \
+        [l.name for l in adapted]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x, training=False)), want, rtol=1e-5, atol=1e-6)
+    plain = merge_lora(loaded)
+    assert not has_lora(plain) and "lora" not in json.dumps(plain.get_config()).lower()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(plain(x, training=False)), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow   # the shared two-phase run: ~40 s on 2 cores
+def test_a_lora_runs_model_keras_holds_the_adapters_and_the_export_the_same_outputs(lora_run):
+    import tensorflow as tf
+    from kfine import checkpoint
+    start, trained = lora_run["start"], lora_run["result"].model
+    loaded = checkpoint.load_model(lora_run["run_dir"] / "model.keras")
+    adapted = [l for l in get_backbone(trained).layers if getattr(l, "lora_enabled", False)]
+    for layer in adapted:
+        back = get_backbone(loaded).get_layer(layer.name)
+        assert back.lora_enabled, layer.name
+        np.testing.assert_array_equal(_var(back, "lora_kernel_b").numpy(), _var(layer, "lora_kernel_b").numpy())
+        np.testing.assert_array_equal(_var(back, "kernel").numpy(), start.get_layer(layer.name).kernel.numpy())
+    x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    want = keras.ops.convert_to_numpy(trained(x, training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x, training=False)), want, atol=1e-6)
+    served = tf.saved_model.load(str(lora_run["run_dir"] / "export" / "saved_model" / "1"))
+    got = served.signatures["serving_tensor"](image=tf.constant(x))["probabilities"].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)

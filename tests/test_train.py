@@ -310,3 +310,57 @@ def test_drop_remainder_counts_whole_batches_and_yields_only_full_ones(tmp_path)
         assert [len(y) for _, y in ds.dataset("train", drop_remainder=drop)] == sizes
     auto = load_config(None, base)
     assert drops_remainder(auto) is (keras.backend.backend() == "jax")   # the CI machine has no GPU
+
+
+def test_limit_per_class_scans_and_decodes_only_the_capped_images(tmp_path, monkeypatch):
+    """data.limit_per_class on the digits demo (1,797 images): the decode pass and the image cache
+    hold limit x classes images, not the whole set; the same seed draws the same images."""
+    from kfine import sources
+    from kfine.config import DataConfig
+    from kfine.data import make_datasets
+    monkeypatch.setenv("KFINE_CACHE", str(tmp_path / "cache"))
+    scanned = []
+    scan = sources.scan_files
+    monkeypatch.setattr(sources, "scan_files", lambda paths, *a, **k: scanned.extend(paths) or scan(paths, *a, **k))
+    cfg = DataConfig(source="digits", image_size=(32, 32), limit_per_class=5, check=False)
+    ds = make_datasets(cfg, seed=0)
+    assert len(ds.cache) == 50 and len(scanned) == 50
+    assert sum(len(f) for f in ds.files.values()) == 50 and all(sum(c.values()) for c in ds.counts.values())
+    assert sorted(ds.counts["train"]) == [str(i) for i in range(10)]
+    assert make_datasets(cfg, seed=0).files == ds.files
+
+
+def test_resume_of_a_finished_run_writes_only_what_is_missing(tmp_path, monkeypatch):
+    """--resume of a finished run: with every output there it reads no data and writes nothing
+    (every file's mtime unchanged); with the report deleted only the report is written, with an
+    export format deleted only that format (and the report, which lists it)."""
+    from kfine import data as kdata
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=1", "model.backbone=scratch_cnn",
+                                 "model.scratch.filters=[4,4,8,8,8]", "export.enabled=true",
+                                 "export.formats=[keras]"))
+    rd = run(cfg).run_dir
+    metrics = read_json(rd / "metrics.json")
+
+    def mtimes():
+        return {p.relative_to(rd).as_posix(): p.stat().st_mtime_ns for p in rd.rglob("*")
+                if p.is_file() and p.name != ".lock"}   # the lock is each process's, not an output
+
+    before = mtimes()
+    assert {"model.keras", "metrics.json", "predictions.csv", "report.html", "plots/history.png",
+            "plots/confusion_test.png", "export/model.keras"} <= set(before)
+    monkeypatch.setattr(kdata, "make_datasets", lambda *a, **k: pytest.fail("the data was read"))
+    time.sleep(0.01)
+    again = run(cfg, resume=rd)
+    assert mtimes() == before
+    assert again.metrics == metrics["test"] and [r["epoch"] for r in again.history] == [0]
+    assert [v.path for v in again.model.weights] and again.model.output_shape[-1] == 3
+
+    (rd / "report.html").unlink()
+    run(cfg, resume=rd)
+    after = mtimes()
+    assert {k for k in after if after[k] != before.get(k)} == {"report.html"}
+
+    (rd / "export" / "model.keras").unlink()
+    run(cfg, resume=rd)
+    changed = {k for k, t in mtimes().items() if t != after.get(k)}
+    assert changed == {"export/model.keras", "report.html"}
