@@ -183,6 +183,33 @@ def weights_info(model: keras.Model) -> dict:
     return {"used": getattr(backbone, "weights_used", "unknown"), "note": getattr(backbone, "weights_note", "")}
 
 
+# keras.applications name -> why its ImageNet weights could not be had: one try per process
+# (a comparison or a search builds the backbone many times; offline, each try fails the same way)
+_FAILED_DOWNLOADS: dict[str, str] = {}
+
+
+def _first_line(e: Exception) -> str:
+    """The error's first line, whole."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _quiet_download(build):
+    """``build()`` with Keras' own "Downloading data from ..." line and download bar held back:
+    shown (the download line) only when the weights did load, so a failed try prints nothing of
+    Keras' and kfine's one line says what happened."""
+    import contextlib
+    import io
+    import sys
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        model = build()
+    said = [l for l in out.getvalue().splitlines() if l.startswith("Downloading data from")]
+    if said:
+        print("\n".join(said), file=sys.stdout, flush=True)
+    return model
+
+
 def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Model:
     entry = BACKBONES[cfg.backbone]
     ctor = getattr(keras.applications, entry["app"])
@@ -191,23 +218,26 @@ def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Mod
     if weights in (None, "none", "null", "random"):
         return _mark(ctor(weights=None, **kwargs), "random", "model.weights is null" if weights is None else f"model.weights: {weights}")
     if weights == "imagenet":
-        try:
-            if os.environ.get("KFINE_OFFLINE"):   # air-gapped machines: do not even try
-                raise RuntimeError("KFINE_OFFLINE is set")
-            return _mark(ctor(weights="imagenet", **kwargs), "imagenet")
-        except Exception as e:  # offline, proxy, corrupt cache: keras raises plain Exception
-            where = f"~/.keras/models/ (the file keras.applications.{entry['app']} downloads)"
-            if cfg.weights_fallback == "random":
-                print(f"kfine: ImageNet weights for {cfg.backbone} could not be downloaded "
-                      f"({str(e).splitlines()[0][:120]}); continuing from random initialisation "
-                      f"(weights_fallback: random).", flush=True)
-                return _mark(ctor(weights=None, **kwargs), "random",
-                             f"ImageNet weights could not be loaded ({str(e).splitlines()[0][:120]}); "
-                             f"weights_fallback: random")
-            raise ModelError(
-                f"could not download ImageNet weights for {cfg.backbone}: {str(e).splitlines()[0][:200]}. "
-                f"Put the weights file in {where}, or set model.weights to a local "
-                f".weights.h5 / .h5 file, or set model.weights_fallback: random") from e
+        why = _FAILED_DOWNLOADS.get(entry["app"])
+        if why is None:
+            try:
+                if os.environ.get("KFINE_OFFLINE"):   # air-gapped machines: do not even try
+                    raise RuntimeError("KFINE_OFFLINE is set")
+                return _mark(_quiet_download(lambda: ctor(weights="imagenet", **kwargs)), "imagenet")
+            except Exception as e:  # offline, proxy, corrupt cache: keras raises plain Exception
+                why = _FAILED_DOWNLOADS[entry["app"]] = _first_line(e)
+        else:
+            why += " (tried once in this process)"
+        where = f"~/.keras/models/ (the file keras.applications.{entry['app']} downloads)"
+        if cfg.weights_fallback == "random":
+            print(f"kfine: ImageNet weights for {cfg.backbone} could not be downloaded ({why}); continuing "
+                  f"from random initialisation (weights_fallback: random)", flush=True)
+            return _mark(ctor(weights=None, **kwargs), "random",
+                         f"ImageNet weights could not be loaded ({why}); weights_fallback: random")
+        raise ModelError(
+            f"could not download ImageNet weights for {cfg.backbone}: {why}. "
+            f"Put the weights file in {where}, or set model.weights to a local "
+            f".weights.h5 / .h5 file, or set model.weights_fallback: random")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelError(f"model.weights: {path} does not exist. Give a local weights file "

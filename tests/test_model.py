@@ -87,6 +87,39 @@ def test_imagenet_offline(capsys):
     assert weights_info(scratch)["used"] == "random"       # scratch_cnn ignores model.weights
 
 
+def test_imagenet_download_tried_once_per_process_and_silent(monkeypatch, capsys):
+    """weights_fallback: random: the download is tried once per process (a comparison builds the
+    backbone per run), Keras' own "Downloading data from" line is not printed, and kfine's one
+    line carries the whole error, as run_info.json's note does."""
+    import keras.src.utils.file_utils as fu
+    import kfine.model as km
+    monkeypatch.setattr(km, "_FAILED_DOWNLOADS", {}, raising=False)
+    error = ("URL fetch failure on https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5: None -- [Errno -3] Temporary failure "
+             "in name resolution")
+    calls = []
+
+    def offline(fname=None, origin=None, *args, **kwargs):
+        calls.append(origin)
+        print(f"Downloading data from {origin}")   # as Keras' get_file does before it fails
+        raise Exception(error)
+    monkeypatch.setattr(fu, "get_file", offline)
+    cfg = ModelConfig(weights="imagenet", weights_fallback="random")
+    first = build_model(cfg, 3, (32, 32))
+    second = build_model(cfg, 3, (32, 32))
+    out = capsys.readouterr().out
+    assert len(calls) == 1
+    assert "Downloading data from" not in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and all(l.startswith("kfine: ImageNet weights for resnet50") for l in lines)
+    assert error in lines[0] and "continuing from random initialisation" in lines[0]
+    for m in (first, second):
+        assert weights_info(m)["used"] == "random" and error in weights_info(m)["note"]
+    with pytest.raises(ModelError, match="Temporary failure in name resolution"):   # no fallback: no new try
+        build_model(ModelConfig(weights="imagenet"), 3, (32, 32))
+    assert len(calls) == 1
+
+
 def test_unknown_backbone_and_head():
     with pytest.raises(ModelError, match="resnet50"):
         build_model(ModelConfig(backbone="resnet9000", weights=None), 3, (32, 32))
