@@ -370,12 +370,34 @@ def describe_model(cfg, num_classes: int, image_size, phases=()) -> str:
 
 
 def describe_config(cfg, num_classes: int | None = None) -> str:
-    """describe_model for a whole run config: its model, image size and every phase. The data is
-    not read: the head is sized for ``num_classes`` (10 for the digits demo, else 2)."""
+    """describe_model for a whole run config: its model, image size and every phase (its epochs
+    counted from 1, as the training log counts them). No image is read: the head is sized for
+    ``num_classes``, else the data folder's class folders (``class_count``), else 2."""
     if num_classes is None:
-        num_classes = 10 if cfg.data.source == "digits" else 2
-    phases = [(f"phase {i} (from epoch {p.start_epoch})", p.freeze, p.bn) for i, p in enumerate(cfg.train.phases)]
+        num_classes = class_count(cfg.data) or 2
+    starts = [p.start_epoch for p in cfg.train.phases]
+    ends = starts[1:] + [cfg.train.epochs]
+    phases = [(f"phase {i} (epochs {p.start_epoch + 1}..{end} of {cfg.train.epochs})", p.freeze, p.bn)
+              for i, (p, end) in enumerate(zip(cfg.train.phases, ends))]
     return describe_model(cfg.model, num_classes, tuple(cfg.data.image_size), phases)
+
+
+def class_count(data_cfg) -> int | None:
+    """The classes a run on ``data_cfg`` will have, from the names of the data folder's class
+    folders (nothing decoded, no file listed), 10 for the digits demo; None where that cannot be
+    told without reading the data (a tfds source, a missing folder, an unclear layout)."""
+    if data_cfg.source == "digits":
+        return 10
+    if data_cfg.source != "folder" or not data_cfg.root:
+        return None
+    from kfine import sources
+    root = Path(data_cfg.root)
+    try:
+        layout = sources.detect_layout(root) if data_cfg.layout == "auto" else data_cfg.layout
+        first = root / (sources.LAYOUTS[layout] or ("",))[0]
+        return len([d for d in first.iterdir() if d.is_dir() and not d.name.startswith(".")]) or None
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def main(argv=None) -> int:

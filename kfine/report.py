@@ -127,7 +127,8 @@ def section_summary(run_dir: Path, shown: set) -> str:
 
 def model_epoch(run_dir: Path) -> tuple[int, str] | None:
     """(epoch, why) of the weights model.keras holds, evaluation and export used (train.restore_best),
-    from metrics.json or run_info.json; None for a run that does not say."""
+    from metrics.json or run_info.json; None for a run that does not say. The files hold 0-based
+    epoch indices (as history.csv); the epoch returned counts from 1, as the training log does."""
     used = ((_read_json(run_dir / "metrics.json") or {}).get("model")
             or (_read_json(run_dir / "run_info.json") or {}).get("model"))
     if not isinstance(used, dict) or used.get("epoch") is None:
@@ -135,18 +136,30 @@ def model_epoch(run_dir: Path) -> tuple[int, str] | None:
     if used.get("weights") == "best":
         value = used.get("value")
         why = (f"the best by {used.get('monitor')}" + (f" ({value:.4f})" if isinstance(value, (int, float)) else "")
-               + f" of epochs 0..{used.get('final_epoch')} (train.restore_best)")
+               + f" of epochs 1..{_human_epoch(used.get('final_epoch'))} (train.restore_best)")
     else:
         why = "the final epoch" + (" (train.restore_best: false)" if "final_epoch" in used else "")
-    return used["epoch"], why
+    return _human_epoch(used["epoch"]), why
+
+
+def _human_epoch(index):
+    """A 0-based epoch index from a file (history.csv, metrics.json) as people count it: from 1."""
+    try:
+        return int(index) + 1
+    except (TypeError, ValueError):
+        return index if index is not None else "?"
 
 
 def section_config(run_dir: Path, shown: set) -> str:
     p = run_dir / "config.yaml"
     if not p.exists():
         return ""
-    return (f"<section id=config><h2>Config</h2><p class=muted>config.yaml (re-run with "
-            f"<code>python -m kfine.train --config {escape(str(p))}</code>)</p>"
+    if (run_dir / "compare.csv").exists():   # a comparison: its config.yaml holds the sets (--strategies too)
+        how = (f"re-run the comparison with <code>python -m kfine.compare --config {escape(str(p))}</code>; "
+               f"continue it with <code>python -m kfine.compare --resume {escape(str(run_dir))}</code>")
+    else:
+        how = f"re-run with <code>python -m kfine.train --config {escape(str(p))}</code>"
+    return (f"<section id=config><h2>Config</h2><p class=muted>config.yaml ({how})</p>"
             f"<pre>{escape(p.read_text(errors='replace'))}</pre></section>")
 
 
@@ -218,8 +231,8 @@ def section_phases(run_dir: Path, shown: set) -> str:
         spec_text = ", ".join(f"{k}={v}" for k, v in spec.items() if v not in (None, "", False, 0, 0.0)
                               or k == "strategy")
         end = p.get("end_epoch")
-        parts.append(f"<h3>Phase {escape(str(p.get('index', '?')))}: epochs {escape(str(p.get('start_epoch', '?')))}"
-                     f"..{escape(str(end - 1 if isinstance(end, int) else '?'))}</h3>"
+        parts.append(f"<h3>Phase {escape(str(p.get('index', '?')))}: epochs {escape(str(_human_epoch(p.get('start_epoch'))))}"
+                     f"..{escape(str(end if isinstance(end, int) else '?'))}</h3>"
                      f"<p class=muted>freeze: {escape(spec_text)}</p>")
         rows = p.get("summary") or []
         if rows and isinstance(rows, list):
@@ -345,14 +358,16 @@ def section_compare(run_dir: Path, shown: set) -> str:
     head = ["set", "phases", "trainable params", "epochs", "wall time", "best val acc", "best epoch",
             "epoch used", "test acc", "published val", "published test", "status"]
     body = [[r["set"], r["phases"], int(r["trainable_params"]) if r["trainable_params"] else "", r["epochs"],
-             f"{float(r['wall_s']):.1f} s", pct(r["best_val_accuracy"]), r["best_epoch"], r["epoch_used"],
+             f"{float(r['wall_s']):.1f} s", pct(r["best_val_accuracy"]), _human_epoch(r["best_epoch"] or None),
+             _human_epoch(r["epoch_used"] or None) if r["epoch_used"] else "",
              pct(r["test_accuracy"]), pct(r["published_val"]), pct(r["published_test"]), r["status"]] for r in rows]
     shown.add("plots/compare.png")
     links = "".join(f'<li><a href="{escape(quote(r["set"]))}/report.html">{escape(r["set"])}</a></li>'
                     for r in rows if (run_dir / r["set"] / "report.html").is_file())
     return ("<section id=compare><h2>Comparison</h2><p class=muted>The same data, split, seed and evaluation "
             "for every run (compare.csv, compare.md). Trainable parameters are those of the last phase; "
-            "test accuracy is that of the weights of the epoch used.</p>"
+            "test accuracy is that of the weights of the epoch used. Epochs count from 1, as in the "
+            "training log (compare.csv holds history.csv's 0-based indices).</p>"
             + table(head, body, left={0, 1, 11}) + image(run_dir, "plots/compare.png", "validation curves")
             + (f"<h3>Each run's report</h3><ul>{links}</ul>" if links else "") + "</section>")
 
