@@ -310,6 +310,8 @@ def section_data(run_dir: Path, shown: set) -> str:
                     items = list(v.values()) if isinstance(v, dict) else v
                     problems.append([key.replace("_", " "), len(v), "; ".join(_describe(e) for e in items[:3])
                                      + (" ..." if len(items) > 3 else "")])
+            elif key == "layout" and v == "saved":   # an index read back from a splits.csv
+                facts.append(["split", "from splits.csv"])
             elif v is not None:
                 facts.append([key, v])
         if facts:

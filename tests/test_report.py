@@ -277,3 +277,18 @@ def test_report_of_a_1000_class_run_shows_the_extremes_and_links_every_class(tmp
     # kfine.evaluate's console summary: the summary line and the extremes, not 1,000 lines
     assert f"1,000 classes: {zero:,} at 0% recall" in out and "lowest recall: " in out
     assert sum(line.count("class_") for line in out.splitlines()) < 100
+
+
+def test_a_split_read_from_splits_csv_is_named_so(tmp_path):
+    """kfine.sources.read_splits marks its index's layout "saved": the audit line and the report
+    say where the split came from instead of naming a layout that does not exist."""
+    from kfine.audit import format_check
+    check = {"source": "folder", "root": "/data/pets", "layout": "saved", "class_names": ["a", "b"],
+             "counts": {"train": {"a": 3, "b": 4}}, "warnings": [], "leakage": []}
+    line = format_check(check).splitlines()[0]
+    assert "(split from splits.csv)" in line and "saved" not in line
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "data_check.json").write_text(json.dumps(check))
+    html = render_report(run)
+    assert "<td class=l>split</td><td class=l>from splits.csv</td>" in html and ">saved<" not in html
