@@ -441,7 +441,11 @@ def section_export(run_dir: Path, shown: set) -> str:
         return ""
     note = ""
     if (export / "saved_model").is_dir():
-        note = ("<p>Serve the SavedModel in <code>export/saved_model/</code> (TensorFlow Serving). Its "
+        versions = sorted((int(p.name) for p in (export / "saved_model").iterdir() if p.is_dir() and p.name.isdigit()))
+        latest = f"export/saved_model/{versions[-1]}" if versions else "export/saved_model/1"
+        note = ("<p>Serve the SavedModel in <code>export/saved_model/</code> (TensorFlow Serving serves its "
+                f"highest version folder); without kfine, <code>tf.saved_model.load</code> takes the version "
+                f"folder, <code>{escape(latest)}</code>. Its "
                 "<code>serving_default</code> signature takes encoded images (JPEG, PNG, GIF or BMP files' "
                 "bytes, any size) and decodes and resizes them itself; <code>serving_tensor</code> takes "
                 "decoded RGB images at the training size. Probabilities are in class_names.json order.</p>"
