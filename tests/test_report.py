@@ -292,3 +292,30 @@ def test_a_split_read_from_splits_csv_is_named_so(tmp_path):
     (run / "data_check.json").write_text(json.dumps(check))
     html = render_report(run)
     assert "<td class=l>split</td><td class=l>from splits.csv</td>" in html and ">saved<" not in html
+
+
+def test_the_log_and_the_report_count_epochs_alike(tmp_path, capsys):
+    """One numbering a person reads: the log's "epoch 3/3" lines, the phase headers, "the model
+    now holds epoch K's weights" and the report all count from 1; history.csv and best.json keep
+    Keras' 0-based index (K - 1)."""
+    from conftest import make_folder
+    from kfine import train
+    root = make_folder(tmp_path / "data", "single", per_class=6)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: e\nmodel: {backbone: scratch_cnn, weights: null, scratch: {filters: [4], dense_units: 8}}\n"
+                   "train:\n  epochs: 3\n  phases:\n    - {start_epoch: 0, freeze: {strategy: none}}\n"
+                   "    - {start_epoch: 2, freeze: {strategy: backbone}}\n")
+    assert train.main(["--config", str(cfg), f"runs_dir={tmp_path / 'runs'}", f"data.root={root}",
+                       "data.image_size=[16,16]", "data.batch_size=4", "train.steps_per_epoch=1", "train.verbose=2",
+                       "export.enabled=false", "data.augment.enabled=false", "train.restore_best=true"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "e"
+    best = json.loads((run / "checkpoints" / "best.json").read_text())["epoch"]      # 0-based index
+    assert [line.split("  ")[0] for line in out.splitlines() if line.startswith("epoch ")] == \
+        ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert "kfine: phase 0 (epochs 1..2 of 3)" in out and "kfine: phase 1 (epochs 3..3 of 3)" in out
+    assert f"the model now holds epoch {best + 1}'s weights" in out
+    html = (run / "report.html").read_text()
+    assert f"model weights of</span><b>epoch {best + 1}</b>" in html and "of epochs 1..3 (train.restore_best)" in html
+    assert "Phase 0: epochs 1..2" in html and "Phase 1: epochs 3..3" in html
+    assert json.loads((run / "metrics.json").read_text())["model"]["epoch"] == best
