@@ -418,7 +418,8 @@ def main(argv=None) -> int:
     lp.add_argument("--lora-rank", type=int, default=8)
     lp.add_argument("--lora-stages", nargs="*", default=[])
     lp.add_argument("--image-size", type=int, default=None, help="square input size (default 224, or the config's)")
-    lp.add_argument("--num-classes", type=int, default=None, help="classes of the head (default 10 / 2)")
+    lp.add_argument("--num-classes", type=int, default=None,
+                    help="classes of the head (default: with --config its class folders, else 10)")
     lp.add_argument("overrides", nargs="*", metavar="key=value", help="with --config")
     args = ap.parse_args(argv)
 
