@@ -56,9 +56,15 @@ def imbalance_warnings(counts: dict) -> list[str]:
     return []
 
 
+def describe_layout(layout) -> str:
+    """How the split was made, in words: ``layout single`` etc., or, for an index read back from a
+    splits.csv (kfine.sources.read_splits: a resumed run, a comparison, data.splits), that."""
+    return "split from splits.csv" if layout == "saved" else f"layout {layout}"
+
+
 def format_check(report: dict) -> str:
     """A short human summary of an audit report."""
-    lines = [f"kfine data check: {report.get('root') or report['source']} (layout {report['layout']}), "
+    lines = [f"kfine data check: {report.get('root') or report['source']} ({describe_layout(report['layout'])}), "
              f"{len(report['class_names'])} classes"]
     for split, c in report["counts"].items():
         lines.append(f"  {split}: {sum(c.values())} images ({min(c.values())}..{max(c.values())} per class)")

@@ -55,7 +55,7 @@ class StopOnNaN(keras.callbacks.Callback):
                 pass
         if bad:
             self.model.stop_training = True
-            raise TrainingError(f"loss became NaN/inf in epoch {epoch} (phase {self.phase}): {bad}; "
+            raise TrainingError(f"loss became NaN/inf in epoch {epoch + 1} (phase {self.phase}): {bad}; "
                                 f"nothing of that epoch was saved. Lower train.schedule.learning_rate "
                                 f"or set train.optimizer.clipnorm")
 

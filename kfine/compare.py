@@ -27,7 +27,9 @@ another in this process, and every one gets:
 
 Outputs beside the runs: ``compare.csv`` and ``compare.md`` (one row per set: phases, trainable
 parameters, epochs, wall time, best validation accuracy and its epoch, the epoch whose weights
-were evaluated (train.restore_best), test accuracy, the published figures), ``plots/compare.png``
+were evaluated (train.restore_best), test accuracy, the published figures; compare.md and the
+report count epochs from 1 as the training log does, compare.csv holds history.csv's 0-based
+epoch indices), ``plots/compare.png``
 (validation curves), ``report.html`` (the table, the plot, links to each run's own report),
 ``config.yaml`` (with the sets, so ``--resume`` needs nothing else) and ``progress.json``.
 
@@ -227,9 +229,9 @@ def markdown_table(rows: list[dict]) -> str:
             "test acc", "published val", "published test", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        best = f"{_pct(r['best_val_accuracy'])} ({r['best_epoch']})" if r["best_epoch"] is not None else ""
+        best = f"{_pct(r['best_val_accuracy'])} ({r['best_epoch'] + 1})" if r["best_epoch"] is not None else ""
         cells = [r["set"], r["phases"], f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "",
-                 r["epochs"], f"{r['wall_s']:.1f} s", best, "" if r["epoch_used"] is None else r["epoch_used"],
+                 r["epochs"], f"{r['wall_s']:.1f} s", best, "" if r["epoch_used"] is None else r["epoch_used"] + 1,
                  _pct(r["test_accuracy"]), _pct(r["published_val"]), _pct(r["published_test"]), r["status"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -312,6 +312,8 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     csv_name = "predictions.csv" if requested == "test" else f"predictions_{split}.csv"
     write_csv(run_dir / csv_name, rows)
     plots = write_plots(run_dir, split, metrics, class_names, labels, probs, sample)
+    from kfine.report import write_class_tables
+    write_class_tables(run_dir)   # many classes: the whole per-class table as per_class_<split>.csv
     print(format_metrics(metrics), flush=True)
     print(f"kfine: wrote {run_dir / 'metrics.json'}, {run_dir / csv_name}, "
           f"{', '.join(str(p.relative_to(run_dir)) for p in plots)}", flush=True)
@@ -328,6 +330,12 @@ def format_metrics(m: dict) -> str:
         t = m["tta"]
         lines.append(f"  with TTA ({t['mode']}, {t['views']} views): accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}"
                      + (f", top-5 {t['top5_accuracy']:.4f}" if "top5_accuracy" in t else ""))
+    per = m.get("per_class") or []
+    from kfine.report import MAX_CLASS_ROWS, highest_classes, lowest_classes, per_class_csv, per_class_summary
+    if len(per) > MAX_CLASS_ROWS:   # what to look at among many classes; every class in the CSV
+        lines.append(f"  {per_class_summary(per)} (every class: {per_class_csv(m.get('split', 'eval'))})")
+        for title, rows in (("lowest", lowest_classes(per, 5)), ("highest", highest_classes(per, 3))):
+            lines.append(f"  {title} recall: " + ", ".join(f"{r['class']} {100 * r['recall']:.1f}%" for r in rows))
     for p in m.get("most_confused", [])[:5]:
         lines.append(f"  confused: {p['true']} -> {p['predicted']} ({p['count']}x)")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Export a trained model for serving: SavedModel (TF Serving), ONNX, .keras.
 
     export/
-      saved_model/1/   SavedModel; "1" is the version directory TF Serving expects
+      saved_model/1/   SavedModel in a version folder, as TF Serving expects; a re-export writes the
+                       next number (2, 3, ...: TF Serving serves the highest). tf.saved_model.load
+                       takes the version folder: export/saved_model/1
       model.onnx       tensor input only (optional extra: pip install kfine[onnx])
       model.keras      the Keras model (reload with keras.saving.load_model after `import kfine.model`)
 
@@ -139,7 +141,7 @@ def _write_saved_model(model, class_names, image_size, out_dir: Path, transform=
             "serving_tensor", tensor_fn, input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="image")]),
     }
     base = out_dir / "saved_model"
-    final = base / SAVED_MODEL_VERSION
+    final = base / next_version(base)
     base.mkdir(parents=True, exist_ok=True)
     # TF Serving only loads numeric directories, so it ignores the temporary one.
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
@@ -149,7 +151,16 @@ def _write_saved_model(model, class_names, image_size, out_dir: Path, transform=
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_json(out_dir / "signatures.json", describe_signatures(endpoints))
+    print(f"kfine: SavedModel version {final.name} in {final} (load it with tf.saved_model.load(\"{final}\"); "
+          f"TF Serving serves the highest version in {base})", flush=True)
     return final
+
+
+def next_version(base: Path) -> str:
+    """The version folder a new SavedModel export gets: 1, or one more than the highest there
+    (TF Serving reads each numbered folder as a version of the model and serves the highest)."""
+    taken = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.is_dir() else []
+    return str(max(taken, default=int(SAVED_MODEL_VERSION) - 1) + 1)
 
 
 def describe_signatures(endpoints: dict) -> dict:

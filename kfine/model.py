@@ -184,6 +184,33 @@ def weights_info(model: keras.Model) -> dict:
     return {"used": getattr(backbone, "weights_used", "unknown"), "note": getattr(backbone, "weights_note", "")}
 
 
+# keras.applications name -> why its ImageNet weights could not be had: one try per process
+# (a comparison or a search builds the backbone many times; offline, each try fails the same way)
+_FAILED_DOWNLOADS: dict[str, str] = {}
+
+
+def _first_line(e: Exception) -> str:
+    """The error's first line, whole."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _quiet_download(build):
+    """``build()`` with Keras' own "Downloading data from ..." line and download bar held back:
+    shown (the download line) only when the weights did load, so a failed try prints nothing of
+    Keras' and kfine's one line says what happened."""
+    import contextlib
+    import io
+    import sys
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        model = build()
+    said = [l for l in out.getvalue().splitlines() if l.startswith("Downloading data from")]
+    if said:
+        print("\n".join(said), file=sys.stdout, flush=True)
+    return model
+
+
 def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Model:
     entry = BACKBONES[cfg.backbone]
     ctor = getattr(keras.applications, entry["app"])
@@ -192,23 +219,26 @@ def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Mod
     if weights in (None, "none", "null", "random"):
         return _mark(ctor(weights=None, **kwargs), "random", "model.weights is null" if weights is None else f"model.weights: {weights}")
     if weights == "imagenet":
-        try:
-            if os.environ.get("KFINE_OFFLINE"):   # air-gapped machines: do not even try
-                raise RuntimeError("KFINE_OFFLINE is set")
-            return _mark(ctor(weights="imagenet", **kwargs), "imagenet")
-        except Exception as e:  # offline, proxy, corrupt cache: keras raises plain Exception
-            where = f"~/.keras/models/ (the file keras.applications.{entry['app']} downloads)"
-            if cfg.weights_fallback == "random":
-                print(f"kfine: ImageNet weights for {cfg.backbone} could not be downloaded "
-                      f"({str(e).splitlines()[0][:120]}); continuing from random initialisation "
-                      f"(weights_fallback: random).", flush=True)
-                return _mark(ctor(weights=None, **kwargs), "random",
-                             f"ImageNet weights could not be loaded ({str(e).splitlines()[0][:120]}); "
-                             f"weights_fallback: random")
-            raise ModelError(
-                f"could not download ImageNet weights for {cfg.backbone}: {str(e).splitlines()[0][:200]}. "
-                f"Put the weights file in {where}, or set model.weights to a local "
-                f".weights.h5 / .h5 file, or set model.weights_fallback: random") from e
+        why = _FAILED_DOWNLOADS.get(entry["app"])
+        if why is None:
+            try:
+                if os.environ.get("KFINE_OFFLINE"):   # air-gapped machines: do not even try
+                    raise RuntimeError("KFINE_OFFLINE is set")
+                return _mark(_quiet_download(lambda: ctor(weights="imagenet", **kwargs)), "imagenet")
+            except Exception as e:  # offline, proxy, corrupt cache: keras raises plain Exception
+                why = _FAILED_DOWNLOADS[entry["app"]] = _first_line(e)
+        else:
+            why += " (tried once in this process)"
+        where = f"~/.keras/models/ (the file keras.applications.{entry['app']} downloads)"
+        if cfg.weights_fallback == "random":
+            print(f"kfine: ImageNet weights for {cfg.backbone} could not be downloaded ({why}); continuing "
+                  f"from random initialisation (weights_fallback: random)", flush=True)
+            return _mark(ctor(weights=None, **kwargs), "random",
+                         f"ImageNet weights could not be loaded ({why}); weights_fallback: random")
+        raise ModelError(
+            f"could not download ImageNet weights for {cfg.backbone}: {why}. "
+            f"Put the weights file in {where}, or set model.weights to a local "
+            f".weights.h5 / .h5 file, or set model.weights_fallback: random")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelError(f"model.weights: {path} does not exist. Give a local weights file "
@@ -341,12 +371,34 @@ def describe_model(cfg, num_classes: int, image_size, phases=()) -> str:
 
 
 def describe_config(cfg, num_classes: int | None = None) -> str:
-    """describe_model for a whole run config: its model, image size and every phase. The data is
-    not read: the head is sized for ``num_classes`` (10 for the digits demo, else 2)."""
+    """describe_model for a whole run config: its model, image size and every phase (its epochs
+    counted from 1, as the training log counts them). No image is read: the head is sized for
+    ``num_classes``, else the data folder's class folders (``class_count``), else 2."""
     if num_classes is None:
-        num_classes = 10 if cfg.data.source == "digits" else 2
-    phases = [(f"phase {i} (from epoch {p.start_epoch})", p.freeze, p.bn) for i, p in enumerate(cfg.train.phases)]
+        num_classes = class_count(cfg.data) or 2
+    starts = [p.start_epoch for p in cfg.train.phases]
+    ends = starts[1:] + [cfg.train.epochs]
+    phases = [(f"phase {i} (epochs {p.start_epoch + 1}..{end} of {cfg.train.epochs})", p.freeze, p.bn)
+              for i, (p, end) in enumerate(zip(cfg.train.phases, ends))]
     return describe_model(cfg.model, num_classes, tuple(cfg.data.image_size), phases)
+
+
+def class_count(data_cfg) -> int | None:
+    """The classes a run on ``data_cfg`` will have, from the names of the data folder's class
+    folders (nothing decoded, no file listed), 10 for the digits demo; None where that cannot be
+    told without reading the data (a tfds source, a missing folder, an unclear layout)."""
+    if data_cfg.source == "digits":
+        return 10
+    if data_cfg.source != "folder" or not data_cfg.root:
+        return None
+    from kfine import sources
+    root = Path(data_cfg.root)
+    try:
+        layout = sources.detect_layout(root) if data_cfg.layout == "auto" else data_cfg.layout
+        first = root / (sources.LAYOUTS[layout] or ("",))[0]
+        return len([d for d in first.iterdir() if d.is_dir() and not d.name.startswith(".")]) or None
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def main(argv=None) -> int:
@@ -367,7 +419,8 @@ def main(argv=None) -> int:
     lp.add_argument("--lora-rank", type=int, default=8)
     lp.add_argument("--lora-stages", nargs="*", default=[])
     lp.add_argument("--image-size", type=int, default=None, help="square input size (default 224, or the config's)")
-    lp.add_argument("--num-classes", type=int, default=None, help="classes of the head (default 10 / 2)")
+    lp.add_argument("--num-classes", type=int, default=None,
+                    help="classes of the head (default: with --config its class folders, else 10)")
     lp.add_argument("overrides", nargs="*", metavar="key=value", help="with --config")
     args = ap.parse_args(argv)
 

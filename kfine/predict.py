@@ -32,23 +32,33 @@ def predict_files(model, paths, class_names, image_size, batch_size: int = 32, t
     are above the pixel limit. ``transform``: the run's eval transform (``run_transform``), the
     one evaluation and the exported model use.
     """
+    import time
+
     import keras
 
+    from kfine.callbacks import fit_verbosity
     from kfine.pipeline import load_images
 
     paths = [str(p) for p in paths]
     rows, bad = [], []
-    bar = keras.utils.Progbar(len(paths), unit_name="image") if verbose and paths else None
+    # Keras' bar (it writes terminal codes) on a terminal only; into a pipe or a file, plain lines
+    bar = keras.utils.Progbar(len(paths), unit_name="image") if fit_verbosity(verbose) and paths else None
+    plain = bool(verbose and paths and bar is None)
+    if plain:
+        print(f"kfine: predicting {len(paths)} images ...", flush=True)
+    t = time.perf_counter()
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         images, ok_paths, chunk_bad = load_images(chunk, tuple(image_size), **(transform or {}))
         bad.extend(chunk_bad)
         if len(ok_paths):
-            plain, averaged = predict_views(model, np.asarray(images, dtype=np.float32), tta)
-            probs = plain if averaged is None else averaged
+            plain_probs, averaged = predict_views(model, np.asarray(images, dtype=np.float32), tta)
+            probs = plain_probs if averaged is None else averaged
             rows.extend(prediction_rows(probs, class_names, files=[str(p) for p in ok_paths], top_k=top_k))
         if bar is not None:
             bar.update(start + len(chunk))
+    if plain:
+        print(f"kfine: predicted {len(paths)} images in {time.perf_counter() - t:.1f} s", flush=True)
     return rows, [(str(p), str(why)) for p, why in bad]
 
 

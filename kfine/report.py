@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
+import statistics
 import sys
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from kfine.rundir import atomic_write_text, read_json
+from kfine.rundir import atomic_write_text, read_json, write_csv
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
 main{max-width:1100px;margin:0 auto;padding:16px 24px 48px}
 h1{font-size:26px;margin:16px 0 4px} h2{font-size:20px;border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}
-h3{font-size:16px;margin:18px 0 6px} .muted{color:#656d76;font-size:13px}
+h3{font-size:16px;margin:18px 0 6px} h4{font-size:14px;margin:12px 0 4px} .muted{color:#656d76;font-size:13px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:4px 16px 14px;margin:16px 0}
 table{border-collapse:collapse;font-size:13px;margin:6px 0} th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:right}
 th{background:#f6f8fa} td.l,th.l{text-align:left}
@@ -34,7 +36,100 @@ nav a{margin-right:12px;font-size:13px}
 """
 
 
+# Above this many classes a per-class table shows what a person looks for (the lowest and highest
+# classes, a summary line) and links the whole table as a CSV in the run directory.
+MAX_CLASS_ROWS = 60
+LOWEST, HIGHEST = 15, 5
+
+
 # ----------------------------------------------------------------------------- small helpers
+def natural_key(name) -> tuple:
+    """Sort key that orders class names as people do: class_2 before class_10, case aside. For
+    display only: label indices stay those of class_names.json."""
+    parts = re.split(r"(\d+)", str(name))
+    return [int(t) if i % 2 else t.casefold() for i, t in enumerate(parts)], str(name)
+
+
+def natural_sorted(names) -> list:
+    return sorted(names, key=natural_key)
+
+
+def per_class_csv(split: str) -> str:
+    return f"per_class_{split}.csv"
+
+
+COUNTS_CSV = "images_per_class.csv"
+
+
+def _class_order(run_dir: Path) -> list:
+    names = _read_json(run_dir / "class_names.json")
+    return names if isinstance(names, list) else []
+
+
+def write_class_tables(run_dir) -> list[Path]:
+    """The whole per-class tables as CSVs in the run directory, for a run with more than
+    MAX_CLASS_ROWS classes (the report shows their extremes and links these): per_class_<split>.csv
+    for each evaluated split (class, label, precision, recall, f1, support; label order) and
+    images_per_class.csv (class, label, images per split, total). Returns the files written."""
+    run_dir = Path(run_dir)
+    order = {c: i for i, c in enumerate(_class_order(run_dir))}
+    written = []
+    metrics = _read_json(run_dir / "metrics.json")
+    for split, m in (metrics.items() if isinstance(metrics, dict) else []):
+        per = m.get("per_class") if isinstance(m, dict) else None
+        if isinstance(per, list) and len(per) > MAX_CLASS_ROWS:
+            rows = [{"class": r.get("class"), "label": order.get(r.get("class"), i), **{
+                k: r.get(k) for k in ("precision", "recall", "f1", "support")}} for i, r in enumerate(per)]
+            write_csv(run_dir / per_class_csv(split), rows, ["class", "label", "precision", "recall", "f1", "support"])
+            written.append(run_dir / per_class_csv(split))
+    counts = (_read_json(run_dir / "data_check.json") or {}).get("counts")
+    rows = _count_rows(counts) if isinstance(counts, dict) else []
+    if len(rows) > MAX_CLASS_ROWS:
+        splits = [s for s, c in counts.items() if isinstance(c, dict)]
+        write_csv(run_dir / COUNTS_CSV, [{"class": c, "label": order.get(c, ""), **dict(zip(splits, n)),
+                                         "total": sum(n)} for c, *n in rows], ["class", "label", *splits, "total"])
+        written.append(run_dir / COUNTS_CSV)
+    return written
+
+
+def _count_rows(counts: dict) -> list[list]:
+    """{split: {class: n}} -> [class, n per split...] in natural class order."""
+    splits = [s for s, c in counts.items() if isinstance(c, dict)]
+    classes: list[str] = []
+    for s in splits:
+        classes += [c for c in counts[s] if c not in classes]
+    return [[c] + [counts[s].get(c, 0) for s in splits] for c in natural_sorted(classes)]
+
+
+def _link(run_dir: Path, rel: str) -> str:
+    if not (run_dir / rel).is_file():
+        return f"<code>{escape(rel)}</code> (not written: <code>python -m kfine.report {escape(str(run_dir))}</code> writes it)"
+    return f'<a href="{escape(quote(rel))}">{escape(rel)}</a>'
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def per_class_summary(per: list[dict]) -> str:
+    """One line: classes at 0% recall, recall and F1 median and quartiles."""
+    def quart(key):
+        vals = [float(r.get(key) or 0.0) for r in per]
+        q = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else vals * 3
+        return f"median {_pct(q[1])} (quartiles {_pct(q[0])}..{_pct(q[2])})"
+    zero = sum(1 for r in per if not r.get("recall"))
+    return f"{len(per):,} classes: {zero:,} at 0% recall; recall {quart('recall')}; F1 {quart('f1')}"
+
+
+def lowest_classes(per: list[dict], n: int = LOWEST) -> list[dict]:
+    """The classes with the lowest recall (then F1; ties in natural name order)."""
+    return sorted(per, key=lambda r: (r.get("recall") or 0.0, r.get("f1") or 0.0, natural_key(r.get("class"))))[:n]
+
+
+def highest_classes(per: list[dict], n: int = HIGHEST) -> list[dict]:
+    return sorted(per, key=lambda r: (-(r.get("recall") or 0.0), -(r.get("f1") or 0.0), natural_key(r.get("class"))))[:n]
+
+
 def _read_json(path: Path):
     return read_json(path) if path.exists() else None
 
@@ -127,7 +222,8 @@ def section_summary(run_dir: Path, shown: set) -> str:
 
 def model_epoch(run_dir: Path) -> tuple[int, str] | None:
     """(epoch, why) of the weights model.keras holds, evaluation and export used (train.restore_best),
-    from metrics.json or run_info.json; None for a run that does not say."""
+    from metrics.json or run_info.json; None for a run that does not say. The files hold 0-based
+    epoch indices (as history.csv); the epoch returned counts from 1, as the training log does."""
     used = ((_read_json(run_dir / "metrics.json") or {}).get("model")
             or (_read_json(run_dir / "run_info.json") or {}).get("model"))
     if not isinstance(used, dict) or used.get("epoch") is None:
@@ -135,32 +231,54 @@ def model_epoch(run_dir: Path) -> tuple[int, str] | None:
     if used.get("weights") == "best":
         value = used.get("value")
         why = (f"the best by {used.get('monitor')}" + (f" ({value:.4f})" if isinstance(value, (int, float)) else "")
-               + f" of epochs 0..{used.get('final_epoch')} (train.restore_best)")
+               + f" of epochs 1..{_human_epoch(used.get('final_epoch'))} (train.restore_best)")
     else:
         why = "the final epoch" + (" (train.restore_best: false)" if "final_epoch" in used else "")
-    return used["epoch"], why
+    return _human_epoch(used["epoch"]), why
+
+
+def _human_epoch(index):
+    """A 0-based epoch index from a file (history.csv, metrics.json) as people count it: from 1."""
+    try:
+        return int(index) + 1
+    except (TypeError, ValueError):
+        return index if index is not None else "?"
 
 
 def section_config(run_dir: Path, shown: set) -> str:
     p = run_dir / "config.yaml"
     if not p.exists():
         return ""
-    return (f"<section id=config><h2>Config</h2><p class=muted>config.yaml (re-run with "
-            f"<code>python -m kfine.train --config {escape(str(p))}</code>)</p>"
+    if (run_dir / "compare.csv").exists():   # a comparison: its config.yaml holds the sets (--strategies too)
+        how = (f"re-run the comparison with <code>python -m kfine.compare --config {escape(str(p))}</code>; "
+               f"continue it with <code>python -m kfine.compare --resume {escape(str(run_dir))}</code>")
+    else:
+        how = f"re-run with <code>python -m kfine.train --config {escape(str(p))}</code>"
+    return (f"<section id=config><h2>Config</h2><p class=muted>config.yaml ({how})</p>"
             f"<pre>{escape(p.read_text(errors='replace'))}</pre></section>")
 
 
-def _counts_table(counts: dict) -> str:
-    """{split: {class: n}} -> classes as rows, splits as columns, totals last."""
+def _counts_table(counts: dict, run_dir: Path | None = None) -> str:
+    """{split: {class: n}} -> classes as rows (natural order), splits as columns, totals last.
+    Above MAX_CLASS_ROWS classes: a summary line, the classes with the fewest training images and
+    the largest, and a link to images_per_class.csv."""
     splits = [s for s, c in counts.items() if isinstance(c, dict)]
     if not splits:
         return ""
-    classes: list[str] = []
-    for s in splits:
-        classes += [c for c in counts[s] if c not in classes]
-    rows = [[c] + [counts[s].get(c, 0) for s in splits] for c in classes]
-    rows.append(["total"] + [sum(v for v in counts[s].values() if isinstance(v, (int, float))) for s in splits])
-    return table(["class"] + splits, rows)
+    rows = _count_rows(counts)
+    total = ["total"] + [sum(v for v in counts[s].values() if isinstance(v, (int, float))) for s in splits]
+    if len(rows) <= MAX_CLASS_ROWS:
+        return table(["class"] + splits, rows + [total])
+    col = splits.index("train") + 1 if "train" in splits else 1
+    fewest = sorted(rows, key=lambda r: (r[col], natural_key(r[0])))
+    largest = sorted(rows, key=lambda r: (-r[col], natural_key(r[0])))[:HIGHEST]
+    n = [r[col] for r in rows]
+    line = (f"{len(rows):,} classes; {escape(splits[col - 1])}: {min(n):,}..{max(n):,} images per class, median "
+            f"{statistics.median(n):g}; in all " + ", ".join(f"{escape(s)} {t:,}" for s, t in zip(splits, total[1:]))
+            + f". Every class: {_link(run_dir, COUNTS_CSV) if run_dir else escape(COUNTS_CSV)}.")
+    return (f"<p>{line}</p><h4>Fewest {escape(splits[col - 1])} images</h4>"
+            + table(["class"] + splits, fewest[:LOWEST]) + f"<h4>Most {escape(splits[col - 1])} images</h4>"
+            + table(["class"] + splits, largest))
 
 
 def section_data(run_dir: Path, shown: set) -> str:
@@ -174,7 +292,7 @@ def section_data(run_dir: Path, shown: set) -> str:
     if isinstance(check, dict):
         counts = check.get("counts")
         if isinstance(counts, dict):
-            parts.append("<h3>Images per class and split</h3>" + _counts_table(counts))
+            parts.append("<h3>Images per class and split</h3>" + _counts_table(counts, run_dir))
         warnings = check.get("warnings") or []
         if isinstance(warnings, str):
             warnings = [warnings]
@@ -192,6 +310,8 @@ def section_data(run_dir: Path, shown: set) -> str:
                     items = list(v.values()) if isinstance(v, dict) else v
                     problems.append([key.replace("_", " "), len(v), "; ".join(_describe(e) for e in items[:3])
                                      + (" ..." if len(items) > 3 else "")])
+            elif key == "layout" and v == "saved":   # an index read back from a splits.csv
+                facts.append(["split", "from splits.csv"])
             elif v is not None:
                 facts.append([key, v])
         if facts:
@@ -218,8 +338,8 @@ def section_phases(run_dir: Path, shown: set) -> str:
         spec_text = ", ".join(f"{k}={v}" for k, v in spec.items() if v not in (None, "", False, 0, 0.0)
                               or k == "strategy")
         end = p.get("end_epoch")
-        parts.append(f"<h3>Phase {escape(str(p.get('index', '?')))}: epochs {escape(str(p.get('start_epoch', '?')))}"
-                     f"..{escape(str(end - 1 if isinstance(end, int) else '?'))}</h3>"
+        parts.append(f"<h3>Phase {escape(str(p.get('index', '?')))}: epochs {escape(str(_human_epoch(p.get('start_epoch'))))}"
+                     f"..{escape(str(end if isinstance(end, int) else '?'))}</h3>"
                      f"<p class=muted>freeze: {escape(spec_text)}</p>")
         rows = p.get("summary") or []
         if rows and isinstance(rows, list):
@@ -263,10 +383,7 @@ def section_metrics(run_dir: Path, shown: set) -> str:
                          + table(keys, [[tta[k] for k in keys]], left=0))
         per = m.get("per_class") or []
         if per:
-            parts.append("<h3>Per class</h3>" + table(
-                ["class", "precision", "recall", "f1", "support"],
-                [[r.get("class", ""), r.get("precision", ""), r.get("recall", ""), r.get("f1", ""),
-                  r.get("support", "")] for r in per]))
+            parts.append("<h3>Per class</h3>" + _per_class_tables(run_dir, split, per))
         for rel, title in ((f"plots/confusion_{split}.png", "Confusion matrix"),
                            (f"plots/per_class_accuracy_{split}.png", "Per-class accuracy"),
                            (f"plots/predictions_{split}.png", "Predictions on random images")):
@@ -285,6 +402,21 @@ def section_metrics(run_dir: Path, shown: set) -> str:
                 [[w.get("file", f"#{w.get('index')}"), w.get("true"), w.get("predicted"), w.get("confidence"),
                   w.get("loss")] for w in worst[:10]], left=3))
     return "".join(parts) + "</section>"
+
+
+def _per_class_tables(run_dir: Path, split: str, per: list[dict]) -> str:
+    """Every class (natural order) up to MAX_CLASS_ROWS; above, the summary line, the lowest and
+    highest classes by recall, and a link to the whole table (per_class_<split>.csv)."""
+    head = ["class", "precision", "recall", "f1", "support"]
+
+    def rows(items):
+        return [[r.get("class", ""), r.get("precision", ""), r.get("recall", ""), r.get("f1", ""),
+                 r.get("support", "")] for r in items]
+    if len(per) <= MAX_CLASS_ROWS:
+        return table(head, rows(sorted(per, key=lambda r: natural_key(r.get("class", "")))))
+    return (f"<p>{escape(per_class_summary(per))}. Every class: {_link(run_dir, per_class_csv(split))}.</p>"
+            f"<h4>Lowest {LOWEST} by recall (then F1)</h4>" + table(head, rows(lowest_classes(per)))
+            + f"<h4>Highest {HIGHEST} by recall</h4>" + table(head, rows(highest_classes(per))))
 
 
 def section_other_plots(run_dir: Path, shown: set) -> str:
@@ -309,7 +441,11 @@ def section_export(run_dir: Path, shown: set) -> str:
         return ""
     note = ""
     if (export / "saved_model").is_dir():
-        note = ("<p>Serve the SavedModel in <code>export/saved_model/</code> (TensorFlow Serving). Its "
+        versions = sorted((int(p.name) for p in (export / "saved_model").iterdir() if p.is_dir() and p.name.isdigit()))
+        latest = f"export/saved_model/{versions[-1]}" if versions else "export/saved_model/1"
+        note = ("<p>Serve the SavedModel in <code>export/saved_model/</code> (TensorFlow Serving serves its "
+                f"highest version folder); without kfine, <code>tf.saved_model.load</code> takes the version "
+                f"folder, <code>{escape(latest)}</code>. Its "
                 "<code>serving_default</code> signature takes encoded images (JPEG, PNG, GIF or BMP files' "
                 "bytes, any size) and decodes and resizes them itself; <code>serving_tensor</code> takes "
                 "decoded RGB images at the training size. Probabilities are in class_names.json order.</p>"
@@ -345,14 +481,16 @@ def section_compare(run_dir: Path, shown: set) -> str:
     head = ["set", "phases", "trainable params", "epochs", "wall time", "best val acc", "best epoch",
             "epoch used", "test acc", "published val", "published test", "status"]
     body = [[r["set"], r["phases"], int(r["trainable_params"]) if r["trainable_params"] else "", r["epochs"],
-             f"{float(r['wall_s']):.1f} s", pct(r["best_val_accuracy"]), r["best_epoch"], r["epoch_used"],
+             f"{float(r['wall_s']):.1f} s", pct(r["best_val_accuracy"]), _human_epoch(r["best_epoch"] or None),
+             _human_epoch(r["epoch_used"] or None) if r["epoch_used"] else "",
              pct(r["test_accuracy"]), pct(r["published_val"]), pct(r["published_test"]), r["status"]] for r in rows]
     shown.add("plots/compare.png")
     links = "".join(f'<li><a href="{escape(quote(r["set"]))}/report.html">{escape(r["set"])}</a></li>'
                     for r in rows if (run_dir / r["set"] / "report.html").is_file())
     return ("<section id=compare><h2>Comparison</h2><p class=muted>The same data, split, seed and evaluation "
             "for every run (compare.csv, compare.md). Trainable parameters are those of the last phase; "
-            "test accuracy is that of the weights of the epoch used.</p>"
+            "test accuracy is that of the weights of the epoch used. Epochs count from 1, as in the "
+            "training log (compare.csv holds history.csv's 0-based indices).</p>"
             + table(head, body, left={0, 1, 11}) + image(run_dir, "plots/compare.png", "validation curves")
             + (f"<h3>Each run's report</h3><ul>{links}</ul>" if links else "") + "</section>")
 
@@ -391,6 +529,7 @@ def render_report(run_dir) -> str:
 def write_report(run_dir) -> Path:
     """Write run_dir/report.html (atomically) and return its path."""
     out = Path(run_dir) / "report.html"
+    write_class_tables(run_dir)   # the whole per-class tables the report links above MAX_CLASS_ROWS classes
     atomic_write_text(out, render_report(run_dir))
     return out
 

@@ -5,11 +5,13 @@
     python -m kfine.train --config vlg50_resnet50          # a reference config by name
     python -m kfine.train --list-configs                   # the reference configs
     python -m kfine.train --resume RUN_DIR                 # continue a killed run where it stopped
-    python -m kfine.train --dry-run [--config FILE]        # stages and what each phase trains; no training
+    python -m kfine.train --dry-run [--config FILE] [--num-classes N]   # stages and what each phase trains; no training
 
 A phase is a span of epochs with one freeze spec: ``train.phases[i].start_epoch`` is the 0-based
-index of its first epoch; it runs until the next phase's start (or ``train.epochs``). Epoch
-numbers everywhere (history.csv, checkpoints, backups) are 0-based epoch indices, as in Keras.
+index of its first epoch; it runs until the next phase's start (or ``train.epochs``). Files hold
+0-based epoch indices, as Keras' callbacks do (history.csv's ``epoch`` column, checkpoints, backups,
+best.json, run_info.json's and metrics.json's ``model.epoch``); what kfine prints and the reports
+show counts epochs from 1, as Keras' progress line does ("epoch 1/6" is index 0).
 """
 from __future__ import annotations
 
@@ -225,7 +227,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         apply_freeze(model, cfg.model.backbone, phase.freeze, phase.bn)
         mults = stage_multipliers(model, cfg.model.backbone, cfg.train.lr_multipliers, cfg.train.layer_decay)
         rows = trainable_summary(model, cfg.model.backbone, mults)
-        print(f"\nkfine: phase {i} (epochs {first}..{end - 1}): freeze {phase.freeze.strategy}"
+        print(f"\nkfine: phase {i} (epochs {first + 1}..{end} of {cfg.train.epochs}): freeze {phase.freeze.strategy}"
               f"{_freeze_detail(phase.freeze)}, bn: {phase.bn}\n{format_summary(rows)}", flush=True)
         phases_log = [p for p in phases_log if p["index"] < i] + [   # the configured start, also on resume
             {"index": i, "start_epoch": phase.start_epoch, "end_epoch": end, "freeze": to_dict(phase.freeze),
@@ -260,7 +262,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
                           steps_per_epoch=steps, class_weight=cw, shuffle=False,   # tf.data shuffles
                           callbacks=phase_callbacks, verbose=fit_verbosity(cfg.train.verbose))
         if early is not None and early.stopped_epoch > 0:
-            print(f"kfine: early stopping at epoch {early.stopped_epoch} "
+            print(f"kfine: early stopping after epoch {early.stopped_epoch + 1} "
                   f"({cfg.train.early_stopping.monitor} stopped improving)", flush=True)
             break
 
@@ -365,7 +367,7 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
             checkpoint.clean_temp_files(run_dir)   # what writes cut short by a kill left behind
         state = checkpoint.read_state(run_dir)
         if state is None:
-            print(f"kfine: {run_dir} has no finished epoch (it was stopped before epoch 0 ended); "
+            print(f"kfine: {run_dir} has no finished epoch (it was stopped before epoch 1 ended); "
                   f"starting it over in place", flush=True)
             if plan.chief:
                 checkpoint.reset_run_dir(run_dir)
@@ -469,7 +471,7 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
         checkpoint.load_weights(best, model)
         used = {"epoch": meta["epoch"], "weights": "best", "final_epoch": final,
                 "monitor": monitor, "value": meta.get(monitor)}
-        print(f"kfine: the model now holds epoch {meta['epoch']}'s weights, the best by {monitor} "
+        print(f"kfine: the model now holds epoch {meta['epoch'] + 1}'s weights, the best by {monitor} "
               f"(train.restore_best; checkpoints/best.keras)", flush=True)
     elif restore:
         print(f"kfine: train.restore_best: there is no checkpoints/best.keras ({monitor} was never logged); "
@@ -534,7 +536,7 @@ def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool
                   flush=True)
             start_epoch = cfg.train.epochs
         else:
-            print(f"kfine: resuming at epoch {start_epoch} (phase {phase_at(spans, start_epoch)})", flush=True)
+            print(f"kfine: resuming at epoch {start_epoch + 1} (phase {phase_at(spans, start_epoch)})", flush=True)
     return datasets, model, optimizer, schedule, start_epoch, history
 
 
@@ -630,8 +632,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace runs/<name> instead of runs/<name>-2")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the model's stages and what each phase trains; train nothing, write nothing")
+    ap.add_argument("--num-classes", type=int, metavar="N",
+                    help="with --dry-run: the head's classes (default: the data folder's class folders)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5 data.batch_size=32")
     args = ap.parse_args(argv)
+    if args.num_classes is not None and (not args.dry_run or args.num_classes < 2):
+        ap.error("--num-classes goes with --dry-run and is at least 2 (a run's classes are its data's)")
     if args.list_configs:
         print(cli.format_config_list(search=False))
         return 0
@@ -640,10 +646,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     if args.dry_run:   # what each phase trains, without training or a run directory
-        from kfine.model import describe_config
+        from kfine.model import class_count, describe_config
         path = Path(args.resume) / "config.yaml" if args.resume else cli.find_config(args.config or DEMO_CONFIG)
         cfg = check_config(load_config(path, args.overrides))
-        print(describe_config(cfg))
+        names = Path(args.resume) / "class_names.json" if args.resume else None
+        n, where = args.num_classes, "--num-classes"
+        if n is None and names is not None and names.exists():
+            n, where = len(read_json(names)), str(names)
+        if n is None:
+            n = class_count(cfg.data)
+            where = ("the digits demo" if cfg.data.source == "digits" else
+                     f"the class folders in {cfg.data.root}" if n else
+                     "the data is not read by a dry run: give --num-classes N")
+        print(f"kfine: dry run: head for {n or 2} classes ({where})")
+        print(describe_config(cfg, n or 2))
         return 0
     if args.resume:
         run_dir = Path(args.resume)

@@ -366,8 +366,8 @@ def test_early_stopping_patience_counts_on_across_a_resume(tmp_path):
         "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]", "train.early_stopping.patience=2",
         "train.early_stopping.min_delta=1000"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming at epoch 2 (phase 0)" in resumed.stdout
-    assert "early stopping at epoch 2" in resumed.stdout
+    assert "resuming at epoch 3 (phase 0)" in resumed.stdout   # printed epochs count from 1
+    assert "early stopping after epoch 3" in resumed.stdout
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1, 2]
 
 
@@ -375,7 +375,7 @@ def test_resume_after_a_kill_between_the_commit_and_history_csv(tmp_path):
     """Killed after epoch 1's backup was committed but before history.csv and its checkpoints were
     written: --resume writes them from the commit and goes on at epoch 2, in phase 1."""
     rd, resumed = _kill_and_resume(tmp_path, "after_commit@1")
-    assert "resuming at epoch 2 (phase 1)" in resumed.stdout
+    assert "resuming at epoch 3 (phase 1)" in resumed.stdout
     _assert_complete(rd, resumed)
 
 
@@ -412,5 +412,5 @@ def test_resume_after_sigkill_at_every_moment(tmp_path, point):
     elif point == "export":
         assert "already finished training (3 epochs)" in resumed.stdout
     else:
-        assert "resuming at epoch 1 (phase 0)" in resumed.stdout
+        assert "resuming at epoch 2 (phase 0)" in resumed.stdout
     _assert_complete(rd, resumed)

@@ -1,5 +1,6 @@
 """kfine.compare: a comparison of strategies on one split and one decoded cache, its table, plot
 and report, --resume after an interruption, and the checks before anything runs."""
+import re
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_a_comparison_shares_split_and_cache_and_resumes_after_an_interruption(t
     capsys.readouterr()
     assert compare.main(["--resume", str(cdir)]) == 0
     out = capsys.readouterr().out
-    assert "backbone finished before; kept" in out and "resuming at epoch 1" in out
+    assert "backbone finished before; kept" in out and "resuming at epoch 2" in out
     assert (cdir / "backbone" / "model.keras").stat().st_mtime_ns == kept.st_mtime_ns
     # each image decoded once for the whole comparison (both invocations, this process)
     assert pipeline.BUILT["decoded"] - decoded == 24
@@ -92,10 +93,18 @@ def test_a_comparison_shares_split_and_cache_and_resumes_after_an_interruption(t
     assert rows[1]["published_val"] == rows[2]["published_val"] == ""
     md = (cdir / "compare.md").read_text().splitlines()
     assert len(md) == 2 + 3 and "75.50%" in md[2]
+    for r, line in zip(rows, md[2:]):   # compare.csv: history.csv's 0-based index; compare.md counts from 1
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[5].endswith(f"({int(r['best_epoch']) + 1})") and cells[6] == str(int(r["epoch_used"]) + 1)
     assert (cdir / "plots" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (cdir / "report.html").read_text()
     assert "<section id=compare>" in html and 'href="stages-block4/report.html"' in html
     assert 'src="plots/compare.png"' in html
+    # the re-run command re-runs the comparison (its config.yaml holds the sets), not one base run
+    assert f"python -m kfine.compare --config {cdir / 'config.yaml'}" in html
+    assert "python -m kfine.train --config" not in html
+    best_cell = re.search(r"<td>[\d.]+%</td><td>(\d+)</td><td>(\d+)</td>", html)
+    assert best_cell.groups() == (str(int(rows[0]["best_epoch"]) + 1), str(int(rows[0]["epoch_used"]) + 1))
     saved = load_config(cdir / "config.yaml")                              # --resume needs nothing else
     assert list(saved.compare.sets) == ["backbone", "bn_and_head", "stages-block4"]
 

@@ -390,7 +390,7 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     logs = [(tmp_path / f"resume{i}.log").read_text() for i in (0, 1)]
-    assert all("resuming at epoch 1" in log for log in logs), _logs(tmp_path, "resume")
+    assert all("resuming at epoch 2" in log for log in logs), _logs(tmp_path, "resume")
     assert "process 1 of 2: process 0 writes the run directory" in logs[1]
     assert [(r["epoch"], r["phase"]) for r in read_history(rd / "history.csv")] == [(0, 0), (1, 1)]
     info = json.loads((rd / "run_info.json").read_text())

@@ -198,3 +198,4 @@ def test_evaluate_cli_end_to_end(tiny_model, tmp_path):
     assert (run / "plots" / "confusion_test.png").exists()
     assert "confusion_test.png" in (run / "report.html").read_text()
     assert "test (" in proc.stdout and "accuracy" in proc.stdout
+    assert "\x1b[" not in proc.stdout + proc.stderr          # a pipe: no terminal codes

@@ -333,3 +333,25 @@ def test_export_run_formats_and_out_dir(exported, tmp_path):
     written = export_run(exported["run"], formats=["keras"], out_dir=tmp_path / "out")
     assert written == {"keras": str(tmp_path / "out" / "model.keras")}
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.keras"]
+
+
+def test_a_re_export_writes_the_next_version_and_names_the_folder_to_load(tmp_path, capsys):
+    """TF Serving reads each numbered folder as a version of the model and serves the highest: a
+    second export is version 2 beside 1 (not a silent replacement), and the log names the exact
+    folder tf.saved_model.load takes."""
+    import tensorflow as tf
+    from kfine.config import ScratchConfig
+    from kfine.export import export_model
+    model = build_model(ModelConfig(backbone="scratch_cnn", weights=None, scratch=ScratchConfig(filters=(4,), dense_units=8)),
+                        3, (32, 32))
+    out = tmp_path / "export"
+    first = export_model(model, CLASSES, (32, 32), out)["saved_model"]
+    log1 = capsys.readouterr().out
+    second = export_model(model, CLASSES, (32, 32), out)["saved_model"]
+    log2 = capsys.readouterr().out
+    assert (first, second) == (str(out / "saved_model" / "1"), str(out / "saved_model" / "2"))
+    assert sorted(p.name for p in (out / "saved_model").iterdir()) == ["1", "2"]
+    assert f"SavedModel version 1 in {first}" in log1 and f'tf.saved_model.load("{second}")' in log2
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    got = tf.saved_model.load(second).signatures["serving_tensor"](image=tf.constant(x))["probabilities"]
+    np.testing.assert_allclose(got.numpy(), keras.ops.convert_to_numpy(model(x)), atol=1e-6)

@@ -87,6 +87,39 @@ def test_imagenet_offline(capsys):
     assert weights_info(scratch)["used"] == "random"       # scratch_cnn ignores model.weights
 
 
+def test_imagenet_download_tried_once_per_process_and_silent(monkeypatch, capsys):
+    """weights_fallback: random: the download is tried once per process (a comparison builds the
+    backbone per run), Keras' own "Downloading data from" line is not printed, and kfine's one
+    line carries the whole error, as run_info.json's note does."""
+    import keras.src.utils.file_utils as fu
+    import kfine.model as km
+    monkeypatch.setattr(km, "_FAILED_DOWNLOADS", {}, raising=False)
+    error = ("URL fetch failure on https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5: None -- [Errno -3] Temporary failure "
+             "in name resolution")
+    calls = []
+
+    def offline(fname=None, origin=None, *args, **kwargs):
+        calls.append(origin)
+        print(f"Downloading data from {origin}")   # as Keras' get_file does before it fails
+        raise Exception(error)
+    monkeypatch.setattr(fu, "get_file", offline)
+    cfg = ModelConfig(weights="imagenet", weights_fallback="random")
+    first = build_model(cfg, 3, (32, 32))
+    second = build_model(cfg, 3, (32, 32))
+    out = capsys.readouterr().out
+    assert len(calls) == 1
+    assert "Downloading data from" not in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and all(l.startswith("kfine: ImageNet weights for resnet50") for l in lines)
+    assert error in lines[0] and "continuing from random initialisation" in lines[0]
+    for m in (first, second):
+        assert weights_info(m)["used"] == "random" and error in weights_info(m)["note"]
+    with pytest.raises(ModelError, match="Temporary failure in name resolution"):   # no fallback: no new try
+        build_model(ModelConfig(weights="imagenet"), 3, (32, 32))
+    assert len(calls) == 1
+
+
 def test_unknown_backbone_and_head():
     with pytest.raises(ModelError, match="resnet50"):
         build_model(ModelConfig(backbone="resnet9000", weights=None), 3, (32, 32))
@@ -138,3 +171,28 @@ def test_resnet50v2_post_bn_is_in_conv5_and_gets_its_multiplier(all_backbones):
     vs = model.trainable_variables
     mults = dict(zip([v.path for v in vs], variable_multipliers(model, "resnet50v2", {"conv5": 0.3}, vs)))
     assert mults[bb.get_layer("post_bn").gamma.path] == 0.3
+
+
+def test_dry_run_sizes_the_head_from_the_class_folders(tmp_path, monkeypatch, capsys):
+    """kfine.train --dry-run reads the class count from the data folder's class folder names (no
+    image listed or decoded); --num-classes N overrides it; --num-classes without --dry-run is a
+    usage error."""
+    import kfine.sources as sources
+    import kfine.train as train
+    from conftest import make_folder
+    root = make_folder(tmp_path / "data", "inat", classes=("a", "b", "c", "d"), per_class=1)
+    for name in ("scan_files", "index_folder", "find_folder"):
+        monkeypatch.setattr(sources, name, lambda *a, **k: pytest.fail("the dry run read the data"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: d\ndata: {{root: {root}, image_size: [32, 32]}}\nmodel: {{weights: null, backbone: "
+                   f"scratch_cnn, scratch: {{filters: [4, 4, 4, 4, 4], dense_units: 8}}}}\ntrain: {{epochs: 2}}\n")
+    assert train.main(["--dry-run", "--config", str(cfg), f"runs_dir={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "head for 4 classes" in out and f"class folders in {root}" in out
+    assert "phase 0 (epochs 1..2 of 2)" in out
+    assert train.main(["--dry-run", "--num-classes", "7", "--config", str(cfg)]) == 0
+    assert "head for 7 classes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        train.main(["--num-classes", "7", "--config", str(cfg)])
+    assert e.value.code == 2 and "--num-classes goes with --dry-run" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -58,7 +58,7 @@ def test_dry_run_trains_nothing_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert train.main(["--dry-run", "--config", str(cfg), f"runs_dir={runs}"]) == 0
     out = capsys.readouterr().out
     assert not runs.exists()
-    assert "phase 0 (from epoch 0): freeze backbone" in out and "phase 1 (from epoch 2): freeze lora" in out
+    assert "phase 0 (epochs 1..2 of 3): freeze backbone" in out and "phase 1 (epochs 3..3 of 3): freeze lora" in out
     assert "head for 10 classes" in out
     tables = out.split("\n\n")
     assert f"{build_model(ModelConfig(weights=None), 10, (32, 32)).count_params():,}" in tables[0]

@@ -69,8 +69,11 @@ def test_predict_cli_writes_csv_and_lists_unreadable(tiny_model, mixed_folder, t
     rc = main(["--run", str(run), "--images", str(mixed_folder), str(extra), str(mixed_folder / "img0.png"),
                "--out", str(out), "--top-k", "5"])
     assert rc == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "corrupt.jpg" in err
+    # stdout is not a terminal here: plain lines, none of Keras' progress bar's terminal codes
+    assert "\x1b[" not in captured.out + err and "kfine: predicting 7 images" in captured.out
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)

@@ -142,7 +142,7 @@ def test_cli_end_to_end(tmp_path):
     lines = [line for line in p.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "phase 0"], ["epoch 2/2", "phase 0"]]
     assert all(" lr " in line and " val_accuracy " in line and line.endswith(" s") for line in lines), lines
-    assert "\x1b" not in p.stdout and "\u2501" not in p.stdout and "kfine: phase 0 (epochs 0..1)" in p.stdout
+    assert "\x1b" not in p.stdout and "\u2501" not in p.stdout and "kfine: phase 0 (epochs 1..2 of 2)" in p.stdout
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1]
     assert load_config(rd / "config.yaml").train.epochs == 2
     info = read_json(rd / "run_info.json")   # + the devices (kfine.distribute; tests/test_distribute.py)
@@ -177,7 +177,7 @@ def test_resume_after_sigkill(tmp_path):
     assert 2 <= killed_at < 6 and not (rd / "model.keras").exists()
     p = _cli(["--resume", str(rd)])
     assert p.returncode == 0, p.stderr[-2000:]
-    assert f"resuming at epoch {killed_at}" in p.stdout
+    assert f"resuming at epoch {killed_at + 1}" in p.stdout   # counted from 1
     hist = read_history(rd / "history.csv")
     assert [r["epoch"] for r in hist] == list(range(6))
     assert [r["phase"] for r in hist] == [0, 0, 0, 1, 1, 1]
