@@ -547,7 +547,8 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -
             export = None
         if export is not None:
             export.export_model(model, datasets.class_names, cfg.data.image_size, run_dir / "export",
-                                formats=cfg.export.formats, transform=export.transform_of(cfg.data))
+                                formats=cfg.export.formats, transform=export.transform_of(cfg.data),
+                                litert=cfg.export.litert, datasets=datasets, run_dir=run_dir)
     try:
         from kfine import report
         report.write_report(run_dir)
