@@ -158,14 +158,18 @@ def overlay(image, heatmap, alpha: float = 0.45) -> np.ndarray:
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
-def write_overlays(images, heatmaps, names, out_dir) -> list[Path]:
-    """One PNG per image in ``out_dir``: the overlay, named after ``names`` (file stems)."""
+def write_overlays(images, heatmaps, names, out_dir, taken=()) -> list[Path]:
+    """One PNG per image in ``out_dir``: the overlay, named after ``names`` (file stems; a stem
+    already used, here or in ``taken``, gets _2, _3, ...)."""
     from PIL import Image
     from kfine.rundir import atomic_write_bytes
     import io
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, seen = [], {}
+    for name in taken:
+        stem = Path(str(name)).stem or "image"
+        seen[stem] = seen.get(stem, 0) + 1
     for image, heat, name in zip(images, heatmaps, names):
         stem = Path(str(name)).stem or "image"
         seen[stem] = seen.get(stem, 0) + 1
@@ -177,6 +181,21 @@ def write_overlays(images, heatmaps, names, out_dir) -> list[Path]:
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths
+
+
+def explain_files(model, paths, image_size, out_dir, transform: dict | None = None, batch_size: int = 16) -> list[Path]:
+    """One overlay PNG per readable image file in ``out_dir`` (named after the file), for the
+    class the model predicts; the images go through the run's eval transform (``transform``)."""
+    from kfine.pipeline import load_images
+    parts, written, names = cam_parts(model), [], []
+    for start in range(0, len(paths), batch_size):
+        images, ok, _ = load_images([str(p) for p in paths[start:start + batch_size]], tuple(image_size),
+                                    **(transform or {}))
+        if len(ok):
+            heat, _ = gradcam(model, images.astype(np.float32), None, parts)
+            names.extend(ok)
+            written.extend(write_overlays(images, heat, ok, out_dir, taken=names[:-len(ok)]))
+    return written
 
 
 # ----------------------------------------------------------------------------- the report's grid
@@ -196,44 +215,52 @@ def pick_images(labels, probs, top_loss: int = GRID_TOP_LOSS, per_class_max: int
     return chosen
 
 
-def plot_heatmap_grid(images, heatmaps, labels, probs, class_names, path, titles=None) -> Path:
-    """Pairs of (image, overlay) with true / predicted class and probability."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from kfine.rundir import atomic_write_bytes
+def plot_heatmap_grid(images, heatmaps, labels, probs, class_names, path, titles=None, cell: int = 128) -> Path:
+    """A PNG grid of (image, overlay) pairs, 4 pairs a row, each captioned with its title, true
+    class, predicted class and probability (green when right, red when wrong). Drawn with PIL:
+    a report's grid costs milliseconds, not a matplotlib figure."""
     import io
-    n = len(images)
-    cols = 4   # 4 pairs per row
+    from PIL import Image, ImageDraw
+    from kfine.rundir import atomic_write_bytes
+    n, cols, caption, pad = len(images), 4, 30, 6
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    width = cols * (2 * cell + pad) + pad
+    sheet = Image.new("RGB", (width, rows * (cell + caption + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
     for k in range(n):
         r, c = divmod(k, cols)
-        pred = int(np.argmax(probs[k]))
-        true = int(labels[k])
-        img = np.clip(images[k], 0, 255).astype(np.uint8)
-        axes[r, 2 * c].imshow(img)
-        axes[r, 2 * c + 1].imshow(overlay(img, heatmaps[k]))
-        ok = pred == true
-        axes[r, 2 * c].set_title((titles[k] + "\n" if titles else "") + f"true {class_names[true]}",
-                                 fontsize=7)
-        axes[r, 2 * c + 1].set_title(f"pred {class_names[pred]} {probs[k][pred]:.2f}", fontsize=7,
-                                     color="green" if ok else "red")
-    fig.tight_layout()
+        x0, y0 = pad + c * (2 * cell + pad), pad + r * (cell + caption + pad)
+        img = np.clip(np.asarray(images[k], np.float32), 0, 255).round().astype(np.uint8)
+        for j, tile in enumerate((img, overlay(img, heatmaps[k]))):
+            sheet.paste(Image.fromarray(tile).resize((cell, cell), Image.BILINEAR), (x0 + j * cell, y0))
+        pred, true = int(np.argmax(probs[k])), int(labels[k])
+        head = (f"{titles[k]}: " if titles else "") + f"true {class_names[true]}"
+        draw.text((x0, y0 + cell + 2), head[:2 * cell // 6], fill="black")
+        draw.text((x0, y0 + cell + 15), f"pred {class_names[pred]} {probs[k][pred]:.2f}"[:2 * cell // 6],
+                  fill=(0, 130, 0) if pred == true else (200, 0, 0))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    sheet.save(buf, format="PNG")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
+def feature_map_size(model) -> tuple[int, int]:
+    """(h, w) of the backbone's last feature map: the heatmap's resolution."""
+    from kfine.model import get_backbone
+    backbone = get_backbone(model)
+    shape = backbone.layers[_last_feature_map(backbone)].output.shape
+    return int(shape[1] or 0), int(shape[2] or 0)
+
+
 def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test") -> Path | None:
     """plots/heatmaps_<split>.png for the report: Grad-CAM of the highest-loss images of the
-    split and one correct image per class (pick_images). None when the split is empty."""
+    split and one correct image per class (pick_images). None when the split is empty or the
+    feature map is a single position (ResNet50 below 64 px: every heatmap would be flat)."""
+    if feature_map_size(model) == (1, 1):
+        print("kfine: no heatmaps: the backbone's last feature map is 1x1 at this image size", flush=True)
+        return None
     images, labels = [], []
     for batch in dataset:
         images.append(np.asarray(batch[0], np.float32))

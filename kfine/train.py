@@ -540,6 +540,7 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -
             used = read_json(run_dir / "run_info.json").get("model") if (run_dir / "run_info.json").exists() else None
             if used:   # which epoch's weights were evaluated (train.restore_best)
                 write_json(run_dir / "metrics.json", {**read_json(run_dir / "metrics.json"), "model": used})
+            write_heatmaps(run_dir, model, datasets, result.metrics.get("split", split))
     if cfg.export.enabled:
         try:
             from kfine import export
@@ -554,6 +555,19 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult) -
         report.write_report(run_dir)
     except ImportError:
         pass
+
+
+def write_heatmaps(run_dir: Path, model, datasets, split: str) -> None:
+    """plots/heatmaps_<split>.png for the report (kfine.explain: Grad-CAM); a model it cannot
+    explain gets a note, not a failed run."""
+    try:
+        from kfine import explain
+    except ImportError:
+        return
+    try:
+        explain.write_heatmap_grid(run_dir, model, getattr(datasets, split), datasets.class_names, split)
+    except explain.ExplainError as e:
+        print(f"kfine: no heatmaps: {e}", flush=True)
 
 
 # ----------------------------------------------------------------------------- CLI

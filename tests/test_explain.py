@@ -104,3 +104,37 @@ def test_pick_images_takes_the_worst_then_one_correct_per_class():
     chosen = pick_images(labels, probs, top_loss=2, per_class_max=12)
     assert chosen[:2] == [1, 4]                 # the two highest losses (p_true .2 and .2, in order)
     assert chosen[2:] == [0, 2, 5]              # the most confident correct image of each class
+
+
+def test_a_run_reports_heatmaps_and_predict_explain_writes_one_overlay_per_image(tmp_path):
+    """A scratch_cnn run with EMA weights and the best epoch restored: plots/heatmaps_test.png in
+    the report; predict --explain: one overlay per readable image, beside the CSV."""
+    from PIL import Image
+    from conftest import make_folder
+    from kfine.config import load_config
+    from kfine.predict import main as predict_main
+    from kfine.train import run
+    root = make_folder(tmp_path / "data", "single", per_class=10)
+    cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", f"data.root={root}", "data.image_size=[32,32]",
+                             "data.batch_size=8", "model.weights=null", "model.backbone=scratch_cnn",
+                             "model.scratch.filters=[8,16]", "model.scratch.dense_units=16", "train.epochs=2",
+                             "train.ema.enabled=true", "train.restore_best=true", "train.verbose=0",
+                             "data.augment.enabled=false", "export.enabled=false", "name=x"])
+    rd = run(cfg).run_dir
+    grid = rd / "plots" / "heatmaps_test.png"
+    assert grid.is_file() and Image.open(grid).size[0] > 0
+    html = (rd / "report.html").read_text()
+    assert "<section id=heatmaps>" in html and 'src="plots/heatmaps_test.png"' in html
+    assert html.count("heatmaps_test.png") == 1              # not again under "More plots"
+
+    images = tmp_path / "new"
+    images.mkdir()
+    for name in ("a", "b", "c"):
+        (images / f"{name}.png").write_bytes((root / "dog" / f"00{'abc'.index(name)}.png").read_bytes())
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out" / "preds.csv"
+    out.parent.mkdir()
+    assert predict_main(["--run", str(rd), "--images", str(images), "--out", str(out), "--explain"]) == 0
+    overlays = sorted(p.name for p in (tmp_path / "out" / "preds_heatmaps").iterdir())
+    assert overlays == ["a.png", "b.png", "c.png"]
+    assert Image.open(tmp_path / "out" / "preds_heatmaps" / "a.png").size == (32, 32)
