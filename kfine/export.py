@@ -607,10 +607,14 @@ def export_run(run_dir, formats=None, out_dir=None, quantization=None,
         from kfine import data as kdata
         saved = run_dir / "splits.csv"
         datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None)
-    return export_model(model, read_json(names_path), image_size,
-                        out_dir if out_dir is not None else run_dir / "export",
-                        formats, transform=transform_of(cfg.data), litert=litert, datasets=datasets,
-                        run_dir=run_dir if datasets is not None else None)
+    written = export_model(model, read_json(names_path), image_size,
+                           out_dir if out_dir is not None else run_dir / "export",
+                           formats, transform=transform_of(cfg.data), litert=litert, datasets=datasets,
+                           run_dir=run_dir if datasets is not None else None)
+    if datasets is not None and (run_dir / "report.html").exists():   # its Exports table from metrics.json
+        from kfine.report import write_report
+        write_report(run_dir)
+    return written
 
 
 def main(argv=None) -> int:

@@ -71,6 +71,9 @@ def test_int8_file_from_the_cli_answers_the_test_split(lite_run):
     assert info["keras_accuracy"] >= 0.8                       # the task was learnt
     assert info["accuracy"] >= info["keras_accuracy"] - INT8_MARGIN
     assert read_json(rd / "metrics.json")["export"]["litert"]["quantization"] == "int8"
+    html = (rd / "report.html").read_text()   # rewritten by the CLI: the Exports table shows the int8 file
+    exports = html[html.index("<section id=exports>"):]
+    assert "model_int8.tflite" in exports and f"{100 * info['accuracy']:.2f}%" in exports
     probs = litert_predict(path, lite_run["test_files"], transform_of(lite_run["cfg"].data))
     assert probs.shape == (len(lite_run["test_files"]), 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=0.02)
@@ -109,6 +112,7 @@ def test_quantization_key_is_checked():
         check_config(load_config(None, ["export.litert.representative_images=0"]))
 
 
+@pytest.mark.slow   # a fresh TensorFlow process: ~25 s on 2 busy cores
 def test_another_backend_exports_litert_through_the_tensorflow_subprocess(lite_run, tmp_path, monkeypatch):
     """Under JAX the model goes to a TensorFlow subprocess: the quantization and the calibration
     images travel with it (here the backend name is faked; the subprocess is real)."""
