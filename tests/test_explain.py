@@ -138,3 +138,34 @@ def test_a_run_reports_heatmaps_and_predict_explain_writes_one_overlay_per_image
     overlays = sorted(p.name for p in (tmp_path / "out" / "preds_heatmaps").iterdir())
     assert overlays == ["a.png", "b.png", "c.png"]
     assert Image.open(tmp_path / "out" / "preds_heatmaps" / "a.png").size == (32, 32)
+
+
+JAX_CAM = """
+import sys, numpy as np, keras, kfine.model
+from kfine.explain import gradcam
+assert keras.backend.backend() == "jax"
+model = keras.saving.load_model(sys.argv[1], compile=False)
+heat, probs = gradcam(model, np.load(sys.argv[2]))
+np.save(sys.argv[3], heat)
+"""
+
+
+@pytest.mark.slow   # a fresh JAX process: ~20-50 s on 2 busy cores
+def test_jax_backend_gives_the_same_heatmaps(square_model, tmp_path):
+    """Under JAX the gradient is jax.grad's: the same heatmaps as tf.GradientTape's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("jax")
+    x, _ = _squares(4, seed=5)
+    np.save(tmp_path / "x.npy", x)
+    square_model.save(tmp_path / "m.keras")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-c", JAX_CAM, str(tmp_path / "m.keras"), str(tmp_path / "x.npy"),
+                        str(tmp_path / "h.npy")], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    heat, _ = gradcam(square_model, x)
+    assert heat.max() > 0
+    np.testing.assert_allclose(np.load(tmp_path / "h.npy"), heat, atol=1e-4)
