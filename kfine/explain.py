@@ -1,9 +1,11 @@
 """Why the model says what it says: Grad-CAM class-activation heatmaps.
 
 Grad-CAM (Selvaraju et al. 2017; keras.io's "Grad-CAM class activation visualization"): the
-gradient of a class's logit with respect to the last convolutional feature map, averaged over
-the map's positions, weighs each channel; the weighted sum of the channels, through a ReLU and
-scaled to 0..1, is upsampled to the image: where the evidence for that class lies.
+gradient of a class's logit with respect to the last convolutional feature map weighs its
+channels; the weighted sum of the channels, through a ReLU and scaled to 0..1, is upsampled to
+the image: where the evidence for that class lies. kfine weighs each position by its own
+gradient (HiResCAM), which is Grad-CAM's channel-averaged weighting exactly behind an
+average-pooled backbone and stays faithful behind the scratch CNN's Flatten (see ``gradcam``).
 
 kfine's model is nested (image -> "preprocess" -> "backbone" model -> head -> softmax), so the
 heatmap model is rebuilt as two functions: ``features`` (image -> the backbone's last 4-D
@@ -108,10 +110,18 @@ def _gradient(fn, x):
 
 
 # ----------------------------------------------------------------------------- heatmaps
-def gradcam(model, images, classes=None, parts=None) -> tuple[np.ndarray, np.ndarray]:
+def gradcam(model, images, classes=None, parts=None, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps of ``images`` (float 0..255 [N, H, W, 3], what the model takes) for ``classes``
     ([N] class indices; by default each image's predicted class). Returns (heatmaps float32
-    [N, H, W] in 0..1, probabilities float32 [N, C]). A map with no positive evidence is all 0."""
+    [N, H, W] in 0..1, probabilities float32 [N, C]). A map with no positive evidence is all 0.
+
+    Each position's channels are weighted by the gradient at that position (gradient x
+    activation, summed over channels: HiResCAM). Behind an average-pooled backbone (every
+    keras.applications one) the gradient is the same at every position, so this is Grad-CAM
+    exactly (up to the scale the 0..1 normalisation removes). Behind the scratch CNN's Flatten
+    the gradients differ by position and their average (``pooled=True``, classic Grad-CAM) can
+    cancel out: on the two-square test task it gave all-zero maps for one class in two seeds of
+    three, where the per-position weights point at the square in all three."""
     features, classify = parts or cam_parts(model)
     x = ops.convert_to_tensor(np.asarray(images, np.float32))
     fmap = features(x)
@@ -124,8 +134,10 @@ def gradcam(model, images, classes=None, parts=None) -> tuple[np.ndarray, np.nda
     def score(f):
         return ops.sum(ops.cast(classify(f), "float32") * onehot)
     _, grads = _gradient(score, fmap)
-    weights = ops.mean(ops.cast(grads, "float32"), axis=(1, 2))                     # [N, K]
-    cam = ops.relu(ops.sum(ops.cast(fmap, "float32") * weights[:, None, None, :], axis=-1))   # [N, h, w]
+    grads, fmap = ops.cast(grads, "float32"), ops.cast(fmap, "float32")
+    if pooled:   # Grad-CAM: one weight per channel, the gradient averaged over the positions
+        grads = ops.mean(grads, axis=(1, 2), keepdims=True)
+    cam = ops.relu(ops.sum(fmap * grads, axis=-1))   # [N, h, w]
     h, w = int(x.shape[1]), int(x.shape[2])
     cam = ops.image.resize(cam[..., None], (h, w), interpolation="bilinear")[..., 0]
     cam = np.maximum(ops.convert_to_numpy(cam).astype(np.float64), 0.0)
