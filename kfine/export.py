@@ -301,6 +301,7 @@ def litert_bytes(model, image_size, quantization: str = "none", calibration=None
     import tensorflow as tf
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown LiteRT quantization {quantization!r}; choose from {list(QUANTIZATIONS)}")
+    model = _float32_copy(model)
     h, w = int(image_size[0]), int(image_size[1])
     spec = [tf.TensorSpec([None, h, w, 3], tf.float32, name="image")]
     archive = keras.export.ExportArchive()
@@ -335,6 +336,49 @@ def litert_bytes(model, image_size, quantization: str = "none", calibration=None
             raise ExportError(f"LiteRT export: the interpreter differs from Keras by {diff:.2e} "
                               f"(allowed {LITERT_TOLERANCE}); the file was not written")
     return data
+
+
+def _float32_copy(model):
+    """``model`` itself when it computes in float32, else a float32 copy with its weights: a
+    mixed-precision model's float16 ops are not LiteRT builtins (float16 weights are the
+    converter's business: quantization float16)."""
+    import keras
+    if all(getattr(layer, "compute_dtype", "float32") == "float32" for layer in _all_layers(model)):
+        return model
+
+    def as_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and str(node.get("config", {}).get("name", "")).startswith("mixed_"):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: as_float32(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [as_float32(v) for v in node]
+        return node
+    import kfine.model  # noqa: F401  (registers kfine>Preprocess)
+    config = as_float32(keras.saving.serialize_keras_object(model))
+    with _float32_policy():
+        copy = keras.saving.deserialize_keras_object(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+class _float32_policy:
+    """The global dtype policy set to float32 for the duration of a ``with``."""
+    def __enter__(self):
+        import keras
+        self.old = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+
+    def __exit__(self, *exc):
+        import keras
+        keras.config.set_dtype_policy(self.old)
 
 
 def _interpreter_class():

@@ -124,3 +124,22 @@ def test_another_backend_exports_litert_through_the_tensorflow_subprocess(lite_r
     assert written == {"litert": str(tmp_path / "model_int8.tflite")}
     assert LiteRTModel(written["litert"]).dtype == np.uint8
     assert read_json(tmp_path / "litert.json")["quantization"] == "int8"
+
+
+def test_a_mixed_precision_model_converts_as_float32():
+    """float16 ops are not LiteRT builtins: a mixed_float16 model is converted as a float32 copy."""
+    from kfine.config import ModelConfig, ScratchConfig
+    from kfine.export import litert_bytes
+    from kfine.model import build_model
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = build_model(ModelConfig(backbone="scratch_cnn", weights=None,
+                                        scratch=ScratchConfig(filters=(8,), dense_units=8)), 2, (32, 32))
+    finally:
+        keras.config.set_dtype_policy(old)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    lite = LiteRTModel(litert_bytes(model, (32, 32)))
+    assert lite.dtype == np.float32
+    np.testing.assert_allclose(lite.predict(x), _keras(model, x), atol=1e-2)   # float16 round-off
+    assert keras.config.dtype_policy().name == old.name
