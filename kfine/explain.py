@@ -285,7 +285,7 @@ def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test"
     probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(model(images[i:i + 64], training=False)))
                             for i in range(0, len(images), 64)])
     idx = pick_images(labels, probs)
-    heat, cam_probs = explain_images(model, images[idx], probs[idx].argmax(axis=1))
+    heat, _ = explain_images(model, images[idx], probs[idx].argmax(axis=1))
     n_loss = min(GRID_TOP_LOSS, len(images))
     titles = ["high loss" if k < n_loss else "correct" for k in range(len(idx))]
     return plot_heatmap_grid(images[idx], heat, labels[idx], probs[idx], class_names,

@@ -129,6 +129,10 @@ def test_a_run_reports_heatmaps_and_predict_explain_writes_one_overlay_per_image
     html = (rd / "report.html").read_text()
     assert "<section id=heatmaps>" in html and 'src="plots/heatmaps_test.png"' in html
     assert html.count("heatmaps_test.png") == 1              # not again under "More plots"
+    from kfine.explain import main as explain_main
+    grid.unlink()
+    assert explain_main(["--run", str(rd)]) == 0 and grid.is_file()   # redrawn from model.keras + splits.csv
+    assert explain_main(["--run", str(tmp_path / "nothing")]) == 2
 
     images = tmp_path / "new"
     images.mkdir()
