@@ -272,9 +272,17 @@ class DistributeConfig:
 
 
 @dataclass(frozen=True)
+class LiteRTConfig:
+    """The LiteRT (.tflite) file of ``export.formats: [litert]``."""
+    quantization: Literal["none", "float16", "dynamic", "int8"] = "none"   # kfine.export.QUANTIZATIONS
+    representative_images: int = 100                 # int8: training images (eval transform) that calibrate
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     enabled: bool = True
-    formats: tuple[str, ...] = ("saved_model",)      # kfine.export.FORMATS: saved_model | onnx | keras
+    formats: tuple[str, ...] = ("saved_model",)      # kfine.export.FORMATS: saved_model | onnx | keras | litert
+    litert: LiteRTConfig = field(default_factory=LiteRTConfig)
 
 
 @dataclass(frozen=True)
@@ -673,6 +681,7 @@ CHECKS = {
     "distribute.num_processes": optional(at_least(1)),
     "distribute.process_id": optional(at_least(0)),
     "export.formats.*": menu("kfine.export:FORMATS"),
+    "export.litert.representative_images": at_least(1),
     "search.tuner": menu("kfine.tune:TUNERS"),
     "search.max_trials": at_least(1),
     "search.executions_per_trial": at_least(1),

@@ -28,7 +28,12 @@ platform, and cannot carry the string decoding of serving_default).
 Every artifact is written beside its final place and renamed over it, so a reader (or a TF
 Serving instance polling the directory) never sees half an export.
 
-    python -m kfine.export --run runs/NAME [--format saved_model|onnx|keras ...] [--out DIR]
+LiteRT (``litert``): export/model.tflite (model_float16 / model_dynamic / model_int8.tflite by
+export.litert.quantization) takes decoded images, not bytes: see LiteRTModel and litert_predict.
+export/litert.json describes its input and records its accuracy next to the Keras model's.
+
+    python -m kfine.export --run runs/NAME [--format saved_model|onnx|keras|litert ...] [--out DIR]
+                           [--quantization none|float16|dynamic|int8] [--representative-images N]
 """
 from __future__ import annotations
 
@@ -47,10 +52,14 @@ from kfine.config import check_config, load_config
 from kfine.log import progress
 from kfine.rundir import atomic_write_bytes, missing_run_file, read_json, write_json
 
-FORMATS = ("saved_model", "onnx", "keras")
+FORMATS = ("saved_model", "onnx", "keras", "litert")
 SAVED_MODEL_VERSION = "1"
 ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-4
+LITERT_TOLERANCE = 1e-4   # the float LiteRT file against Keras (probabilities)
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+LITERT_FILES = {"none": "model.tflite", "float16": "model_float16.tflite",
+                "dynamic": "model_dynamic.tflite", "int8": "model_int8.tflite"}
 
 
 class ExportError(ValueError):
@@ -242,6 +251,273 @@ def onnx_bytes(model, image_size, check_images=None) -> bytes:
     return data
 
 
+# ----------------------------------------------------------------------------- LiteRT
+# LiteRT (TensorFlow Lite) has no JPEG decoder among its builtin ops, so the .tflite file takes
+# decoded pixels at the training size: the eval transform happens on the app side (LiteRTModel /
+# litert_predict below, or the app's own resize-shorter-side + centre crop).
+#   none / float16 / dynamic: input "image" float32 [N, H, W, 3], RGB 0..255
+#   int8 (full integer):      input "image" uint8   [N, H, W, 3], RGB 0..255 (scale 1, zero point 0)
+#   output: probabilities float32 [N, C] (dequantized for int8)
+def _litert_settings(litert) -> dict:
+    """export.litert (a LiteRTConfig, a dict or None) as {quantization, representative_images}."""
+    if litert is None:
+        out = {}
+    elif isinstance(litert, dict):
+        out = dict(litert)
+    else:
+        out = {"quantization": litert.quantization, "representative_images": litert.representative_images}
+    out = {"quantization": "none", "representative_images": 100, **out}
+    if out["quantization"] not in QUANTIZATIONS:
+        raise ExportError(f"export.litert.quantization must be one of {list(QUANTIZATIONS)}. "
+                          f"Received: {out['quantization']!r}")
+    return out
+
+
+def representative_images(datasets, n: int) -> np.ndarray:
+    """The first ``n`` training images (in file order) through the eval transform, float32
+    [n, H, W, 3] 0..255: what int8 quantization calibrates its ranges on."""
+    if datasets is None or not getattr(datasets, "files", {}).get("train"):
+        raise ExportError("export.litert.quantization: int8 calibrates on training images; export "
+                          "from a run directory (python -m kfine.export --run RUN) whose data is readable")
+    images = []
+    for batch in datasets.dataset("train", train=False, shuffle=False):
+        images.append(np.asarray(batch[0], np.float32))
+        if sum(len(b) for b in images) >= n:
+            break
+    return np.concatenate(images)[:n]
+
+
+def _calibration_batches(images):
+    """The converter's representative_dataset: one image per step, led by a black and a white
+    image, so that the input's observed range is exactly 0..255 (uint8 input = the pixel values)."""
+    h, w = images.shape[1:3]
+    lead = np.stack([np.zeros((h, w, 3), np.float32), np.full((h, w, 3), 255.0, np.float32)])
+
+    def gen():
+        for x in np.concatenate([lead, np.asarray(images, np.float32)]):
+            yield [x[None]]
+    return gen
+
+
+def litert_bytes(model, image_size, quantization: str = "none", calibration=None, check_images=None) -> bytes:
+    """Convert the tensor path (image -> probabilities) to a LiteRT flatbuffer, checked.
+
+    Through a SavedModel with one signature (Keras' own LiteRT route) and TensorFlow's
+    converter, builtin ops only (a phone's runtime has no TensorFlow ops): float16 stores float16
+    weights, dynamic int8 weights with float activations, int8 everything in int8 (uint8 input,
+    float32 probabilities out) calibrated on ``calibration`` (float32 [N, H, W, 3] 0..255).
+    An unquantized file must reproduce Keras within LITERT_TOLERANCE, else ExportError.
+    """
+    import keras
+    import tensorflow as tf
+    if quantization not in QUANTIZATIONS:
+        raise ExportError(f"unknown LiteRT quantization {quantization!r}; choose from {list(QUANTIZATIONS)}")
+    model = _float32_copy(model)
+    h, w = int(image_size[0]), int(image_size[1])
+    spec = [tf.TensorSpec([None, h, w, 3], tf.float32, name="image")]
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint("serving_default",
+                         lambda image: {"probabilities": tf.cast(model(image, training=False), tf.float32)},
+                         input_signature=spec)
+    with tempfile.TemporaryDirectory(prefix="kfine-litert-") as tmp:
+        archive.write_out(tmp, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
+        if quantization != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantization == "int8":
+            if calibration is None or len(calibration) == 0:
+                raise ExportError("int8 LiteRT export needs calibration images (export.litert.representative_images)")
+            converter.representative_dataset = _calibration_batches(np.asarray(calibration, np.float32))
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.float32
+        data = converter.convert()
+    lite = LiteRTModel(data)
+    if quantization == "int8" and lite.input_quantization != (1.0, 0):
+        raise ExportError(f"int8 LiteRT export: the uint8 input has scale/zero point {lite.input_quantization}, "
+                          f"not (1.0, 0); the file was not written")
+    if quantization == "none":
+        x = _check_images(image_size) if check_images is None else np.asarray(check_images, np.float32)
+        got = lite.predict(x)
+        want = keras.ops.convert_to_numpy(model(x, training=False)).astype(np.float32)
+        diff = float(np.max(np.abs(got - want)))
+        if not diff < LITERT_TOLERANCE:
+            raise ExportError(f"LiteRT export: the interpreter differs from Keras by {diff:.2e} "
+                              f"(allowed {LITERT_TOLERANCE}); the file was not written")
+    return data
+
+
+def _float32_copy(model):
+    """``model`` itself when it computes in float32, else a float32 copy with its weights: a
+    mixed-precision model's float16 ops are not LiteRT builtins (float16 weights are the
+    converter's business: quantization float16)."""
+    import keras
+    if all(getattr(layer, "compute_dtype", "float32") == "float32" for layer in _all_layers(model)):
+        return model
+
+    def as_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and str(node.get("config", {}).get("name", "")).startswith("mixed_"):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: as_float32(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [as_float32(v) for v in node]
+        return node
+    import kfine.model  # noqa: F401  (registers kfine>Preprocess)
+    config = as_float32(keras.saving.serialize_keras_object(model))
+    with _float32_policy():
+        copy = keras.saving.deserialize_keras_object(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+class _float32_policy:
+    """The global dtype policy set to float32 for the duration of a ``with``."""
+    def __enter__(self):
+        import keras
+        self.old = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+
+    def __exit__(self, *exc):
+        import keras
+        keras.config.set_dtype_policy(self.old)
+
+
+def _interpreter_class():
+    """ai-edge-litert's Interpreter when installed (pip install kfine[litert]), else TensorFlow's."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+        Interpreter = tf.lite.Interpreter
+    return Interpreter
+
+
+class LiteRTModel:
+    """A kfine LiteRT file, ready to classify decoded images (the app side).
+
+    ``predict(images)``: images [N, H, W, 3] RGB 0..255 at the file's size, already through the
+    run's eval transform (``litert_predict`` applies it to image files): float32 (or uint8) for a
+    float file, uint8 for an int8 file. Returns probabilities float32 [N, C]. Anything else (a
+    wrong rank, size, channel count or dtype, values outside 0..255) is refused with ExportError.
+    """
+
+    def __init__(self, model):
+        """``model``: a .tflite path or its bytes."""
+        import warnings
+        Interpreter = _interpreter_class()
+        if not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
+            raise ExportError(f"{model} does not exist (export it with: python -m kfine.export "
+                              f"--run RUN --format litert)")
+        with warnings.catch_warnings():   # tf.lite.Interpreter's deprecation notice (ai-edge-litert replaces it)
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            self.interpreter = (Interpreter(model_content=bytes(model)) if isinstance(model, (bytes, bytearray))
+                                else Interpreter(model_path=str(model)))
+        detail = self.interpreter.get_input_details()[0]
+        self._input = detail["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        self.dtype = np.dtype(detail["dtype"])
+        self.image_size = (int(detail["shape"][1]), int(detail["shape"][2]))
+        scale, zero = detail["quantization"]
+        self.input_quantization = (float(scale), int(zero)) if scale else None
+
+    def check(self, images) -> np.ndarray:
+        """``images`` as the file's input dtype, or ExportError saying what is wrong."""
+        x = np.asarray(images)
+        h, w = self.image_size
+        if x.ndim != 4 or x.shape[1:] != (h, w, 3):
+            raise ExportError(f"LiteRT input must be a batch of RGB images [N, {h}, {w}, 3] (resize the shorter "
+                              f"side, centre crop to {h}x{w}: the run's eval transform); got shape {list(x.shape)}")
+        if self.dtype == np.uint8 and x.dtype != np.uint8:
+            raise ExportError(f"this int8 LiteRT file takes uint8 pixels 0..255; got {x.dtype} "
+                              f"(round and cast with np.clip(x, 0, 255).round().astype(np.uint8))")
+        if self.dtype != np.uint8 and not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+            raise ExportError(f"this LiteRT file takes float32 pixels 0..255 (or uint8); got {x.dtype}")
+        if x.dtype != np.uint8 and x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 255):
+            raise ExportError(f"LiteRT input pixels must be RGB values in 0..255; got values in "
+                              f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+        return x.astype(self.dtype)
+
+    def predict(self, images, batch_size: int = 32) -> np.ndarray:
+        x = self.check(images)
+        out = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            self.interpreter.resize_tensor_input(self._input, list(chunk.shape))
+            self.interpreter.allocate_tensors()
+            self.interpreter.set_tensor(self._input, chunk)
+            self.interpreter.invoke()
+            out.append(np.array(self.interpreter.get_tensor(self._output), np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.interpreter.get_output_details()[0]["shape"][-1])
+
+
+def litert_predict(model, images, transform: dict | None = None, batch_size: int = 32) -> np.ndarray:
+    """Probabilities [N, C] of a LiteRT file (path, bytes or LiteRTModel) for ``images``: an
+    array [N, H, W, 3] already through the eval transform (see LiteRTModel), or a list of image
+    files, which get the run's eval transform (``transform``: ``transform_of(cfg.data)``; decoding
+    uses TensorFlow) and must all be readable."""
+    lite = model if isinstance(model, LiteRTModel) else LiteRTModel(model)
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, os.PathLike)):
+        from kfine.pipeline import load_images
+        images, _, bad = load_images([str(p) for p in images], lite.image_size, **(transform or {}))
+        if bad:
+            raise ExportError(f"unreadable image {bad[0][0]}: {bad[0][1]}")
+    return lite.predict(images, batch_size)
+
+
+def record_litert(path, model, class_names, quantization: str, datasets=None, transform=None, run_dir=None) -> dict:
+    """export/litert.json: the file, its input, quantization and size, and (with ``datasets``) its
+    accuracy on the test split (val when there is none) next to the Keras model's on the same
+    images; merged into ``run_dir/metrics.json`` as metrics["export"]["litert"]."""
+    import keras
+    path = Path(path)
+    lite = LiteRTModel(path)
+    h, w = lite.image_size
+    info = {"file": path.name, "quantization": quantization, "bytes": path.stat().st_size,
+            "input": {"name": "image", "dtype": lite.dtype.name, "shape": [None, h, w, 3], "range": [0, 255]},
+            "output": {"name": "probabilities", "dtype": "float32", "shape": [None, len(class_names)]},
+            "class_names": list(class_names), "transform": transform}
+    split = next((s for s in ("test", "val") if getattr(datasets, s, None) is not None), None)
+    if split is not None:
+        with progress(f"measuring the LiteRT file on the {split} split"):
+            labels, lite_pred, keras_pred, diff = [], [], [], 0.0
+            for batch in getattr(datasets, split):
+                x = np.asarray(batch[0], np.float32)
+                want = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), np.float32)
+                got = lite.predict(np.clip(x, 0, 255).round().astype(np.uint8) if lite.dtype == np.uint8 else x)
+                diff = max(diff, float(np.max(np.abs(got - want)))) if len(x) else diff
+                labels.append(np.asarray(batch[1]).reshape(-1))
+                lite_pred.append(got.argmax(-1))
+                keras_pred.append(want.argmax(-1))
+        labels, lite_pred, keras_pred = map(np.concatenate, (labels, lite_pred, keras_pred))
+        info.update({"split": split, "n": int(len(labels)),
+                     "accuracy": float((lite_pred == labels).mean()) if len(labels) else None,
+                     "keras_accuracy": float((keras_pred == labels).mean()) if len(labels) else None,
+                     "agreement": float((lite_pred == keras_pred).mean()) if len(labels) else None,
+                     "max_abs_diff": diff})
+    write_json(path.with_name("litert.json"), info)
+    if run_dir is not None and split is not None:
+        metrics_path = Path(run_dir) / "metrics.json"
+        metrics = read_json(metrics_path) if metrics_path.exists() else {}
+        summary = {k: info[k] for k in ("file", "quantization", "bytes", "split", "n", "accuracy",
+                                        "keras_accuracy", "agreement", "max_abs_diff")}
+        write_json(metrics_path, {**metrics, "export": {**metrics.get("export", {}), "litert": summary}})
+    return info
+
+
 # ----------------------------------------------------------------------------- .keras
 def _write_keras(model, out_dir: Path) -> Path:
     final = out_dir / "model.keras"
@@ -257,13 +533,19 @@ def _write_keras(model, out_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------- public API
 def export_model(model, class_names, image_size, out_dir, formats=("saved_model",),
-                 check_images=None, transform=None) -> dict[str, str]:
+                 check_images=None, transform=None, litert=None, datasets=None, run_dir=None,
+                 calibration=None) -> dict[str, str]:
     """Write ``model`` in each of ``formats`` under ``out_dir``; returns {format: written path}.
 
     ``model`` takes float 0..255 RGB at ``image_size`` and returns softmax probabilities
     (kfine.model.build_model). ``check_images`` (float32 [N, H, W, 3]) is what the ONNX export
     is checked on; by default a fixed synthetic batch. ``transform``: the run's eval transform
     (``transform_of(cfg.data)``) that the SavedModel's image-bytes signature applies.
+    ``litert`` (export.litert: {quantization, representative_images}) and ``datasets``
+    (kfine.data.Datasets): the LiteRT file's quantization, its int8 calibration images (training
+    images through the eval transform) and the split its accuracy is measured on (test, else val;
+    ``export/litert.json``, and ``run_dir/metrics.json``'s "export" entry when ``run_dir`` is given).
+    ``calibration`` (float32 [N, H, W, 3]) replaces the calibration images drawn from ``datasets``.
     """
     formats = tuple(dict.fromkeys(formats))   # unique, in order
     unknown = [f for f in formats if f not in FORMATS]
@@ -276,12 +558,15 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
     out_dir = Path(out_dir)
     written = {}
     model = without_lora(model)
+    lite = _litert_settings(litert)
+    if calibration is None and "litert" in formats and lite["quantization"] == "int8":
+        calibration = representative_images(datasets, lite["representative_images"])
     import keras
     if keras.backend.backend() != "tensorflow" and set(formats) - {"keras"}:
         tf_formats = [f for f in formats if f != "keras"]
         with progress(f"exporting {', '.join(tf_formats)} to {out_dir} (in a TensorFlow subprocess)"):
             written = _export_in_tensorflow(model, class_names, image_size, out_dir, tf_formats, check_images,
-                                            transform)
+                                            transform, lite, calibration)
         formats = [f for f in formats if f == "keras"]
     for fmt in formats:
         with progress(f"exporting {fmt} to {out_dir}"):
@@ -291,8 +576,14 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
                 data = onnx_bytes(model, image_size, check_images)
                 atomic_write_bytes(out_dir / "model.onnx", data)
                 written[fmt] = str(out_dir / "model.onnx")
+            elif fmt == "litert":
+                data = litert_bytes(model, image_size, lite["quantization"], calibration, check_images)
+                atomic_write_bytes(out_dir / LITERT_FILES[lite["quantization"]], data)
+                written[fmt] = str(out_dir / LITERT_FILES[lite["quantization"]])
             else:
                 written[fmt] = str(_write_keras(model, out_dir))
+    if "litert" in written:   # measured here, on the calling backend's model (also after a subprocess)
+        record_litert(written["litert"], model, class_names, lite["quantization"], datasets, transform, run_dir)
     return written
 
 
@@ -300,7 +591,8 @@ def missing_formats(out_dir, formats) -> list[str]:
     """The ``formats`` whose export is not in ``out_dir`` (a finished run resumed writes only these)."""
     out_dir = Path(out_dir)
     there = {"saved_model": (out_dir / "saved_model").is_dir() and any((out_dir / "saved_model").iterdir()),
-             "onnx": (out_dir / "model.onnx").is_file(), "keras": (out_dir / "model.keras").is_file()}
+             "onnx": (out_dir / "model.onnx").is_file(), "keras": (out_dir / "model.keras").is_file(),
+             "litert": any(out_dir.glob("model*.tflite"))}
     return [f for f in dict.fromkeys(formats) if not there.get(f)]
 
 
@@ -310,7 +602,8 @@ def without_lora(model):
     return merge_lora(model)
 
 
-def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats, check_images, transform=None):
+def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats, check_images, transform=None,
+                          litert=None, calibration=None):
     """export_model in a subprocess on the TensorFlow backend (see the module docstring)."""
     import json
     import subprocess
@@ -319,7 +612,10 @@ def _export_in_tensorflow(model, class_names, image_size, out_dir: Path, formats
         model.save(tmp / "model.keras")
         spec = {"model": str(tmp / "model.keras"), "class_names": class_names,
                 "image_size": [int(v) for v in image_size], "out_dir": str(out_dir), "formats": list(formats),
-                "transform": transform}
+                "transform": transform, "litert": litert}
+        if calibration is not None:
+            np.save(tmp / "calibration.npy", np.asarray(calibration, np.float32))
+            spec["calibration"] = str(tmp / "calibration.npy")
         if check_images is not None:
             np.save(tmp / "check.npy", np.asarray(check_images, np.float32))
             spec["check_images"] = str(tmp / "check.npy")
@@ -339,14 +635,19 @@ def _export_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     model = keras.saving.load_model(spec["model"], compile=False, safe_mode=True)
     check = np.load(spec["check_images"]) if "check_images" in spec else None
+    calibration = np.load(spec["calibration"]) if "calibration" in spec else None
     written = export_model(model, spec["class_names"], spec["image_size"], spec["out_dir"],
-                           spec["formats"], check, spec.get("transform"))
+                           spec["formats"], check, spec.get("transform"), litert=spec.get("litert"),
+                           calibration=calibration)
     Path(spec_path).with_name("written.json").write_text(json.dumps(written))
 
 
-def export_run(run_dir, formats=None, out_dir=None) -> dict[str, str]:
+def export_run(run_dir, formats=None, out_dir=None, quantization=None,
+               representative_images=None) -> dict[str, str]:
     """Export ``run_dir/model.keras``; formats default to the run's ``export.formats``,
-    ``out_dir`` to ``run_dir/export``."""
+    ``out_dir`` to ``run_dir/export``; ``quantization`` / ``representative_images`` override
+    the run's export.litert. A LiteRT export reads the run's data (splits.csv) for its int8
+    calibration images and its test accuracy (metrics.json's "export" entry)."""
     run_dir = Path(run_dir)
     model_path, names_path, config_path = (run_dir / "model.keras", run_dir / "class_names.json",
                                            run_dir / "config.yaml")
@@ -361,9 +662,23 @@ def export_run(run_dir, formats=None, out_dir=None) -> dict[str, str]:
     if tuple(model.input_shape[1:3]) != image_size:
         raise ExportError(f"{config_path} says data.image_size={list(image_size)} but the model "
                           f"takes {list(model.input_shape[1:3])}")
-    return export_model(model, read_json(names_path), image_size,
-                        out_dir if out_dir is not None else run_dir / "export",
-                        formats if formats else cfg.export.formats, transform=transform_of(cfg.data))
+    formats = formats if formats else cfg.export.formats
+    litert = _litert_settings(cfg.export.litert)
+    litert.update({k: v for k, v in (("quantization", quantization),
+                                     ("representative_images", representative_images)) if v is not None})
+    datasets = None
+    if "litert" in formats:   # the run's own split: calibration from train, accuracy on test
+        from kfine import data as kdata
+        saved = run_dir / "splits.csv"
+        datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None)
+    written = export_model(model, read_json(names_path), image_size,
+                           out_dir if out_dir is not None else run_dir / "export",
+                           formats, transform=transform_of(cfg.data), litert=litert, datasets=datasets,
+                           run_dir=run_dir if datasets is not None else None)
+    if datasets is not None and (run_dir / "report.html").exists():   # its Exports table from metrics.json
+        from kfine.report import write_report
+        write_report(run_dir)
+    return written
 
 
 def main(argv=None) -> int:
@@ -372,11 +687,18 @@ def main(argv=None) -> int:
     parser.add_argument("--format", action="append", choices=FORMATS, dest="formats",
                         help="repeatable; default: the run's export.formats")
     parser.add_argument("--out", help="output directory (default RUN/export)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS,
+                        help="LiteRT quantization (default: the run's export.litert.quantization)")
+    parser.add_argument("--representative-images", type=int, metavar="N",
+                        help="int8: training images to calibrate on (default: export.litert.representative_images)")
     args = parser.parse_args(argv)
+    if args.representative_images is not None and args.representative_images < 1:
+        parser.error("--representative-images must be >= 1")
     from kfine import cli
 
     def work():
-        for fmt, path in export_run(args.run, args.formats, args.out).items():
+        for fmt, path in export_run(args.run, args.formats, args.out, args.quantization,
+                                    args.representative_images).items():
             print(f"{fmt}: {path}")
     return cli.run_command(work)
 

@@ -1,14 +1,15 @@
 """Predict classes of unlabelled images with a trained run.
 
     python -m kfine.predict --run runs/NAME --images DIR_OR_FILES... [--out predictions.csv]
-                            [--batch-size 32] [--top-k 5] [--tta flip|flip+crops]
+                            [--batch-size 32] [--top-k 5] [--tta flip|flip+crops] [--explain]
 
 Folders are searched for image files (kfine.data.list_images); files named on the command line
 are used as given. The CSV (the VLG-50 submission file) has: file, predicted_class, confidence,
 top1_class, top1_score, ..., topK_class, topK_score, error. An image that cannot be decoded is
 not fatal: it is reported on stderr and gets a row with only file and error. ``--tta`` averages
 the probabilities over views of each image (kfine.evaluate.TTA_MODES: the image and its mirror, or
-also its four corner crops: 10 views).
+also its four corner crops: 10 views). ``--explain`` also writes a Grad-CAM overlay (kfine.explain)
+of each readable image for its predicted class into ``<out stem>_heatmaps/`` beside the CSV.
 """
 from __future__ import annotations
 
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--tta", choices=sorted(TTA_MODES), default=None,
                     help="average over flip (2 views) or flip+crops (10 views)")
+    ap.add_argument("--explain", action="store_true",
+                    help="also write a Grad-CAM heatmap overlay per image into <out stem>_heatmaps/")
     args = ap.parse_args(argv)
     from kfine import cli
     return cli.run_command(lambda: _main(args))
@@ -149,6 +152,18 @@ def _main(args) -> None:
     write_csv(args.out, rows, csv_columns(args.top_k, len(class_names)))
     print(f"kfine: wrote {len(rows) - len(bad)} predictions to {args.out}"
           + (f" ({len(bad)} unreadable images listed with an error)" if bad else ""), flush=True)
+    if args.explain:
+        write_explanations(model, paths, image_size, run, Path(args.out))
+
+
+def write_explanations(model, paths, image_size, run: Path, out_csv: Path) -> None:
+    """--explain: Grad-CAM overlays (kfine.explain) of the predicted class, one PNG per readable
+    image, in a folder beside the CSV named after it (predictions.csv -> predictions_heatmaps/)."""
+    from kfine.explain import explain_files
+    folder = out_csv.with_name(f"{out_csv.stem}_heatmaps")
+    written = explain_files(model, paths, image_size, folder,
+                            transform=run_transform(run) if (run / "config.yaml").exists() else None)
+    print(f"kfine: wrote {len(written)} heatmap overlays to {folder}/", flush=True)
 
 
 if __name__ == "__main__":

@@ -454,6 +454,48 @@ def section_export(run_dir: Path, shown: set) -> str:
             + table(["file", "size"], [[f, _size(s)] for f, s in items]) + "</section>")
 
 
+def section_heatmaps(run_dir: Path, shown: set) -> str:
+    """Grad-CAM heatmaps (kfine.explain): where the evidence lies on hard and on correct images."""
+    parts = []
+    for split in ("test", "val"):
+        rel = f"plots/heatmaps_{split}.png"
+        img = image(run_dir, rel, f"Grad-CAM heatmaps ({split})")
+        if img:
+            shown.add(rel)
+            parts.append(f"<h3>{split}</h3>{img}")
+    if not parts:
+        return ""
+    return ("<section id=heatmaps><h2>Why: class-activation heatmaps</h2><p class=muted>Grad-CAM on the "
+            "backbone's last feature map for the predicted class: the highest-loss images, then one correct "
+            "image per class; each image beside its heatmap (red: most evidence), true class, predicted class "
+            "and its probability. A heatmap is as coarse as the feature map (image size / 32 for ResNet50).</p>"
+            + "".join(parts) + "</section>")
+
+
+def section_exports(run_dir: Path, shown: set) -> str:
+    """Exported files measured against the Keras model (metrics.json "export": the LiteRT file)."""
+    entries = (_read_json(run_dir / "metrics.json") or {}).get("export") or {}
+    if not entries:
+        return ""
+
+    def pct(v):
+        return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else ""
+    rows = [[fmt, e.get("file"), e.get("quantization"), _size(e["bytes"]) if e.get("bytes") else "",
+             e.get("split"), e.get("n"), pct(e.get("accuracy")), pct(e.get("keras_accuracy")),
+             pct(e.get("agreement"))] for fmt, e in sorted(entries.items())]
+    lite = _read_json(run_dir / "export" / "litert.json") or {}
+    note = ""
+    if lite.get("input"):
+        i = lite["input"]
+        note = (f"<p>The LiteRT file takes decoded images, input <code>{escape(i['name'])}</code> "
+                f"{escape(i['dtype'])} [N, {i['shape'][1]}, {i['shape'][2]}, 3], RGB 0..255, after the run's "
+                f"eval transform (resize the shorter side, centre crop); it returns probabilities in "
+                f"class_names.json order.</p>")
+    return ("<section id=exports><h2>Exports</h2>" + note
+            + table(["format", "file", "quantization", "size", "split", "images", "accuracy", "Keras accuracy",
+                     "same prediction"], rows, left=3) + "</section>")
+
+
 def _signatures_table(path: Path) -> str:
     """The exported signatures (export/signatures.json, written from the traced functions)."""
     sigs = _read_json(path)
@@ -496,8 +538,8 @@ def section_compare(run_dir: Path, shown: set) -> str:
 
 
 # results first, then how they were made
-SECTIONS = [section_compare, section_summary, section_curves, section_metrics, section_phases, section_data,
-            section_config, section_other_plots, section_export]
+SECTIONS = [section_compare, section_summary, section_curves, section_metrics, section_heatmaps, section_phases,
+            section_data, section_config, section_other_plots, section_export, section_exports]
 
 
 def render_report(run_dir) -> str:
@@ -514,7 +556,8 @@ def render_report(run_dir) -> str:
         if html:
             body.append(html)
     nav = "".join(f'<a href="#{i}">{escape(i)}</a>' for i in
-                  ("compare", "summary", "curves", "metrics", "phases", "data", "config", "plots", "export")
+                  ("compare", "summary", "curves", "metrics", "heatmaps", "phases", "data", "config", "plots", "export",
+                   "exports")
                   if f"<section id={i}>" in "".join(body))
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     kind = "comparison" if (run_dir / "compare.csv").exists() else "run"

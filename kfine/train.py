@@ -413,7 +413,7 @@ def _finish_finished(cfg: Config, run_dir: Path, state: dict, plan) -> RunResult
                        model=checkpoint.load_model(run_dir / "model.keras"))
     if todo and plan.chief:
         datasets = None
-        if "evaluation" in todo:   # the run's own split (splits.csv), as kfine.evaluate reads it
+        if {"evaluation", "export litert"} & set(todo):   # the run's own split (splits.csv), as kfine.evaluate reads it
             from kfine import data as kdata
             setup_backend(cfg)
             saved = run_dir / "splits.csv"
@@ -605,6 +605,7 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, t
             used = read_json(run_dir / "run_info.json").get("model") if (run_dir / "run_info.json").exists() else None
             if used:   # which epoch's weights were evaluated (train.restore_best)
                 write_json(run_dir / "metrics.json", {**read_json(run_dir / "metrics.json"), "model": used})
+            write_heatmaps(run_dir, model, datasets, result.metrics.get("split", split))
     formats = [f for f in cfg.export.formats if wanted(f"export {f}")]
     if cfg.export.enabled and formats:
         try:
@@ -614,13 +615,27 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, t
         if export is not None:
             class_names = datasets.class_names if datasets is not None else read_json(run_dir / "class_names.json")
             export.export_model(model, class_names, cfg.data.image_size, run_dir / "export",
-                                formats=formats, transform=export.transform_of(cfg.data))
+                                formats=formats, transform=export.transform_of(cfg.data),
+                                litert=cfg.export.litert, datasets=datasets, run_dir=run_dir)
     if wanted("report"):
         try:
             from kfine import report
             report.write_report(run_dir)
         except ImportError:
             pass
+
+
+def write_heatmaps(run_dir: Path, model, datasets, split: str) -> None:
+    """plots/heatmaps_<split>.png for the report (kfine.explain: Grad-CAM); a model it cannot
+    explain gets a note, not a failed run."""
+    try:
+        from kfine import explain
+    except ImportError:
+        return
+    try:
+        explain.write_heatmap_grid(run_dir, model, getattr(datasets, split), datasets.class_names, split)
+    except explain.ExplainError as e:
+        print(f"kfine: no heatmaps: {e}", flush=True)
 
 
 # ----------------------------------------------------------------------------- CLI
