@@ -407,6 +407,21 @@ def test_early_stopping_patience_counts_on_across_a_resume(tmp_path):
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1, 2]
 
 
+def test_a_resume_after_an_early_stopped_phase_goes_on_with_the_next_phase(tmp_path):
+    """Phase 0 (epochs 0..2) stops early at epoch 1 (nothing improves by 1000, patience 1); the
+    run is killed right after that commit. --resume neither redoes phase 0 nor ends the run: it
+    starts phase 1 at epoch 3, which runs to its end."""
+    rd, resumed = _kill_and_resume(tmp_path, "after_commit@1", epochs=5, extra=(
+        "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 3, freeze: {strategy: none}}]",
+        "train.early_stopping.patience=1", "train.early_stopping.min_delta=1000"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    hist = read_history(rd / "history.csv")
+    assert [(r["epoch"], r["phase"]) for r in hist] == [(0, 0), (1, 0), (3, 1), (4, 1)]
+    phases = read_json(rd / "phases.json")
+    assert [(p["index"], p["stopped_early"], p["stopped_epoch"]) for p in phases] == [(0, True, 1), (1, False, None)]
+    assert read_json(rd / "backup" / "state.json")["finished"] and (rd / "model.keras").exists()
+
+
 def test_resume_after_a_kill_between_the_commit_and_history_csv(tmp_path):
     """Killed after epoch 1's backup was committed but before history.csv and its checkpoints were
     written: --resume writes them from the commit and goes on at epoch 2, in phase 1."""
