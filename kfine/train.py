@@ -462,6 +462,18 @@ def restore_best(cfg: Config, datasets) -> bool:
     return wanted
 
 
+def shipped_epoch(cfg: Config, history: list[dict], restore: bool) -> tuple[dict | None, str]:
+    """The history row of the epoch a run ships (what use_best_epoch loads: model.keras, the
+    evaluation, the export) and how it was chosen: "best", the best epoch by
+    train.checkpoint.monitor (checkpoints/best.keras), where ``restore`` (restore_best) holds and
+    the monitor was logged; else "final", the last epoch. kfine.tune scores a trial on this row."""
+    from kfine.checkpoint import best_epoch, monitor_mode
+    best = best_epoch(history, cfg.train.checkpoint.monitor, monitor_mode(cfg.train.checkpoint)) if restore else None
+    if best is not None:
+        return next(r for r in history if r["epoch"] == best), "best"
+    return (history[-1] if history else None), "final"
+
+
 def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], restore: bool,
                    writes: bool = True) -> dict:
     """The weights model.keras, the evaluation and the export get: with ``restore`` those of
