@@ -298,11 +298,11 @@ class CheckpointSaver:
             names.append(f"epoch_{epoch:04d}.keras")
         return names
 
-    def _save_temporary(self, model, epoch: int, view: bool = True) -> Path:
+    def _save_temporary(self, model, epoch: int, view: bool = True, optimizer=None) -> Path:
         from kfine.optim import ema_weights
         tmp = self.run_dir / CHECKPOINTS / f".e{epoch:04d}.tmp{os.getpid()}.keras"
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        with ema_weights(model):   # train.ema: the averaged weights (a no-op otherwise)
+        with ema_weights(model, optimizer):   # train.ema: the averaged weights (a no-op otherwise)
             (inference_view(model) if view and not self.cfg.save_optimizer else model).save(tmp)
         return tmp
 
@@ -324,10 +324,12 @@ class CheckpointSaver:
             old.unlink()
 
     # -- --resume
-    def catch_up(self, model) -> None:
+    def catch_up(self, model, optimizer=None) -> None:
         """--resume: write what the last commit promised but a kill may have cut short, from the
         restored state (``model`` holds the history's last epoch): history.csv and that epoch's
-        checkpoints."""
+        checkpoints. ``optimizer``: the run's, restored with the model; ``model`` is not compiled
+        yet, so with train.ema the averages the checkpoints hold (as commit_epoch's do) are its.
+        A finished run's model holds model.keras, whose optimizer state is spent: no averages."""
         if not self.keep_files or not self.history:
             return
         write_history(self.run_dir / "history.csv", self.history)
@@ -336,7 +338,9 @@ class CheckpointSaver:
         have = {"best.keras": best.get("epoch") == epoch and (ckpt / "best.keras").exists()}
         missing = [n for n in self.due(epoch) if not have.get(n, (ckpt / n).exists())]
         if missing:
-            self._publish(self._save_temporary(model, epoch), missing, epoch, self.history)
+            finished = (read_state(self.run_dir) or {}).get("finished")
+            tmp = self._save_temporary(model, epoch, optimizer=None if finished else optimizer)
+            self._publish(tmp, missing, epoch, self.history)
 
 
 def ema_pairs(model) -> list:

@@ -212,6 +212,7 @@ class EarlyStoppingConfig:
     monitor: str = "val_loss"
     min_delta: float = 0.0
     mode: Literal["auto", "min", "max"] = "auto"     # auto: max for accuracy-like monitors
+    scope: Literal["phase", "run"] = "phase"         # a stop ends the phase (the next one starts) or the run
 
 
 @dataclass(frozen=True)

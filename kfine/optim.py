@@ -339,12 +339,13 @@ def inner_optimizer(optimizer):
 
 
 @contextlib.contextmanager
-def ema_weights(model):
+def ema_weights(model, optimizer=None):
     """Inside the block the model holds its EMA weights (e.g. to save a checkpoint), after it the
-    raw ones again. Does nothing when the model's optimizer has no EMA. Host copies both ways:
+    raw ones again. Does nothing when the model's optimizer (or ``optimizer``, for a model not
+    compiled yet) has no EMA. Host copies both ways:
     in a run of several processes only the chief saves, and a host value needs no computation
     on the others (kfine.distribute)."""
-    opt = inner_optimizer(getattr(model, "optimizer", None))
+    opt = inner_optimizer(optimizer if optimizer is not None else getattr(model, "optimizer", None))
     pairs = opt.ema_pairs() if hasattr(opt, "ema_pairs") else []
     raw = [ops.convert_to_numpy(v) for v, _ in pairs]
     for v, a in pairs:

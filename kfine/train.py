@@ -57,6 +57,25 @@ def phase_at(spans: list[tuple[int, int]], epoch: int) -> int:
     return len(spans) - 1
 
 
+def epoch_after_stop(cfg: Config, spans: list[tuple[int, int]], epoch: int) -> int:
+    """Where a run goes on after early stopping at ``epoch``: the next phase's first epoch
+    (``train.early_stopping.scope: phase``), or ``train.epochs``, i.e. the run is over (scope
+    ``run``, or the stop was in the last phase)."""
+    i = phase_at(spans, epoch)
+    if cfg.train.early_stopping.scope == "phase" and i + 1 < len(spans):
+        return spans[i + 1][0]
+    return cfg.train.epochs
+
+
+def phase_end(history: list[dict], index: int, end: int) -> dict:
+    """How phase ``index`` (configured to end before epoch ``end``) ended, read from the history:
+    phases.json's "stopped_early" and "stopped_epoch" (its last epoch when early stopping cut it
+    short, else null)."""
+    last = max((r["epoch"] for r in history if r["phase"] == index), default=None)
+    stopped = last is not None and last < end - 1
+    return {"stopped_early": stopped, "stopped_epoch": last if stopped else None}
+
+
 # ----------------------------------------------------------------------------- run directory
 def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     """runs/<name>; if it exists, runs/<name>-2, -3, ... (a finished run is never overwritten)."""
@@ -193,7 +212,7 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
     saver = CheckpointSaver(run_dir, cfg.train.checkpoint, cfg.train.epochs, history, keep_checkpoints,
                             writes=active().chief)
     try:
-        saver.catch_up(model)
+        saver.catch_up(model, optimizer)
         _fit_phases(model, cfg, datasets, run_dir, start_epoch, saver, optimizer, schedule, callbacks)
     finally:
         saver.close()   # waits for the last epoch's writes
@@ -232,8 +251,13 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         phases_log = [p for p in phases_log if p["index"] < i] + [   # the configured start, also on resume
             {"index": i, "start_epoch": phase.start_epoch, "end_epoch": end, "freeze": to_dict(phase.freeze),
              "bn": phase.bn, "summary": rows}]
+        for p in phases_log[:-1]:   # the phases before: where each ended (also after a kill and --resume)
+            p.update(phase_end(saver.history, p["index"], p["end_epoch"]))
         if active().chief:
             write_json(run_dir / "phases.json", phases_log)
+        skipped = first - (saver.history[-1]["epoch"] + 1 if saver.history else 0)
+        if skipped > 0 and optimizer is not None:   # after an early-stopped phase
+            _skip_epochs(optimizer, skipped, steps)
         fit_model, fit_train, fit_val = model, train_ds, datasets.val
         reason = features.cache_reason(model, cfg, phase, end - first)
         if reason is None:   # the head trains on backbone features computed once (kfine.features)
@@ -261,10 +285,27 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
             fit_model.fit(fit_train, validation_data=fit_val, initial_epoch=first, epochs=end,
                           steps_per_epoch=steps, class_weight=cw, shuffle=False,   # tf.data shuffles
                           callbacks=phase_callbacks, verbose=fit_verbosity(cfg.train.verbose))
+        phases_log[-1].update(phase_end(saver.history, i, end))
+        if active().chief:
+            write_json(run_dir / "phases.json", phases_log)
         if early is not None and early.stopped_epoch > 0:
+            after = epoch_after_stop(cfg, spans, early.stopped_epoch)
             print(f"kfine: early stopping after epoch {early.stopped_epoch + 1} "
-                  f"({cfg.train.early_stopping.monitor} stopped improving)", flush=True)
-            break
+                  f"({cfg.train.early_stopping.monitor} stopped improving): "
+                  + (f"phase {i} ends, phase {i + 1} starts at epoch {after + 1}" if after < cfg.train.epochs
+                     else "the run ends" + (" (train.early_stopping.scope: run)" if i + 1 < len(spans) else "")),
+                  flush=True)
+            if after >= cfg.train.epochs:
+                break
+
+
+def _skip_epochs(optimizer, epochs: int, steps: int) -> None:
+    """The epochs an early-stopped phase left out count as run for the optimizer's step counter:
+    the learning-rate schedule, a function of that counter, is then where the plan puts the next
+    phase's first epoch (a phase's start and its learning rate stay as configured). Nothing else
+    changes: weights, moments and EMA averages go on from the stopped epoch."""
+    from kfine.optim import _batches_seen, inner_optimizer
+    _batches_seen(inner_optimizer(optimizer)).assign_add(epochs * steps)   # batches (updates x accumulation)
 
 
 def _freeze_detail(spec) -> str:
@@ -435,9 +476,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, state: dict | None, spans, 
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"kfine: removed {run_dir} (the run stopped before training)", file=sys.stderr, flush=True)
         raise
-    trains = start_epoch < cfg.train.epochs   # False: a finished run resumed to redo its outputs
+    # a finished run resumed to redo its outputs holds model.keras (averaged already); any other,
+    # also one resumed after its last commit (nothing left to train), holds the raw weights
+    trained = not (state and state.get("finished"))
     history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
-    if trains and apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation, export use the averages
+    if trained and apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation, export use the averages
         print("kfine: the model now holds the EMA weights (train.ema)", flush=True)
     return datasets, model, history, restore
 
@@ -452,6 +495,18 @@ def restore_best(cfg: Config, datasets) -> bool:
                           f"train.checkpoint.monitor ({monitor}) is never logged and there is no best epoch; "
                           f"set data.val_fraction > 0, train.restore_best=false, or a training metric as monitor")
     return wanted
+
+
+def shipped_epoch(cfg: Config, history: list[dict], restore: bool) -> tuple[dict | None, str]:
+    """The history row of the epoch a run ships (what use_best_epoch loads: model.keras, the
+    evaluation, the export) and how it was chosen: "best", the best epoch by
+    train.checkpoint.monitor (checkpoints/best.keras), where ``restore`` (restore_best) holds and
+    the monitor was logged; else "final", the last epoch. kfine.tune scores a trial on this row."""
+    from kfine.checkpoint import best_epoch, monitor_mode
+    best = best_epoch(history, cfg.train.checkpoint.monitor, monitor_mode(cfg.train.checkpoint)) if restore else None
+    if best is not None:
+        return next(r for r in history if r["epoch"] == best), "best"
+    return (history[-1] if history else None), "final"
 
 
 def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], restore: bool,
@@ -531,7 +586,9 @@ def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool
     if state is not None:
         state = checkpoint.load_backup(run_dir, model, optimizer)
         start_epoch, history = state["next_epoch"], state["history"]
-        if state["finished"] or state["stopped"] or start_epoch >= cfg.train.epochs:
+        if state["stopped"]:   # early stopping ended its last epoch's phase: the next one's start, or the end
+            start_epoch = epoch_after_stop(cfg, spans, start_epoch - 1)
+        if state["finished"] or start_epoch >= cfg.train.epochs:
             print(f"kfine: {run_dir} already finished training ({len(history)} epochs); finishing outputs",
                   flush=True)
             start_epoch = cfg.train.epochs

@@ -22,13 +22,16 @@ The `search.space` section maps ANY config key (dotted, list indices allowed) to
 
 A trial's config is ``replace(base, ["key=<yaml value>", ...])``; it is trained by the same code
 as ``python -m kfine.train`` (``build_training`` + ``fit_phases``) and scored by the objective's
-value at the trial's FINAL epoch (what the config, trained again, ends with).
+value at the epoch kfine.train ships from that config (``kfine.train.shipped_epoch``): the best
+epoch by train.checkpoint.monitor where train.restore_best applies (by default whenever there is
+a validation split), else the final epoch. The trial's score.json and results.csv say which.
 
 Search directory (runs/<name>-search, or -2, -3 ... if it exists and is not resumed):
     config.yaml               the base config (with its search section); --resume reads it
     tuner/                    KerasTuner state: oracle.json, trial_<id>/trial.json
     tuner/trial_<id>/         that trial's config.yaml, history.csv, phases.json, tensorboard/
-    results.csv               one row per trial: trial_id, status, score, each searched key
+    results.csv               one row per trial: trial_id, status, score, scored_epoch, scored_as
+                              (best | final: which epoch the score is from), each searched key
     plots/search_scores.png   score per trial; plots/search_<key>.png: score against each key
     best.yaml                 the best trial as a full config (search.space emptied, name <name>-best):
                               python -m kfine.train --config runs/<name>-search/best.yaml
@@ -344,12 +347,15 @@ def _hypermodel_class():
 
 def run_trial_config(cfg: Config, trial_dir: Path, execution: int = 0) -> dict:
     """Train one trial config exactly as kfine.train does (no checkpoints) and return the
-    final epoch's metrics, which KerasTuner reads the objective from."""
+    metrics of the epoch kfine.train would ship (``shipped_epoch``: the best by
+    train.checkpoint.monitor under train.restore_best, else the final one), which KerasTuner reads
+    the objective from; trial_dir/score.json records that epoch and how it was chosen."""
     import gc
     import keras
     import keras_tuner as kt
     from kfine.config import save_config
-    from kfine.train import build_training, fit_phases, setup_backend
+    from kfine.rundir import write_json
+    from kfine.train import build_training, fit_phases, restore_best, setup_backend, shipped_epoch
 
     keras.backend.clear_session()
     gc.collect()
@@ -359,16 +365,32 @@ def run_trial_config(cfg: Config, trial_dir: Path, execution: int = 0) -> dict:
     if execution:     # another initialisation for another execution (same data split)
         keras.utils.set_random_seed(cfg.seed + execution)
     datasets = trial_datasets(cfg)
+    restore = restore_best(cfg, datasets)   # checked before training, as kfine.train does
     model, optimizer, schedule = build_training(cfg, datasets)
     history = fit_phases(model, cfg, datasets, trial_dir, optimizer=optimizer, schedule=schedule,
                          keep_checkpoints=False)
     if not history:
         raise kt.errors.FailedTrialError("the trial finished no epoch")
-    metrics = {k: float(v) for k, v in history[-1].items() if k not in ("epoch", "phase")}
+    row, scored_as = shipped_epoch(cfg, history, restore)
+    metrics = {k: float(v) for k, v in row.items() if k not in ("epoch", "phase")}
     if cfg.search.objective not in metrics:
         raise kt.errors.FatalError(f"search.objective: {cfg.search.objective!r} is not a metric of "
                                    f"this run; choose one of {sorted(metrics)}")
+    write_json(trial_dir / "score.json", {"epoch": row["epoch"], "scored_as": scored_as,
+                                          "monitor": cfg.train.checkpoint.monitor,
+                                          cfg.search.objective: metrics[cfg.search.objective]})
     return metrics
+
+
+def scored_epochs(trial_dir: Path) -> dict:
+    """results.csv's scored_epoch and scored_as of one trial, from its score.json (one per
+    execution: then space-separated, in execution order)."""
+    from kfine.rundir import read_json
+    trial_dir = Path(trial_dir)
+    runs = sorted(trial_dir.glob("execution_*/score.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    found = [read_json(p) for p in [trial_dir / "score.json", *runs] if p.exists()]
+    return {"scored_epoch": " ".join(str(s["epoch"]) for s in found),
+            "scored_as": " ".join(dict.fromkeys(s["scored_as"] for s in found))}
 
 
 def _tuner_class():
@@ -395,7 +417,9 @@ def _tuner_class():
                     raise
             obj = self.oracle.objective.name
             score = sum(r[obj] for r in results) / len(results)
-            print(f"kfine: trial {trial_label(trial.trial_id)} finished: {obj}={score:.4f}", flush=True)
+            scored = scored_epochs(self.get_trial_dir(trial.trial_id))
+            print(f"kfine: trial {trial_label(trial.trial_id)} finished: {obj}={score:.4f} "
+                  f"(epoch {scored['scored_epoch']}, {scored['scored_as']})", flush=True)
             return results
 
         def load_model(self, trial):
@@ -446,13 +470,15 @@ def make_tuner(cfg: Config, params: list[Param], search_dir: Path, overwrite: bo
 
 # ----------------------------------------------------------------------------- outputs
 def results_rows(tuner, params: list[Param]) -> list[dict]:
-    """One row per trial (in trial-id order): trial_id, status, score, each searched key."""
+    """One row per trial (in trial-id order): trial_id, status, score, the epoch scored and how it
+    was chosen (scored_epoch, scored_as: best | final; see run_trial_config), each searched key."""
     rows = []
     for tid in sorted(tuner.oracle.trials):
         t = tuner.oracle.trials[tid]
         values = t.hyperparameters.values
         row = {"trial_id": tid, "status": str(t.status),
-               "score": "" if t.score is None or (isinstance(t.score, float) and math.isnan(t.score)) else t.score}
+               "score": "" if t.score is None or (isinstance(t.score, float) and math.isnan(t.score)) else t.score,
+               **scored_epochs(tuner.get_trial_dir(tid))}
         if "tuner/epochs" in values:
             row["tuner/epochs"] = values["tuner/epochs"]
         for p in params:
@@ -461,17 +487,21 @@ def results_rows(tuner, params: list[Param]) -> list[dict]:
     return rows
 
 
+_RESULT_FIELDS = ("trial_id", "status", "score", "scored_epoch", "scored_as")   # results.csv before the keys
+
+
 def write_results(rows: list[dict], path: Path) -> None:
-    write_csv(path, rows, None if rows else ["trial_id", "status", "score"])
+    write_csv(path, rows, None if rows else list(_RESULT_FIELDS))
 
 
 def format_results(rows: list[dict], objective: str, direction: str) -> str:
     done = [r for r in rows if r["score"] != ""]
     done.sort(key=lambda r: r["score"], reverse=direction == "max")
     rest = [r for r in rows if r["score"] == ""]
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("trial_id", "status", "score")]
-    header = ["trial", "status", objective] + keys
-    table = [header] + [[trial_number(r["trial_id"]), r["status"], f"{r['score']:.4f}" if r["score"] != "" else "-"]
+    keys = [k for k in (rows[0] if rows else {}) if k not in _RESULT_FIELDS]
+    header = ["trial", "status", objective, "epoch"] + keys
+    table = [header] + [[trial_number(r["trial_id"]), r["status"], f"{r['score']:.4f}" if r["score"] != "" else "-",
+                         f"{r['scored_epoch']} ({r['scored_as']})" if r.get("scored_epoch", "") != "" else "-"]
                         + [str(r.get(k, "")) for k in keys] for r in done + rest]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
@@ -490,7 +520,7 @@ def plot_search(results_csv, out_dir, objective: str = "score", direction: str |
 
     with open(results_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("trial_id", "status", "score")]
+    keys = [k for k in (rows[0] if rows else {}) if k not in _RESULT_FIELDS]
     scored = [r for r in rows if r["score"] != ""]
     out_dir = Path(out_dir)
     written = []
@@ -626,7 +656,9 @@ def _search(cfg: Config, params: list[Param], search_dir: Path, overwrite: bool,
     direction = objective_direction(cfg.search)
     role = f" as {os.environ.get('KERASTUNER_TUNER_ID')}" if is_distributed() else ""
     print(f"kfine: search directory {search_dir}{role}: {cfg.search.tuner} search over "
-          f"{[p.key for p in params]}, objective {cfg.search.objective} ({direction})", flush=True)
+          f"{[p.key for p in params]}, objective {cfg.search.objective} ({direction}), each trial scored "
+          f"at the epoch kfine.train ships: the best by train.checkpoint.monitor "
+          f"({cfg.train.checkpoint.monitor}) under train.restore_best, else the final one", flush=True)
 
     import keras_tuner as kt
     tuner = make_tuner(cfg, params, search_dir, overwrite=False)

@@ -16,7 +16,7 @@ from conftest import make_folder
 from kfine import checkpoint
 from kfine.checkpoint import CheckpointSaver, TrainingError, keyed_variables, load_backup, read_history
 from kfine.config import load_config
-from kfine.rundir import read_json
+from kfine.rundir import read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_PHASES = "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 2, freeze: {strategy: none}}]"
@@ -264,6 +264,42 @@ def test_a_finished_run_keeps_no_optimizer_state_and_resume_redoes_missing_outpu
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), keras.ops.convert_to_numpy(w))
 
 
+def test_resume_after_the_last_commit_writes_the_ema_weights(tmp_path):
+    """train.ema: killed after the last epoch's commit, before its checkpoint and model.keras,
+    --resume writes best.keras and model.keras with the averaged weights, as the uninterrupted
+    run does (the resumed model is not compiled when it catches up: the averages are in the
+    run's optimizer, restored from the backup, not in model.optimizer)."""
+    import keras
+    from kfine.data import make_datasets
+    from kfine.train import build_training, compile_model, run
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=1", "train.restore_best=false",
+                                 "train.ema={enabled: true, momentum: 0.5}"))
+    ds = make_datasets(cfg.data, cfg.seed)
+    rd = tmp_path / "run"
+    model, opt, _ = build_training(cfg, ds)
+    compile_model(model, opt, cfg, len(ds.class_names))
+    model.fit(ds.train, epochs=1, verbose=0)
+    saver = CheckpointSaver(rd, cfg.train.checkpoint, cfg.train.epochs)
+    saver.commit_epoch(model, 0, 0, {"epoch": 0, "phase": 0, "lr": 1e-3, "val_accuracy": 0.5})
+    saver.close()
+    averages = {v.path: keras.ops.convert_to_numpy(a) for v, a in opt.ema_pairs()}
+    assert any(not np.array_equal(averages[v.path], keras.ops.convert_to_numpy(v)) for v, _ in opt.ema_pairs())
+    uninterrupted = weights_of(rd / "checkpoints" / "best.keras")[1]
+    for path, average in averages.items():   # what the commit wrote: the averages, not the raw weights
+        np.testing.assert_array_equal(uninterrupted[path], average)
+
+    shutil.rmtree(rd / "checkpoints")   # the kill: after the commit, before its checkpoint
+    (rd / "history.csv").unlink()
+    write_json(rd / "phases.json", [{"index": 0, "start_epoch": 0, "end_epoch": 1}])   # a run's phase 0
+    run(cfg, resume=rd)
+    assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0]
+    for name in ("checkpoints/best.keras", "model.keras"):
+        written = weights_of(rd / name)[1]
+        assert written.keys() == uninterrupted.keys()
+        for path, w in uninterrupted.items():
+            np.testing.assert_array_equal(written[path], w, err_msg=f"{name}: {path}")
+
+
 def test_a_checkpoint_keeps_the_optimizer_when_asked(tmp_path):
     from kfine.train import run
     cfg = load_config(None, tiny(tmp_path, "train.epochs=2", "train.checkpoint.save_optimizer=true",
@@ -369,6 +405,21 @@ def test_early_stopping_patience_counts_on_across_a_resume(tmp_path):
     assert "resuming at epoch 3 (phase 0)" in resumed.stdout   # printed epochs count from 1
     assert "early stopping after epoch 3" in resumed.stdout
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1, 2]
+
+
+def test_a_resume_after_an_early_stopped_phase_goes_on_with_the_next_phase(tmp_path):
+    """Phase 0 (epochs 0..2) stops early at epoch 1 (nothing improves by 1000, patience 1); the
+    run is killed right after that commit. --resume neither redoes phase 0 nor ends the run: it
+    starts phase 1 at epoch 3, which runs to its end."""
+    rd, resumed = _kill_and_resume(tmp_path, "after_commit@1", epochs=5, extra=(
+        "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 3, freeze: {strategy: none}}]",
+        "train.early_stopping.patience=1", "train.early_stopping.min_delta=1000"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    hist = read_history(rd / "history.csv")
+    assert [(r["epoch"], r["phase"]) for r in hist] == [(0, 0), (1, 0), (3, 1), (4, 1)]
+    phases = read_json(rd / "phases.json")
+    assert [(p["index"], p["stopped_early"], p["stopped_epoch"]) for p in phases] == [(0, True, 1), (1, False, None)]
+    assert read_json(rd / "backup" / "state.json")["finished"] and (rd / "model.keras").exists()
 
 
 def test_resume_after_a_kill_between_the_commit_and_history_csv(tmp_path):

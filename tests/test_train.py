@@ -230,6 +230,39 @@ def test_early_stopping_ends_the_run_early(tmp_path):
     assert read_json(rd / "backup" / "state.json")["stopped"]   # the commit records the stop
 
 
+@pytest.mark.parametrize("scope", ["phase", "run"])
+def test_early_stopping_ends_the_phase_and_the_next_phase_trains(tmp_path, scope):
+    """Nothing improves by 1000, patience 1: phase 0 (epochs 0..2) stops at epoch 1. With scope
+    phase, phase 1 still starts at its configured epoch 3, at the schedule's rate for epoch 3,
+    trains what it unfreezes, and stops at epoch 4 in turn; with scope run the run ends at epoch 1."""
+    import keras
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=6", "model.backbone=scratch_cnn",
+                                 "model.scratch.filters=[4,4,8,8,8]", "train.early_stopping.patience=1",
+                                 "train.early_stopping.min_delta=1000", f"train.early_stopping.scope={scope}",
+                                 "train.schedule={name: cosine, learning_rate: 0.01}", "train.restore_best=false",
+                                 "train.checkpoint={every_epochs: 1, keep: 6}",
+                                 "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
+                                 " {start_epoch: 3, freeze: {strategy: stages, trainable_from: block4}}]"))
+    result = run(cfg)
+    rd = result.run_dir
+    hist = read_history(rd / "history.csv")
+    assert [(r["epoch"], r["phase"]) for r in hist] == (
+        [(0, 0), (1, 0), (3, 1), (4, 1)] if scope == "phase" else [(0, 0), (1, 0)])
+    phases = read_json(rd / "phases.json")
+    assert (phases[0]["stopped_early"], phases[0]["stopped_epoch"]) == (True, 1)
+    if scope == "run":
+        assert len(phases) == 1
+        return
+    assert (phases[1]["stopped_early"], phases[1]["stopped_epoch"]) == (True, 4)
+    after0 = keras.saving.load_model(rd / "checkpoints" / "epoch_0001.keras")
+    assert not np.array_equal(kernel(after0, "block4_conv"), kernel(result.model, "block4_conv"))   # phase 1 trained
+    np.testing.assert_array_equal(kernel(after0, "block1_conv"), kernel(result.model, "block1_conv"))
+    from kfine.optim import EpochSchedule   # the skipped epoch 2 counts for the schedule
+    spe = -(-sum(read_json(rd / "data_check.json")["counts"]["train"].values()) // cfg.data.batch_size)
+    sched = EpochSchedule("cosine", 0.01, spe, 6)
+    assert [r["lr"] for r in hist] == pytest.approx([float(sched((r["epoch"] + 1) * spe - 1)) for r in hist], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- train.restore_best
 def _weights(path):
     import keras

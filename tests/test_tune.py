@@ -209,14 +209,15 @@ def test_search_writes_its_outputs_and_best_yaml_trains(tmp_path):
     assert len(trials) == 2
     rows = read_csv(sd / "results.csv")
     assert len(rows) == 2
-    assert list(rows[0]) == ["trial_id", "status", "score", *SPACE]
+    assert list(rows[0]) == ["trial_id", "status", "score", "scored_epoch", "scored_as", *SPACE]
     for row, tdir in zip(rows, trials):
         assert row["status"] == "COMPLETED" and tdir.name == f"trial_{row['trial_id']}"
         assert json.loads((tdir / "trial.json").read_text())["status"] == "COMPLETED"
-        # the trial ran kfine's own training with its values, and is scored by its final epoch
+        # the trial ran kfine's own training with its values, and is scored at the epoch it ships
         hist = read_history(tdir / "history.csv")
         assert [r["epoch"] for r in hist] == [0]
         assert float(row["score"]) == pytest.approx(hist[-1]["val_accuracy"])
+        assert (row["scored_epoch"], row["scored_as"]) == ("0", "best")
         tcfg = load_config(tdir / "config.yaml")
         assert tcfg.train.schedule.learning_rate == pytest.approx(float(row["train.schedule.learning_rate"]))
         assert list(tcfg.model.scratch.filters) == yaml.safe_load(row["model.scratch.filters"])
@@ -240,6 +241,34 @@ def test_search_writes_its_outputs_and_best_yaml_trains(tmp_path):
     # a finished search is not overwritten: a second one goes to t-search-2
     assert search(load_config(write_config(tmp_path, max_trials=1))).search_dir.name == "t-search-2"
     assert len(read_csv(sd / "results.csv")) == 2
+
+
+def test_a_trial_is_scored_at_the_epoch_kfine_train_ships(tmp_path):
+    """The learning rate under a cosine schedule is highest at epoch 0 and falls: as checkpoint
+    monitor and objective (both max) it makes the best epoch known in advance and the final one
+    worse. train.restore_best is on (there is a validation split), so kfine.train would ship
+    epoch 0: the trial is scored there, and results.csv says so. With restore_best false it
+    ships, and is scored at, the final epoch."""
+    from kfine.config import replace
+    from kfine.rundir import read_json
+    from kfine.tune import run_trial_config, search
+    extra = {"train": {"epochs": 3, "steps_per_epoch": 2, "verbose": 0,
+                       "schedule": {"name": "cosine", "learning_rate": 0.01},
+                       "checkpoint": {"monitor": "lr", "mode": "max"}},
+             "search": {"objective": "lr", "direction": "max"}}
+    space = {"model.scratch.filters": {"type": "choice", "values": [[4, 4, 8, 8, 8]]}}
+    result = search(load_config(write_config(tmp_path, space, max_trials=1, extra=extra)))
+    (row,) = read_csv(result.search_dir / "results.csv")
+    (tdir,) = sorted((result.search_dir / "tuner").glob("trial_*"))
+    hist = read_history(tdir / "history.csv")
+    assert [r["epoch"] for r in hist] == [0, 1, 2] and hist[0]["lr"] > hist[1]["lr"] > hist[2]["lr"]
+    assert float(row["score"]) == pytest.approx(hist[0]["lr"])
+    assert (row["scored_epoch"], row["scored_as"]) == ("0", "best")
+
+    final = run_trial_config(replace(load_config(tdir / "config.yaml"), ["train.restore_best=false"]), tmp_path / "f")
+    assert final["lr"] == pytest.approx(read_history(tmp_path / "f" / "history.csv")[-1]["lr"])
+    score = read_json(tmp_path / "f" / "score.json")
+    assert (score["epoch"], score["scored_as"]) == (2, "final")
 
 
 def test_batch_size_and_epochs_are_tunable_through_the_trial_config(tmp_path):
