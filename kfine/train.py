@@ -220,8 +220,12 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
     # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
     steps = steps_per_epoch(cfg, datasets)
-    train_ds = (datasets.dataset("train", drop_remainder=True, shard=datasets.shard) if drops_remainder(cfg)
-                else datasets.train).repeat()
+    # epochs first, first + 1, ... (each fit iterates its dataset afresh): each epoch's order and
+    # augmentations are drawn from (seed, epoch), so a resumed run trains on what the uninterrupted
+    # one did (kfine.pipeline.make_dataset)
+    def train_ds(first):
+        return datasets.dataset("train", drop_remainder=drops_remainder(cfg), shard=datasets.shard,
+                                epoch=first, steps=steps)
     early, es = None, cfg.train.early_stopping
     for i, (phase, (first, end)) in enumerate(zip(cfg.train.phases, spans)):
         if end <= start_epoch:
@@ -237,7 +241,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
              "bn": phase.bn, "summary": rows}]
         if active().chief:
             write_json(run_dir / "phases.json", phases_log)
-        fit_model, fit_train, fit_val = model, train_ds, datasets.val
+        fit_model, fit_train, fit_val = model, train_ds(first), datasets.val
         reason = features.cache_reason(model, cfg, phase, end - first)
         if reason is None:   # the head trains on backbone features computed once (kfine.features)
             feats, seconds = features.timed_features(model, datasets, cfg)
