@@ -208,7 +208,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     import keras
     from kfine import features
     from kfine.augment import mixing_epochs
-    from kfine.callbacks import EarlyStop, MixingSwitch, fit_verbosity
+    from kfine.callbacks import EarlyStop, EpochSeeds, MixingSwitch, fit_verbosity
     from kfine.checkpoint import monitor_mode
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     from kfine.optim import stage_multipliers
@@ -261,6 +261,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early, model) + list(callbacks)
         if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
             phase_callbacks.append(keras.callbacks.SwapEMAWeights())
+        phase_callbacks.append(EpochSeeds(model, cfg.seed))   # dropout: a function of the epoch too
         if datasets.mixing is not None and cfg.data.augment.mix_off_epochs:
             phase_callbacks.append(MixingSwitch(datasets.mixing, mixing_epochs(cfg.data.augment, cfg.train.epochs)))
         with warnings.catch_warnings():   # the val set has no known size: Keras warns at its end
