@@ -201,11 +201,12 @@ def _cutmix(layer, images, labels, seed):
 def batch_ops(aug: AugmentConfig, num_classes: int, seed: int = 0, active=None):
     """MixUp / CutMix over a batch, or None when both are off (or augmentation is disabled).
 
-    Returns ``mix(images, labels, seed) -> (images float32, soft labels float32 (B, C))``. Per
-    batch, one draw from ``seed`` picks MixUp (probability mixup.probability), CutMix (the next
-    cutmix.probability) or neither (one-hot labels). ``active``: an optional boolean tf.Variable;
-    while it is False no batch is mixed (the switch-off of the last ``mix_off_epochs`` epochs:
-    see mixing_epochs)."""
+    Returns ``mix(images, labels, seed, on=True) -> (images float32, soft labels float32 (B, C))``.
+    Per batch, one draw from ``seed`` picks MixUp (probability mixup.probability), CutMix (the next
+    cutmix.probability) or neither (one-hot labels). No batch is mixed while ``active`` (an
+    optional boolean tf.Variable) is False, nor where ``on`` (a boolean tensor: the training
+    stream's ``epoch < mixing_epochs``) is False: the switch-off of the last ``mix_off_epochs``
+    epochs."""
     pm, pc = _mix_weights(aug)
     if not aug.enabled or pm + pc == 0:
         return None
@@ -214,13 +215,14 @@ def batch_ops(aug: AugmentConfig, num_classes: int, seed: int = 0, active=None):
     cutmix = SeededCutMix(factor=(a, a), seed=seed + 3, dtype="float32") if pc else None
 
     @tf.function(reduce_retracing=True)
-    def mix(images, labels, seed):
+    def mix(images, labels, seed, on=True):
         x = tf.cast(images, tf.float32)
         y = tf.one_hot(tf.reshape(tf.cast(labels, tf.int32), [-1]), num_classes, dtype=tf.float32)
         u = tf.random.stateless_uniform([], seed)
         which = tf.where(u < pm, 1, tf.where(u < pm + pc, 2, 0))
         if active is not None:
             which = tf.where(tf.cast(active, tf.bool), which, 0)
+        which = tf.where(tf.cast(on, tf.bool), which, 0)
         draws = tf.random.experimental.stateless_fold_in(seed, 1)   # the layer's own draws
         branches = [lambda: (x, y),
                     (lambda: _mixup(mixup, x, y, draws)) if mixup else (lambda: (x, y)),

@@ -599,14 +599,15 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer) -> ImageCa
 def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
                  batch: bool = True, shuffle: bool | None = None, drop_remainder: bool = False,
                  num_classes: int | None = None, mixing=None, shard=None, epoch: int | None = None,
-                 steps: int | None = None) -> tf.data.Dataset:
+                 steps: int | None = None, mix_until: int | None = None) -> tf.data.Dataset:
     """(float32 image, int32 label) batches of ``files`` (each in the cache).
 
     train: a permutation of the whole list per epoch (``pass_order``: an exact uniform
     permutation, not a window over class-ordered files), then an augmented view per image
     (crop/flip/affine/jitter, then the recipe's ops: kfine.augment), and per batch MixUp/CutMix
     when configured: labels are then soft, float32 (B, ``num_classes``), while ``mixing`` (a
-    boolean tf.Variable) is True. Every draw (the order, each image's view, each batch's mix) is
+    boolean tf.Variable) is True and, in the epoch stream, the epoch is below ``mix_until`` (None:
+    no limit; kfine.augment.mixing_epochs). Every draw (the order, each image's view, each batch's mix) is
     stateless, from (``seed``, epoch, position): epoch e is the same whichever epoch a process
     started at. ``epoch``: the stream of epochs ``epoch``, ``epoch + 1``, ... of ``steps``
     batches each (``epoch_stream``; what training iterates, also after a resume); None: one
@@ -649,8 +650,9 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         if batch:
             ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         if mix is not None:   # MixUp / CutMix: soft labels
+            on = tf.constant(True) if mix_until is None else e < mix_until
             ds = ds.enumerate().map(graph_fn(lambda j, b: mix(b[0], b[1], tf.random.experimental.stateless_fold_in(
-                batches, j))), num_parallel_calls=AUTOTUNE)
+                batches, j), on)), num_parallel_calls=AUTOTUNE)
         return ds
 
     if epoch is None:   # one pass; iterated again (e.g. .repeat()), a new one from the seed's sequence

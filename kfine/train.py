@@ -220,12 +220,13 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
     # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
     steps = steps_per_epoch(cfg, datasets)
-    # epochs first, first + 1, ... (each fit iterates its dataset afresh): each epoch's order and
-    # augmentations are drawn from (seed, epoch), so a resumed run trains on what the uninterrupted
-    # one did (kfine.pipeline.make_dataset)
+    # epochs first, first + 1, ... (each fit iterates its dataset afresh): each epoch's order,
+    # augmentations and mixing are drawn from (seed, epoch), so a resumed run trains on what the
+    # uninterrupted one did (kfine.pipeline.make_dataset)
     def train_ds(first):
         return datasets.dataset("train", drop_remainder=drops_remainder(cfg), shard=datasets.shard,
-                                epoch=first, steps=steps)
+                                epoch=first, steps=steps,
+                                mix_until=mixing_epochs(cfg.data.augment, cfg.train.epochs))
     early, es = None, cfg.train.early_stopping
     for i, (phase, (first, end)) in enumerate(zip(cfg.train.phases, spans)):
         if end <= start_epoch:
