@@ -23,7 +23,8 @@ blends with the mean grey level, saturation with the greyscale image), hue is a 
 
 Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend) and one Python
 call per training view (``tf.numpy_function``: torchvision's crop box, then the copy of only the
-crop's pixels out of the cache); every random choice is stateless, from a per-image seed. Images
+crop's pixels out of the cache); every random choice is stateless, from a per-image seed that is
+a function of (seed, epoch, position in the epoch), so an epoch is the same in a resumed run. Images
 leave the pipeline as float32 0..255: the model does its own preprocessing.
 
 The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image
