@@ -608,9 +608,9 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
     (crop/flip/affine/jitter, then the recipe's ops: kfine.augment), and per batch MixUp/CutMix
     when configured: labels are then soft, float32 (B, ``num_classes``), while ``mixing`` (a
     boolean tf.Variable) is True and, in the epoch stream, the epoch is below ``mix_until`` (None:
-    no limit; kfine.augment.mixing_epochs). Every draw (the order, each image's view, each batch's mix) is
-    stateless, from (``seed``, epoch, position): epoch e is the same whichever epoch a process
-    started at. ``epoch``: the stream of epochs ``epoch``, ``epoch + 1``, ... of ``steps``
+    no limit; kfine.augment.mixing_epochs). Every draw (the order, each image's view, each batch's
+    mix) is stateless, from (``seed``, epoch, position): epoch e is the same whichever epoch a
+    process started at. ``epoch``: the stream of epochs ``epoch``, ``epoch + 1``, ... of ``steps``
     batches each (``epoch_stream``; what training iterates, also after a resume); None: one
     pass, a new one each time the dataset is iterated. val/test: the eval view, in the order of
     ``files``. ``shuffle=False`` keeps the order of ``files`` for augmented views too.
@@ -686,9 +686,9 @@ def pass_order(labels: np.ndarray, seed: int, epoch, part, order: str = "uniform
     labels = np.asarray(labels)
 
     def draw(e, r):
-        rng = np.random.default_rng([seed, int(e), int(r)])
         if order == "file":
             return np.arange(len(labels), dtype=np.int64)
+        rng = np.random.default_rng([seed, int(e), int(r)])
         if order == "uniform":
             return rng.permutation(len(labels)).astype(np.int64)
         classes = np.unique(labels)
@@ -708,11 +708,12 @@ def epoch_stream(first: int, steps: int | None, one_pass) -> tf.data.Dataset:
     """Epochs ``first``, ``first + 1``, ... of ``steps`` batches each. Epoch e is the passes
     ``one_pass(e, 0)``, ``one_pass(e, 1)``, ... cut at ``steps`` batches (one whole pass when
     ``steps`` is the pass's batch count, or None): a function of e alone, so a run resumed at
-    epoch e trains on exactly what the uninterrupted run did from there."""
+    epoch e trains on exactly what the uninterrupted run did from there. (At most ``steps``
+    passes: an empty pass ends the epoch short instead of looping.)"""
     def one_epoch(e):
         if steps is None:
             return one_pass(e, tf.constant(0, tf.int64))
-        return tf.data.Dataset.counter().flat_map(lambda r: one_pass(e, r)).take(steps)
+        return tf.data.Dataset.range(steps).flat_map(lambda r: one_pass(e, r)).take(steps)
     return tf.data.Dataset.counter(first).flat_map(one_epoch)
 
 
