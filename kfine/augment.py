@@ -17,10 +17,14 @@ when called eagerly, under the JAX backend too.
 
 What Keras' layers do that shapes this module (read in Keras 3.15's source, and tested):
 - Their randomness comes from their own SeedGenerator (a TF variable), not from a seed
-  argument (only ints and SeedGenerators are accepted). Each layer is seeded from ``seed``; the
-  per-image ``seed`` tensor drives kfine's own choices (AugMix variant, which batches mix). Which
-  image gets which draw depends on the order parallel map workers reach the generator, so these
-  ops are not reproducible run to run (kfine's crop/flip/jitter are).
+  argument (only ints and SeedGenerators are accepted). MixUp, CutMix and RandomErasing take
+  their draws through ``get_random_transformation(seed=...)``: kfine hands them a SeedGenerator
+  that derives every seed from the per-image / per-batch stateless seed (``StatelessSeeds``), so
+  their draws are a function of (run seed, epoch, position) like kfine's crop/flip/jitter: the
+  same run to run and after a resume. RandAugment and AugMix draw inside from their own and
+  their sub-layers' generators: which image gets which draw depends on the order parallel map
+  workers reach them, so those two recipes are not reproducible run to run (nor across a resume);
+  the per-image ``seed`` tensor drives kfine's own choice among them (the AugMix variant).
 - RandAugment draws its ops per call, so per image here (on a batch it would give every image
   of the batch the same ops).
 - AugMix picks its chains' ops with Python's ``random`` when the graph is traced: in tf.data
@@ -86,11 +90,53 @@ RECIPES = {
 }
 
 
+class StatelessSeeds(keras.random.SeedGenerator):
+    """A SeedGenerator whose seeds are folded from a stateless int64[2] seed tensor (the Nth
+    draw gets fold_in(seed, N)): a Keras preprocessing layer given it as ``seed`` draws the same
+    for the same seed tensor, whatever it drew before. Holds no variable."""
+
+    def __init__(self, seed):   # noqa: super().__init__ would create the state variable
+        self.seed, self.count = seed, 0
+
+    def next(self, ordered=True):
+        self.count += 1
+        return tf.random.experimental.stateless_fold_in(self.seed, self.count)
+
+
+class _Seeded:
+    """Mixin for a Keras preprocessing layer: ``seeded(data, seed)`` is ``layer(data)`` with its
+    random transformation drawn from ``seed`` (int64[2], ``StatelessSeeds``), not its generator.
+    (A seed inside ``data`` would be cast to the layer's float dtype.)"""
+    draw_seed = None
+
+    def seeded(self, data, seed):
+        self.draw_seed = seed   # read while this call is traced
+        try:
+            return self(data)
+        finally:
+            self.draw_seed = None
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        return super().get_random_transformation(data, training, StatelessSeeds(self.draw_seed))
+
+
+class SeededMixUp(_Seeded, keras.layers.MixUp):
+    pass
+
+
+class SeededCutMix(_Seeded, keras.layers.CutMix):
+    pass
+
+
+class SeededRandomErasing(_Seeded, keras.layers.RandomErasing):
+    pass
+
+
 def _random_erasing(aug: AugmentConfig, seed: int):
     c = aug.random_erasing
     p = float(c.probability)
-    return keras.layers.RandomErasing(factor=(p, p), scale=tuple(c.scale), fill_value=c.fill,
-                                      value_range=(0, 255), seed=seed, dtype="float32")
+    return SeededRandomErasing(factor=(p, p), scale=tuple(c.scale), fill_value=c.fill,
+                               value_range=(0, 255), seed=seed, dtype="float32")
 
 
 def _apply_recipe(layer, name: str, image, seed):
@@ -120,7 +166,7 @@ def per_image_ops(aug: AugmentConfig, seed: int = 0):
         if recipe is not None:
             x = _apply_recipe(recipe, aug.recipe, x, seed)
         if erasing is not None:
-            x = erasing(x)
+            x = erasing.seeded(x, tf.random.experimental.stateless_fold_in(seed, 2))
         x = tf.clip_by_value(tf.cast(x, tf.float32), 0.0, 255.0)
         x.set_shape(shape)
         return x
@@ -136,17 +182,17 @@ def _mix_weights(aug: AugmentConfig) -> tuple[float, float]:
     return float(pm), float(pc)
 
 
-def _mixup(layer, images, labels):
-    out = layer({"images": images, "labels": labels})
+def _mixup(layer, images, labels, seed):
+    out = layer.seeded({"images": images, "labels": labels}, seed)
     return out["images"], out["labels"]
 
 
-def _cutmix(layer, images, labels):
+def _cutmix(layer, images, labels, seed):
     """CutMix with labels weighted by the pixels pasted (see the module docstring)."""
     b = tf.shape(images)[0]
     index = tf.cast(tf.range(b), tf.float32)[:, None, None, None]
     owner = tf.broadcast_to(index, tf.concat([tf.shape(images)[:3], [1]], 0))
-    out = layer({"images": images, "labels": labels, "segmentation_masks": owner})
+    out = layer.seeded({"images": images, "labels": labels, "segmentation_masks": owner}, seed)
     source = tf.cast(tf.round(out["segmentation_masks"][..., 0]), tf.int32)        # (B, H, W)
     share = tf.reduce_mean(tf.one_hot(source, b, dtype=tf.float32), axis=[1, 2])   # (B, B)
     return out["images"], tf.matmul(share, labels)
@@ -155,29 +201,32 @@ def _cutmix(layer, images, labels):
 def batch_ops(aug: AugmentConfig, num_classes: int, seed: int = 0, active=None):
     """MixUp / CutMix over a batch, or None when both are off (or augmentation is disabled).
 
-    Returns ``mix(images, labels, seed) -> (images float32, soft labels float32 (B, C))``. Per
-    batch, one draw from ``seed`` picks MixUp (probability mixup.probability), CutMix (the next
-    cutmix.probability) or neither (one-hot labels). ``active``: an optional boolean tf.Variable;
-    while it is False no batch is mixed (the switch-off of the last ``mix_off_epochs`` epochs:
-    see mixing_epochs)."""
+    Returns ``mix(images, labels, seed, on=True) -> (images float32, soft labels float32 (B, C))``.
+    Per batch, one draw from ``seed`` picks MixUp (probability mixup.probability), CutMix (the next
+    cutmix.probability) or neither (one-hot labels). No batch is mixed while ``active`` (an
+    optional boolean tf.Variable) is False, nor where ``on`` (a boolean tensor: the training
+    stream's ``epoch < mixing_epochs``) is False: the switch-off of the last ``mix_off_epochs``
+    epochs."""
     pm, pc = _mix_weights(aug)
     if not aug.enabled or pm + pc == 0:
         return None
-    mixup = keras.layers.MixUp(alpha=aug.mixup.alpha, seed=seed + 2, dtype="float32") if pm else None
+    mixup = SeededMixUp(alpha=aug.mixup.alpha, seed=seed + 2, dtype="float32") if pm else None
     a = float(aug.cutmix.alpha)
-    cutmix = keras.layers.CutMix(factor=(a, a), seed=seed + 3, dtype="float32") if pc else None
+    cutmix = SeededCutMix(factor=(a, a), seed=seed + 3, dtype="float32") if pc else None
 
     @tf.function(reduce_retracing=True)
-    def mix(images, labels, seed):
+    def mix(images, labels, seed, on=True):
         x = tf.cast(images, tf.float32)
         y = tf.one_hot(tf.reshape(tf.cast(labels, tf.int32), [-1]), num_classes, dtype=tf.float32)
         u = tf.random.stateless_uniform([], seed)
         which = tf.where(u < pm, 1, tf.where(u < pm + pc, 2, 0))
         if active is not None:
             which = tf.where(tf.cast(active, tf.bool), which, 0)
+        which = tf.where(tf.cast(on, tf.bool), which, 0)
+        draws = tf.random.experimental.stateless_fold_in(seed, 1)   # the layer's own draws
         branches = [lambda: (x, y),
-                    (lambda: _mixup(mixup, x, y)) if mixup else (lambda: (x, y)),
-                    (lambda: _cutmix(cutmix, x, y)) if cutmix else (lambda: (x, y))]
+                    (lambda: _mixup(mixup, x, y, draws)) if mixup else (lambda: (x, y)),
+                    (lambda: _cutmix(cutmix, x, y, draws)) if cutmix else (lambda: (x, y))]
         out_x, out_y = tf.switch_case(which, branches)
         out_x = tf.ensure_shape(tf.cast(out_x, tf.float32), x.shape)
         return out_x, tf.ensure_shape(tf.cast(out_y, tf.float32), y.shape)

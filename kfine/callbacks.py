@@ -8,6 +8,7 @@
     PhaseProgbar  Keras' progress bar, its "Epoch k/N" counted over the whole run
     WandbLog      the epoch's logs to Weights & Biases
     EarlyStop     Keras' EarlyStopping, its patience counted on across a --resume
+    EpochSeeds    the model's dropout (SeedGenerator) state drawn from (seed, epoch) at each epoch
 
 Keras' own are used where they fit (EarlyStopping, TensorBoard). TerminateOnNaN is not: it reads
 the loss after every batch, a host sync per training step; StopOnNaN reads the epoch's logs, so a
@@ -111,6 +112,25 @@ class MixingSwitch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.variable.assign(epoch < self.until)
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """The model's own random state (the SeedGenerators of its Dropout and any other random
+    layer) set at each epoch's start from (run seed, epoch, the generator's place in the model):
+    dropout masks are a function of the epoch, like the data pipeline's draws, so a resumed run
+    draws what the uninterrupted one did (the resume backup holds weights, not generator state)."""
+
+    def __init__(self, model, seed: int):
+        super().__init__()
+        weights = {id(v) for v in model.weights}
+        self.states = [v for v in model.variables if id(v) not in weights]   # SeedGenerator states
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import zlib
+        for j, v in enumerate(self.states):
+            start = zlib.crc32(f"{self.seed}/{epoch}/{j}".encode()) & 0x7FFFFFFF
+            v.assign(keras.ops.convert_to_tensor([start, 0], dtype=v.dtype))
 
 
 class EpochLog(keras.callbacks.Callback):

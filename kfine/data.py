@@ -48,15 +48,19 @@ class Datasets:
     shard: object = None          # kfine.distribute.Shard that ``train`` and ``val`` were built with
 
     def dataset(self, split: str, train: bool | None = None, batch: bool = True, shuffle: bool | None = None,
-                seed: int | None = None, drop_remainder: bool = False, shard=None):
+                seed: int | None = None, drop_remainder: bool = False, shard=None, epoch: int | None = None,
+                steps: int | None = None, mix_until: int | None = None):
         """A fresh pipeline over ``split``: augmented training views (``train``, default for the
         train split) or eval views; unbatched with ``batch=False``; in file order with
         ``shuffle=False``; ``seed`` other than the run's draws other augmentations; only this
-        process's part with ``shard`` (kfine.distribute)."""
+        process's part with ``shard`` (kfine.distribute); with ``epoch``, training's endless
+        stream of epochs from that one on, ``steps`` batches each, MixUp/CutMix in epochs below
+        ``mix_until`` (kfine.pipeline.make_dataset)."""
         from kfine.pipeline import make_dataset
         train = split == "train" if train is None else train
         return make_dataset(self.cache, self.files[split], self.config, self.seed if seed is None else seed,
-                            train, batch, shuffle, drop_remainder, len(self.class_names), self.mixing, shard)
+                            train, batch, shuffle, drop_remainder, len(self.class_names), self.mixing, shard,
+                            epoch, steps, mix_until)
 
 
 def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = False, shard=None) -> Datasets:

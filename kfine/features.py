@@ -235,30 +235,28 @@ def _save(feats: Features, path: Path) -> None:
 
 def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: int, steps: int,
                      drop_remainder: bool = False, sampling: str = "uniform"):
-    """(train, val) tf.data of (features, label) batches. Train: the same draw per epoch as the
-    image pipeline (``sampling`` is data.sampling: a shuffle of the whole index with the run's
-    seed, or kfine.pipeline.balanced over the positions of the file list; batched, repeated),
-    and view ``epoch mod K`` of each image; epochs are counted from ``start_epoch``."""
+    """(train, val) tf.data of (features, label) batches. Train: epochs ``start_epoch``,
+    ``start_epoch + 1``, ... of ``steps`` batches, each epoch the image pipeline's draw of it
+    (kfine.pipeline.pass_order with ``sampling``, data.sampling: a function of the seed and the
+    epoch; positions in the file list stand in for cache slots), view ``epoch mod K``."""
     import tensorflow as tf
-    from kfine.pipeline import balanced
-    k, n = feats.train.shape[0], feats.train.shape[1]
+    from kfine.pipeline import epoch_stream, pass_order
+    k = feats.train.shape[0]
     labels = tf.constant(feats.train_labels)
 
-    def gather(count, idx):
-        view = (start_epoch + count // steps) % k
-        x = tf.numpy_function(lambda v, i: feats.train[int(v)][i], [view, idx], tf.float32, stateful=False)
+    def gather(e, idx):
+        x = tf.numpy_function(lambda v, i: feats.train[int(v)][i], [e % k, idx], tf.float32, stateful=False)
         x.set_shape([None, feats.train.shape[2]])
         return x, tf.gather(labels, idx)
 
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling {sampling!r}: feature_datasets draws {', '.join(SAMPLINGS)}")
-    if sampling == "balanced":   # the very draw of the image pipeline: positions stand in for cache slots
-        order = balanced(np.arange(n, dtype=np.int64), feats.train_labels, seed).map(lambda i, y: i)
-    else:
-        order = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    train = (order
-             .batch(batch_size, drop_remainder=drop_remainder).repeat().enumerate().map(gather)
-             .prefetch(tf.data.AUTOTUNE))
+
+    def one_pass(e, part):
+        return (tf.data.Dataset.from_tensor_slices(pass_order(feats.train_labels, seed, e, part, sampling))
+                .batch(batch_size, drop_remainder=drop_remainder).map(lambda idx: gather(e, idx)))
+
+    train = epoch_stream(start_epoch, steps, one_pass).prefetch(tf.data.AUTOTUNE)
     val = None
     if feats.val is not None:
         val = tf.data.Dataset.from_tensor_slices((feats.val, feats.val_labels)).batch(batch_size)

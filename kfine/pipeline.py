@@ -23,7 +23,8 @@ blends with the mean grey level, saturation with the greyscale image), hue is a 
 
 Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend) and one Python
 call per training view (``tf.numpy_function``: torchvision's crop box, then the copy of only the
-crop's pixels out of the cache); every random choice is stateless, from a per-image seed. Images
+crop's pixels out of the cache); every random choice is stateless, from a per-image seed that is
+a function of (seed, epoch, position in the epoch), so an epoch is the same in a resumed run. Images
 leave the pipeline as float32 0..255: the model does its own preprocessing.
 
 The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image
@@ -800,14 +801,20 @@ def _publish(cache: ImageCache, bad: dict, final: Path, buf: _Buffer, keys, cfg)
 # ----------------------------------------------------------------------------- datasets
 def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int, train: bool,
                  batch: bool = True, shuffle: bool | None = None, drop_remainder: bool = False,
-                 num_classes: int | None = None, mixing=None, shard=None) -> tf.data.Dataset:
+                 num_classes: int | None = None, mixing=None, shard=None, epoch: int | None = None,
+                 steps: int | None = None, mix_until: int | None = None) -> tf.data.Dataset:
     """(float32 image, int32 label) batches of ``files`` (each in the cache).
 
-    train: a new permutation of the whole list every epoch (a shuffle whose buffer holds every
-    index: an exact uniform permutation, not a window over class-ordered files), then an
-    augmented view per image (crop/flip/affine/jitter, then the recipe's ops: kfine.augment), and
-    per batch MixUp/CutMix when configured: labels are then soft, float32 (B, ``num_classes``),
-    while ``mixing`` (a boolean tf.Variable) is True. val/test: the eval view, in the order of
+    train: a permutation of the whole list per epoch (``pass_order``: an exact uniform
+    permutation, not a window over class-ordered files), then an augmented view per image
+    (crop/flip/affine/jitter, then the recipe's ops: kfine.augment), and per batch MixUp/CutMix
+    when configured: labels are then soft, float32 (B, ``num_classes``), while ``mixing`` (a
+    boolean tf.Variable) is True and, in the epoch stream, the epoch is below ``mix_until`` (None:
+    no limit; kfine.augment.mixing_epochs). Every draw (the order, each image's view, each batch's
+    mix) is stateless, from (``seed``, epoch, position): epoch e is the same whichever epoch a
+    process started at. ``epoch``: the stream of epochs ``epoch``, ``epoch + 1``, ... of ``steps``
+    batches each (``epoch_stream``; what training iterates, also after a resume); None: one
+    pass, a new one each time the dataset is iterated. val/test: the eval view, in the order of
     ``files``. ``shuffle=False`` keeps the order of ``files`` for augmented views too.
     ``shard`` (kfine.distribute.Shard): this process's part, taken AFTER the permutation (the same
     in every process: same seed), each image keeping the augmentation seed it has unsharded, and
@@ -815,54 +822,101 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
     from kfine import augment
     slots = np.array([cache.slot[p] for p, _ in files], np.int64)
     labels = np.array([y for _, y in files], np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((slots, labels))
     size, aug = tuple(cfg.image_size), cfg.augment
-    if train:
-        if shuffle is not False and cfg.sampling == "balanced":
-            ds = balanced(slots, labels, seed)
-        elif shuffle is not False:
-            ds = ds.shuffle(len(slots), seed=seed, reshuffle_each_iteration=True)
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        if shard is not None:
-            ds, seeds = shard.split(ds, len(slots)), shard.split(seeds, len(slots))
-        recipe = augment.per_image_ops(aug, seed)   # None for the basic recipe
-
-        @graph_fn
-        def view(sy, sd):
-            img = train_view(cache.view(sy[0]), sd, aug, size, cfg.eval_transform)
-            if recipe is not None:
-                img = recipe(img, tf.random.experimental.stateless_fold_in(sd, 1))
-            return img, sy[1]
-        ds = tf.data.Dataset.zip((ds, seeds)).map(view, num_parallel_calls=AUTOTUNE)
-    else:
+    batch_size = cfg.batch_size if shard is None else shard.batch
+    if not train:
+        ds = tf.data.Dataset.from_tensor_slices((slots, labels))
         ds = ds if shard is None else shard.split(ds, len(slots))
         ds = ds.map(graph_fn(lambda s, y: (eval_view(cache.load(s), size, cfg.eval_transform), y)),
                     num_parallel_calls=AUTOTUNE)
-    if batch:
-        ds = ds.batch(cfg.batch_size if shard is None else shard.batch, drop_remainder=drop_remainder)
-        mix = augment.batch_ops(aug, num_classes, seed, mixing) if train and num_classes else None
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder) if batch else ds
+        return ds.prefetch(AUTOTUNE).with_options(_options(True))
+
+    recipe = augment.per_image_ops(aug, seed)   # None for the basic recipe
+    mix = augment.batch_ops(aug, num_classes, seed, mixing) if batch and num_classes else None
+    order = "file" if shuffle is False else ("balanced" if cfg.sampling == "balanced" else "uniform")
+
+    @graph_fn
+    def view(i, p, key):
+        sd = tf.random.experimental.stateless_fold_in(key, i)   # the image's seed: its pass and position
+        img = train_view(cache.view(tf.gather(slots, p)), sd, aug, size, cfg.eval_transform)
+        if recipe is not None:
+            img = recipe(img, tf.random.experimental.stateless_fold_in(sd, 1))
+        return img, tf.gather(labels, p)
+
+    def one_pass(e, part):
+        images, batches = tf.unstack(tf.random.experimental.stateless_split(pass_key(seed, e, part), 2))
+        ds = tf.data.Dataset.from_tensor_slices(pass_order(labels, seed, e, part, order)).enumerate()
+        if shard is not None:
+            ds = shard.split(ds, len(slots))
+        ds = ds.map(lambda i, p: view(i, p, images), num_parallel_calls=AUTOTUNE)
+        if batch:
+            ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         if mix is not None:   # MixUp / CutMix: soft labels
-            seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
-            ds = tf.data.Dataset.zip((ds, seeds)).map(graph_fn(lambda b, sd: mix(b[0], b[1], sd)),
-                                                      num_parallel_calls=AUTOTUNE)
-    options = tf.data.Options()
+            on = tf.constant(True) if mix_until is None else e < mix_until
+            ds = ds.enumerate().map(graph_fn(lambda j, b: mix(b[0], b[1], tf.random.experimental.stateless_fold_in(
+                batches, j), on)), num_parallel_calls=AUTOTUNE)
+        return ds
+
+    if epoch is None:   # one pass; iterated again (e.g. .repeat()), a new one from the seed's sequence
+        draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        ds = draws.flat_map(lambda r: one_pass(tf.math.floormod(r, 2 ** 62), tf.constant(0, tf.int64)))
+    else:
+        ds = epoch_stream(epoch, steps, one_pass)
     # val/test keep file order (predictions.csv lines up with `files`); train follows the config
-    options.deterministic = bool(cfg.deterministic) if train and shuffle is not False else True
-    return ds.prefetch(AUTOTUNE).with_options(options)
+    return ds.prefetch(AUTOTUNE).with_options(_options(bool(cfg.deterministic) if shuffle is not False else True))
 
 
-def balanced(slots: np.ndarray, labels: np.ndarray, seed: int) -> tf.data.Dataset:
-    """``data.sampling: balanced``: an epoch of len(slots) images drawn with every class equally
-    likely; each class cycles through its own images in a fresh order (small classes repeat,
-    large ones are sampled), so over epochs every image is seen. The alternative to
-    ``train.class_weight: balanced`` when weighting losses makes batches too noisy."""
-    classes = np.unique(labels)
-    streams = [tf.data.Dataset.from_tensor_slices((slots[labels == c], labels[labels == c]))
-               .shuffle(int((labels == c).sum()), seed=seed + int(c), reshuffle_each_iteration=True).repeat()
-               for c in classes]
-    mixed = tf.data.Dataset.sample_from_datasets(streams, weights=[1.0 / len(classes)] * len(classes), seed=seed,
-                                                 rerandomize_each_iteration=True)
-    return mixed.take(len(slots))
+def _options(deterministic: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return options
+
+
+def pass_key(seed: int, epoch, part) -> tf.Tensor:
+    """The stateless seed (int64[2]) of pass ``part`` of epoch ``epoch``; images and batches fold
+    in their position."""
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), epoch)
+    return tf.random.experimental.stateless_fold_in(key, part)
+
+
+def pass_order(labels: np.ndarray, seed: int, epoch, part, order: str = "uniform") -> tf.Tensor:
+    """tf.data op: positions into ``labels`` for pass ``part`` of epoch ``epoch``, a function of
+    (seed, epoch, part) only. ``uniform``: a permutation of all; ``balanced``: len(labels) draws
+    with every class equally likely, each class through a fresh order of its own images (small
+    classes repeat, large ones are sampled); ``file``: the positions in order."""
+    labels = np.asarray(labels)
+
+    def draw(e, r):
+        if order == "file":
+            return np.arange(len(labels), dtype=np.int64)
+        rng = np.random.default_rng([seed, int(e), int(r)])
+        if order == "uniform":
+            return rng.permutation(len(labels)).astype(np.int64)
+        classes = np.unique(labels)
+        pick = rng.integers(len(classes), size=len(labels))   # the class of each draw
+        out = np.empty(len(labels), np.int64)
+        for c, members in enumerate(np.flatnonzero(labels == k) for k in classes):
+            draws = np.flatnonzero(pick == c)
+            out[draws] = rng.permutation(members)[np.arange(len(draws)) % len(members)]
+        return out
+
+    out = tf.numpy_function(draw, [epoch, part], tf.int64, stateful=False)
+    out.set_shape([len(labels)])
+    return out
+
+
+def epoch_stream(first: int, steps: int | None, one_pass) -> tf.data.Dataset:
+    """Epochs ``first``, ``first + 1``, ... of ``steps`` batches each. Epoch e is the passes
+    ``one_pass(e, 0)``, ``one_pass(e, 1)``, ... cut at ``steps`` batches (one whole pass when
+    ``steps`` is the pass's batch count, or None): a function of e alone, so a run resumed at
+    epoch e trains on exactly what the uninterrupted run did from there. (At most ``steps``
+    passes: an empty pass ends the epoch short instead of looping.)"""
+    def one_epoch(e):
+        if steps is None:
+            return one_pass(e, tf.constant(0, tf.int64))
+        return tf.data.Dataset.range(steps).flat_map(lambda r: one_pass(e, r)).take(steps)
+    return tf.data.Dataset.counter(first).flat_map(one_epoch)
 
 
 # ----------------------------------------------------------------------------- predict

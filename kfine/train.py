@@ -224,7 +224,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     import keras
     from kfine import features
     from kfine.augment import mixing_epochs
-    from kfine.callbacks import EarlyStop, MixingSwitch, fit_verbosity
+    from kfine.callbacks import EarlyStop, EpochSeeds, MixingSwitch, fit_verbosity
     from kfine.checkpoint import monitor_mode
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     from kfine.optim import stage_multipliers
@@ -236,8 +236,13 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
     # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
     # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
     steps = steps_per_epoch(cfg, datasets)
-    train_ds = (datasets.dataset("train", drop_remainder=True, shard=datasets.shard) if drops_remainder(cfg)
-                else datasets.train).repeat()
+    # epochs first, first + 1, ... (each fit iterates its dataset afresh): each epoch's order,
+    # augmentations and mixing are drawn from (seed, epoch), so a resumed run trains on what the
+    # uninterrupted one did (kfine.pipeline.make_dataset)
+    def train_ds(first):
+        return datasets.dataset("train", drop_remainder=drops_remainder(cfg), shard=datasets.shard,
+                                epoch=first, steps=steps,
+                                mix_until=mixing_epochs(cfg.data.augment, cfg.train.epochs))
     early, es = None, cfg.train.early_stopping
     for i, (phase, (first, end)) in enumerate(zip(cfg.train.phases, spans)):
         if end <= start_epoch:
@@ -258,7 +263,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         skipped = first - (saver.history[-1]["epoch"] + 1 if saver.history else 0)
         if skipped > 0 and optimizer is not None:   # after an early-stopped phase
             _skip_epochs(optimizer, skipped, steps)
-        fit_model, fit_train, fit_val = model, train_ds, datasets.val
+        fit_model, fit_train, fit_val = model, train_ds(first), datasets.val
         reason = features.cache_reason(model, cfg, phase, end - first)
         if reason is None:   # the head trains on backbone features computed once (kfine.features)
             feats, seconds = features.timed_features(model, datasets, cfg)
@@ -278,6 +283,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early, model) + list(callbacks)
         if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
             phase_callbacks.append(keras.callbacks.SwapEMAWeights())
+        phase_callbacks.append(EpochSeeds(model, cfg.seed))   # dropout: a function of the epoch too
         if datasets.mixing is not None and cfg.data.augment.mix_off_epochs:
             phase_callbacks.append(MixingSwitch(datasets.mixing, mixing_epochs(cfg.data.augment, cfg.train.epochs)))
         with warnings.catch_warnings():   # the val set has no known size: Keras warns at its end

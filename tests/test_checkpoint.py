@@ -312,6 +312,41 @@ def test_a_checkpoint_keeps_the_optimizer_when_asked(tmp_path):
     assert any("velocity" in v.path for v in model.optimizer.variables)
 
 
+def test_a_run_interrupted_after_an_epoch_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """Stopped right after epoch 1's commit and resumed at epoch 2: the same final weights as the
+    run that was never interrupted. Epoch e's order, crops, flips, erasing, MixUp/CutMix draws
+    (off from epoch 4: mix_off_epochs) and dropout masks come from (seed, e), not from how many
+    epochs the process has run (the resumed process used to replay epoch 0's order and
+    augmentations at epoch 2)."""
+    import keras
+    from kfine import train
+    over = tiny(tmp_path, "train.epochs=5", "train.restore_best=false", "export.enabled=false",
+                "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]", "train.steps_per_epoch=2",
+                "data.augment.enabled=true", "data.augment.random_resized_crop=true", "data.augment.flip=true",
+                "data.augment.random_erasing.probability=0.5", "data.augment.mixup.alpha=0.4",
+                "data.augment.mixup.probability=0.5", "data.augment.cutmix.alpha=1.0",
+                "data.augment.cutmix.probability=0.5", "data.augment.mix_off_epochs=1", "data.deterministic=true")
+    whole = train.run(load_config(None, over + ["name=whole"]))
+
+    class Interrupt(keras.callbacks.Callback):   # after EpochCommit: epoch 1 is committed
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    make = train.make_callbacks
+    monkeypatch.setattr(train, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
+    cfg = load_config(None, over + ["name=cut"])
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    monkeypatch.setattr(train, "make_callbacks", make)
+    assert read_json(tmp_path / "runs" / "cut" / "backup" / "state.json")["next_epoch"] == 2
+    resumed = train.run(cfg, resume=tmp_path / "runs" / "cut")
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3, 4]
+    for a, b in zip(whole.model.weights, resumed.model.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(b), keras.ops.convert_to_numpy(a), atol=1e-6,
+                                   err_msg=a.path)
+
+
 def test_phase_progress_bar_counts_epochs_over_the_run(capsys):
     """Each phase is its own fit(); Keras printed no "Epoch 1/N" line for a one-epoch first phase."""
     import keras
