@@ -194,8 +194,8 @@ def image_draw(cfg, ds, batches: int) -> list[np.ndarray]:
     """Positions in ds.files["train"] of the images in the first ``batches`` batches of the
     uncached training pipeline, built as kfine.train builds it (augmentation off: each image is
     its eval view, found again by its pixels)."""
-    from kfine.train import drops_remainder
-    pipe = (ds.dataset("train", drop_remainder=True) if drops_remainder(cfg) else ds.train).repeat()
+    from kfine.train import drops_remainder, steps_per_epoch
+    pipe = ds.dataset("train", drop_remainder=drops_remainder(cfg), epoch=0, steps=steps_per_epoch(cfg, ds))
     ref = np.stack([x.numpy().ravel() for x, _ in ds.dataset("train", train=False, batch=False)])
     out = []
     for x, _ in pipe.take(batches):
