@@ -89,3 +89,28 @@ def test_image_size_below_the_family_minimum(backbone, low):
         check_config(cfg)
     ok = load_config(None, [f"model.backbone={backbone}", f"data.image_size=[{low},{low}]"])
     assert check_config(ok) is ok
+
+
+def test_one_epoch_run_on_a_new_family(tmp_path, tiny_overrides):
+    """A whole run on MobileNetV3Small (preprocessing inside the backbone, stem..top stages):
+    stages from block9 train with a multiplier, the stem stays frozen, the run finishes and saves."""
+    import keras
+    import numpy as np
+    from conftest import make_folder
+    from kfine.rundir import read_json
+    from kfine.train import run
+    root = make_folder(tmp_path / "data", per_class=6)
+    cfg = check_config(load_config(None, [*tiny_overrides, f"data.root={root}", "name=m3", "export.enabled=false",
+                                          "model.backbone=mobilenet_v3_small", "train.epochs=1",
+                                          "train.lr_multipliers={block10: 0.5}",
+                                          "train.phases=[{start_epoch: 0, freeze: {strategy: stages, "
+                                          "trainable_from: block9}}]"]))
+    result = run(cfg)
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
+    rows = {r["stage"]: r for r in read_json(result.run_dir / "phases.json")[0]["summary"]}
+    assert list(rows) == ["stem", *[f"block{i}" for i in range(11)], "top", "head"]
+    assert rows["stem"]["trainable"] == 0 and rows["block8"]["trainable"] == 0
+    assert rows["block9"]["frozen"] == 0 and rows["top"]["frozen"] == 0 and rows["block10"]["lr_mult"] == 0.5
+    saved = keras.saving.load_model(result.run_dir / "model.keras")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(saved.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-5)
