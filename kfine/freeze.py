@@ -176,7 +176,8 @@ def apply_freeze(model: keras.Model, backbone_name: str, spec: FreezeConfig, bn:
     backbone = get_backbone(model)
     needs = needs_batchnorm(spec.strategy, spec.train_bn, bn)
     if needs and not any(_is_bn(l) for l in backbone.layers):
-        raise FreezeError(f"{needs} needs BatchNorm layers; {backbone_name} has none{norm_note(backbone_name)}")
+        raise FreezeError(f"{needs} needs BatchNorm layers; {backbone_name} has none{norm_note(backbone_name)}: "
+                          f"choose a strategy without BatchNorm (backbone, stages, fraction, regex, lora, none), bn: train")
     backbone.trainable = True       # reset the container, then decide layer by layer
     STRATEGIES[spec.strategy](model, backbone_name, spec)
     for layer in head_layers(model):

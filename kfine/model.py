@@ -25,7 +25,7 @@ import keras
 from keras import layers, ops
 
 from kfine.config import HeadConfig, ModelConfig, ScratchConfig
-from kfine.registry import BACKBONES, STAGE_ALIASES, min_input_size, stage_of  # noqa: F401
+from kfine.registry import BACKBONES, STAGE_ALIASES, describe_backbone, min_input_size, stage_of  # noqa: F401
 
 
 class ModelError(ValueError):
@@ -268,8 +268,9 @@ def describe_model(cfg, num_classes: int, image_size, phases=()) -> str:
     import dataclasses
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     model = build_model(dataclasses.replace(cfg, weights=None), num_classes, image_size)
+    info = describe_backbone(cfg.backbone, len(cfg.scratch.filters), cfg.scratch.batchnorm)
     parts = [f"{cfg.backbone} at {image_size[0]}x{image_size[1]}, head for {num_classes} classes "
-             f"(built with weights=None)\n{format_layer_table(layer_table(model, cfg.backbone))}"]
+             f"(built with weights=None)\n{info}\n{format_layer_table(layer_table(model, cfg.backbone))}"]
     phases = [(label, spec, *(bn or ("train",))) for label, spec, *bn in phases]
     for _, spec, bn in phases:    # first every spec (lora adds its variables), as training does
         apply_freeze(model, cfg.backbone, spec, bn)

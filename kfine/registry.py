@@ -259,3 +259,20 @@ def needs_batchnorm(strategy: str, train_bn: bool = False, bn: str = "train") ->
 def norm_note(backbone_name: str) -> str:
     """' (LayerNorm)' where the backbone normalises otherwise, for messages."""
     return {"layernorm": " (LayerNorm)"}.get(BACKBONES[backbone_name]["norm"], "")
+
+
+_PREPROCESS_WORDS = {"caffe": "caffe (RGB->BGR minus the ImageNet mean)", "torch": "torch (/255, ImageNet mean/std)",
+                     "tf": "tf (scaled to -1..1)", "unit": "unit (/255)", "none": "none (the backbone normalises itself)"}
+
+
+def describe_backbone(backbone_name: str, scratch_blocks: int = 5, scratch_batchnorm: bool = False) -> str:
+    """Two lines on a backbone for ``python -m kfine.model layers``: constructor, preprocessing,
+    minimum size, normalisation; its stages in order and their aliases."""
+    e = BACKBONES[backbone_name]
+    stages = stage_names(backbone_name, scratch_blocks)
+    what = f"keras.applications.{e['app']}" if e["app"] else "the CNN from scratch"
+    norm = ("BatchNorm" if has_batchnorm(backbone_name, scratch_batchnorm) else
+            "no BatchNorm" + norm_note(backbone_name) + ": bn_and_head, train_bn and bn: stats | frozen do not apply")
+    aliases = stage_aliases(stages)
+    return (f"{what}; preprocessing {_PREPROCESS_WORDS[e['preprocess']]}; minimum input {e['min_size']} px; {norm}\n"
+            f"stages: {', '.join(stages)}" + (f" (aliases: {', '.join(aliases)})" if aliases else ""))
