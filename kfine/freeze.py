@@ -60,7 +60,6 @@ def backbone_stages(model: keras.Model, backbone_name: str) -> list[str]:
     return list(stage_names(backbone_name, sum(isinstance(l, keras.layers.Conv2D) for l in get_backbone(model).layers)))
 
 
-
 def resolve_stage(name: str, stages: list[str]) -> str:
     s = _alias_of(name, stages)
     if s is None:

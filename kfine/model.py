@@ -43,8 +43,9 @@ class Preprocess(layers.Layer):
 
     modes (as in keras.applications.imagenet_utils): caffe = RGB->BGR minus the ImageNet mean
     (ResNet, VGG); torch = /255 then ImageNet mean/std (DenseNet); tf = scale to -1..1
-    (MobileNetV2, ResNetV2, Xception, Inception); unit = /255 (the CNN from scratch);
-    none = identity (EfficientNet and ConvNeXt normalise inside the backbone).
+    (MobileNet, MobileNetV2, ResNetV2, Xception, Inception, NASNet); unit = /255 (the CNN from
+    scratch); none = identity (EfficientNet(V2), MobileNetV3 and ConvNeXt normalise inside the
+    backbone). Each backbone's mode is in kfine.registry.BACKBONES.
     """
 
     def __init__(self, mode: str = "caffe", **kwargs):
