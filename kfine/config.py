@@ -633,7 +633,7 @@ CHECKS = {
     "data.augment.mixup.probability": in_range(0.0, 1.0, closed=True),
     "data.augment.cutmix.probability": in_range(0.0, 1.0, closed=True),
     "data.augment.mix_off_epochs": at_least(0),
-    "model.backbone": menu("kfine.model:BACKBONES"),
+    "model.backbone": menu("kfine.registry:BACKBONES"),
     "model.head.type": menu("kfine.model:HEADS"),
     "model.head.units.*": at_least(1),
     "model.head.activation": activation_name,
@@ -776,7 +776,7 @@ def _augment_mixing(cfg: Config) -> None:
 
 
 def _image_size_fits_backbone(cfg: Config) -> None:
-    from kfine.model import min_input_size
+    from kfine.registry import min_input_size
     low = min_input_size(cfg.model.backbone)
     if min(cfg.data.image_size) < low:
         raise bad_value("data.image_size", cfg.data.image_size,
@@ -810,21 +810,34 @@ def _stage_names(cfg: Config) -> None:
               for k, v in cfg.train.lr_multipliers.items() if k not in ("head", "fc", "backbone")]
     if not named:
         return
-    from kfine.model import STAGE_ALIASES
+    from kfine.registry import resolve_stage, stage_aliases
     stages = backbone_stage_names(cfg.model)
-    aliases = sorted(k for k, v in STAGE_ALIASES.items() if v in stages and k != "fc")
+    aliases = stage_aliases(stages)
     for key, name, value, subject in named:
-        if name not in stages and STAGE_ALIASES.get(name) not in stages:
+        if resolve_stage(name, stages) is None:
             allowed = f"a stage of {cfg.model.backbone}: one of {stages}" + (f" (aliases: {aliases})" if aliases else "")
             raise bad_value(key, value, allowed + (", head or backbone" if subject else ""), subject)
 
 
 def backbone_stage_names(model_cfg: ModelConfig) -> list[str]:
-    """The backbone's stages in order, from the model itself (built at 32x32, random weights)."""
-    from kfine.freeze import backbone_stages
-    from kfine.model import build_model
-    model = build_model(dataclasses.replace(model_cfg, weights=None), 2, (32, 32))
-    return backbone_stages(model, model_cfg.backbone)
+    """The backbone's stages in order, from kfine.registry's static table (no model is built)."""
+    from kfine.registry import stage_names
+    return list(stage_names(model_cfg.backbone, len(model_cfg.scratch.filters)))
+
+
+def _batchnorm_where_needed(cfg: Config) -> None:
+    """A phase that trains or freezes BatchNorm (bn_and_head, train_bn, bn: stats | frozen) needs a
+    backbone with BatchNorm layers (ConvNeXt has LayerNorm, VGG no normalisation at all)."""
+    from kfine.registry import has_batchnorm, needs_batchnorm, norm_note
+    if has_batchnorm(cfg.model.backbone, cfg.model.scratch.batchnorm):
+        return
+    for i, phase in enumerate(cfg.train.phases):
+        needs = needs_batchnorm(phase.freeze.strategy, phase.freeze.train_bn, phase.bn)
+        if needs:
+            note = " (model.scratch.batchnorm: false)" if cfg.model.backbone == "scratch_cnn" else norm_note(cfg.model.backbone)
+            raise ConfigError(f"train.phases.{i}.{needs} needs BatchNorm layers; {cfg.model.backbone} has none{note}. "
+                              f"Choose a freeze strategy and bn mode without BatchNorm (backbone, stages, fraction, "
+                              f"regex, lora, none; bn: train)")
 
 
 # Keys a compare set may not change: every run of a comparison has the same data, split and seed,
@@ -872,7 +885,7 @@ def _data_source_given(cfg: Config) -> None:
 
 RULES = [_process_id_in_range, _phases_in_order, _fractions_sum, _cache_holds_the_crop, _augment_mixing,
          _image_size_fits_backbone,
-         _freeze_specs_complete, _stage_names, _compare_sets, _data_source_given]
+         _freeze_specs_complete, _stage_names, _batchnorm_where_needed, _compare_sets, _data_source_given]
 
 
 def check_config(cfg: Config) -> Config:

@@ -35,7 +35,9 @@ import re
 import keras
 
 from kfine.config import FreezeConfig
-from kfine.model import BACKBONES, STAGE_ALIASES, get_backbone, head_layers, layer_stages
+from kfine.model import get_backbone, head_layers, layer_stages
+from kfine.registry import BACKBONES, needs_batchnorm, norm_note, stage_aliases, stage_names
+from kfine.registry import resolve_stage as _alias_of
 
 
 class FreezeError(ValueError):
@@ -51,20 +53,18 @@ def _weight_layers(backbone) -> list:
 
 
 def backbone_stages(model: keras.Model, backbone_name: str) -> list[str]:
-    """The backbone's stages in order of appearance (e.g. conv1..conv5 for ResNet)."""
-    stages = layer_stages(get_backbone(model), backbone_name)
-    seen: list[str] = []
-    for layer in _weight_layers(get_backbone(model)):
-        if stages[layer.name] not in seen:
-            seen.append(stages[layer.name])
-    return seen
+    """The backbone's stages in order (e.g. conv1..conv5 for ResNet): kfine.registry's static
+    table (for scratch_cnn, one stage per conv block of ``model``)."""
+    if BACKBONES[backbone_name]["stages"] is not None:
+        return list(BACKBONES[backbone_name]["stages"])
+    return list(stage_names(backbone_name, sum(isinstance(l, keras.layers.Conv2D) for l in get_backbone(model).layers)))
 
 
 def resolve_stage(name: str, stages: list[str]) -> str:
-    s = STAGE_ALIASES.get(name, name) if name not in stages else name
-    if s not in stages:
+    s = _alias_of(name, stages)
+    if s is None:
         raise FreezeError(f"unknown stage {name!r}; this backbone has stages {stages} "
-                          f"(aliases: {sorted(k for k, v in STAGE_ALIASES.items() if v in stages)})")
+                          f"(aliases: {stage_aliases(stages)})")
     return s
 
 
@@ -173,6 +173,10 @@ def apply_freeze(model: keras.Model, backbone_name: str, spec: FreezeConfig, bn:
     if backbone_name not in BACKBONES:
         raise FreezeError(f"unknown backbone {backbone_name!r}")
     backbone = get_backbone(model)
+    needs = needs_batchnorm(spec.strategy, spec.train_bn, bn)
+    if needs and not any(_is_bn(l) for l in backbone.layers):
+        raise FreezeError(f"{needs} needs BatchNorm layers; {backbone_name} has none{norm_note(backbone_name)}: "
+                          f"choose a strategy without BatchNorm (backbone, stages, fraction, regex, lora, none), bn: train")
     backbone.trainable = True       # reset the container, then decide layer by layer
     STRATEGIES[spec.strategy](model, backbone_name, spec)
     for layer in head_layers(model):

@@ -18,7 +18,6 @@ a config) leaves trainable, from a model built with weights=None: nothing is dow
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from keras import layers, ops
 
 from kfine.config import HeadConfig, ModelConfig, ScratchConfig
 from kfine import lora as _lora  # noqa: F401  (registers kfine>LoRAConv2D / LoRADense: model.keras of a LoRA run)
+from kfine.registry import BACKBONES, STAGE_ALIASES, describe_backbone, min_input_size, stage_of  # noqa: F401
 
 
 class ModelError(ValueError):
@@ -44,8 +44,9 @@ class Preprocess(layers.Layer):
 
     modes (as in keras.applications.imagenet_utils): caffe = RGB->BGR minus the ImageNet mean
     (ResNet, VGG); torch = /255 then ImageNet mean/std (DenseNet); tf = scale to -1..1
-    (MobileNetV2, ResNetV2, Xception, Inception); unit = /255 (the CNN from scratch);
-    none = identity (EfficientNet and ConvNeXt normalise inside the backbone).
+    (MobileNet, MobileNetV2, ResNetV2, Xception, Inception, NASNet); unit = /255 (the CNN from
+    scratch); none = identity (EfficientNet(V2), MobileNetV3 and ConvNeXt normalise inside the
+    backbone). Each backbone's mode is in kfine.registry.BACKBONES.
     """
 
     def __init__(self, mode: str = "caffe", **kwargs):
@@ -74,84 +75,25 @@ class Preprocess(layers.Layer):
 
 
 # ----------------------------------------------------------------------------- backbones
-# Stages by layer name. A stage function returns the stage a layer's name says, or None where the
-# name says nothing (the input layer, ResNetV2's post_bn/post_relu, the pooling, the scratch CNN's
-# flatten); ``layer_stages`` puts such a layer in the stage of the layer before it (the first
-# stage for leading layers), so every layer belongs to a stage that holds weights.
-def _resnet_stage(name: str) -> str | None:
-    m = re.match(r"(conv[1-5]|pool1)_", name)
-    return ("conv1" if m.group(1) == "pool1" else m.group(1)) if m else None
-
-
-def _efficientnet_stage(name: str) -> str | None:
-    m = re.match(r"block(\d)", name)
-    if m:
-        return f"block{m.group(1)}"
-    if name.startswith("top"):
-        return "top"
-    return "stem" if name.startswith("stem") else None
-
-
-def _mobilenetv2_stage(name: str) -> str | None:
-    m = re.match(r"block_(\d+)_", name)
-    if m:
-        return f"block{int(m.group(1))}"
-    if name.startswith("expanded_conv"):
-        return "block0"
-    if name.startswith(("Conv_1", "out_relu")):
-        return "top"
-    return "stem" if name.startswith(("Conv1", "bn_Conv1")) else None
-
-
-def _scratch_stage(name: str) -> str | None:
-    m = re.match(r"(block\d+)_", name)
-    return m.group(1) if m else None
-
-
-def _application(fn_name: str, preprocess: str, stage_of):
-    """A BACKBONES entry for ``keras.applications.<fn_name>``."""
-    return {"app": fn_name, "preprocess": preprocess, "stage_of": stage_of}
-
-
-# name -> keras.applications constructor, its preprocessing mode, and how layer names map to stages
-BACKBONES = {
-    "resnet50": _application("ResNet50", "caffe", _resnet_stage),
-    "resnet101": _application("ResNet101", "caffe", _resnet_stage),
-    "resnet152": _application("ResNet152", "caffe", _resnet_stage),
-    "resnet50v2": _application("ResNet50V2", "tf", _resnet_stage),
-    "efficientnetb0": _application("EfficientNetB0", "none", _efficientnet_stage),
-    "efficientnetb1": _application("EfficientNetB1", "none", _efficientnet_stage),
-    "efficientnetb3": _application("EfficientNetB3", "none", _efficientnet_stage),
-    "mobilenetv2": _application("MobileNetV2", "tf", _mobilenetv2_stage),
-    "scratch_cnn": {"app": None, "preprocess": "unit", "stage_of": _scratch_stage},
-}
-
-# PyTorch's ResNet names for the same stages (the reference projects use them).
-STAGE_ALIASES = {"layer1": "conv2", "layer2": "conv3", "layer3": "conv4", "layer4": "conv5",
-                 "stem": "conv1", "fc": "head"}
-
-
-def min_input_size(backbone_name: str) -> int:
-    """The smallest image side the backbone accepts (keras.applications refuses < 32 px)."""
-    return 32 if BACKBONES[backbone_name]["app"] else 1
-
-
-def stage_of(backbone_name: str, layer_name: str) -> str | None:
-    """The stage a layer's name says, or None (``layer_stages`` gives every layer's stage)."""
-    return BACKBONES[backbone_name]["stage_of"](layer_name)
-
-
+# The table of backbones (constructor, preprocessing, minimum size, stages) is kfine.registry's;
+# BACKBONES, STAGE_ALIASES, min_input_size and stage_of stay importable from here.
 def layer_stages(backbone: keras.Model, backbone_name: str) -> dict[str, str]:
     """Layer name -> stage for every layer of ``backbone``. A layer whose name names no stage
-    belongs to the stage of the layer before it (in the model's topological order); leading ones
-    to the first named stage. So ResNet50V2's post_bn (after conv5) is in conv5, the input in conv1."""
+    belongs to the stage of the layer before it (in the model's topological order), leading ones
+    to the first named stage; for a backbone whose registry entry says ``unnamed: next``
+    (InceptionV3, InceptionResNetV2: auto-named branches, each block ending in a named layer) to
+    the stage of the next layer that names one. So ResNet50V2's post_bn (after conv5) is in conv5,
+    the input in conv1."""
     named = [(layer.name, stage_of(backbone_name, layer.name)) for layer in backbone.layers]
+    backwards = BACKBONES[backbone_name]["unnamed"] == "next"
+    if backwards:
+        named.reverse()
     current = next((s for _, s in named if s is not None), "backbone")
     stages = {}
     for name, stage in named:
         current = stage or current
         stages[name] = current
-    return stages
+    return dict(reversed(stages.items())) if backwards else stages
 
 
 def build_scratch_cnn(cfg: ScratchConfig, input_shape) -> keras.Model:
@@ -358,8 +300,9 @@ def describe_model(cfg, num_classes: int, image_size, phases=()) -> str:
     import dataclasses
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     model = build_model(dataclasses.replace(cfg, weights=None), num_classes, image_size)
+    info = describe_backbone(cfg.backbone, len(cfg.scratch.filters), cfg.scratch.batchnorm)
     parts = [f"{cfg.backbone} at {image_size[0]}x{image_size[1]}, head for {num_classes} classes "
-             f"(built with weights=None)\n{format_layer_table(layer_table(model, cfg.backbone))}"]
+             f"(built with weights=None)\n{info}\n{format_layer_table(layer_table(model, cfg.backbone))}"]
     phases = [(label, spec, *(bn or ("train",))) for label, spec, *bn in phases]
     for _, spec, bn in phases:    # first every spec (lora adds its variables), as training does
         apply_freeze(model, cfg.backbone, spec, bn)

@@ -202,3 +202,67 @@ def test_stage_names():
     assert stage_of("resnet50", "conv4_block6_3_bn") == "conv4"
     assert stage_of("efficientnetb0", "block6a_expand_conv") == "block6"
     assert stage_of("mobilenetv2", "block_13_expand") == "block13"
+    assert stage_of("convnext_tiny", "convnext_tiny_downsampling_block_2") == "stage3"
+    assert stage_of("inception_v3", "mixed9") == "mixed9" and stage_of("inception_v3", "mixed9_0") is None
+    assert stage_of("nasnet_mobile", "separable_conv_1_bn_normal_left1_5") == "stage2"
+
+
+# ----------------------------------------------------------------------------- other families
+# stages: the layers from the first trainable stage on, found by layer index (independent of
+# kfine.registry): MobileNetV3's block9 begins with its expand conv; InceptionV3's mixed9 is every
+# layer after the mixed8 concatenation (Keras' fine-tuning guide: "freeze the first 249").
+FAMILY_CASES = {
+    "mobilenet_v3_small": ("block9", lambda names: names.index("expanded_conv_9_expand")),
+    "inception_v3": ("mixed9", lambda names: names.index("mixed8") + 1),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(FAMILY_CASES))
+def test_stages_on_other_families_after_a_real_train_step(backbone):
+    from kfine.registry import min_input_size
+    keras.utils.set_random_seed(0)
+    size = min_input_size(backbone)
+    model = build_model(ModelConfig(backbone=backbone, weights=None), 3, (size, size))
+    stage, first_trainable = FAMILY_CASES[backbone]
+    bb = get_backbone(model)
+    names = [l.name for l in bb.layers]
+    first = first_trainable(names)
+    if backbone == "inception_v3":
+        assert first == 249
+    apply_freeze(model, backbone, FreezeConfig("stages", trainable_from=stage))
+    model.compile(keras.optimizers.Adam(1e-2, epsilon=1e-12), "sparse_categorical_crossentropy", run_eagerly=True)
+    before = {id(w): np.array(w.numpy()) for w in model.weights}
+    x = np.random.default_rng(1).uniform(0, 255, (4, size, size, 3)).astype("float32")
+    model.train_on_batch(x, np.array([0, 1, 2, 0]))
+    checked = 0
+    for i, layer in enumerate(bb.layers):
+        for w in layer.trainable_weights + layer.non_trainable_weights:
+            if w.name.startswith("moving_variance") or not w.trainable and not w.name.startswith("moving_mean"):
+                continue                                   # (one statistic per BN layer is enough)
+            changed = not np.array_equal(before[id(w)], w.numpy())
+            assert changed == (i >= first), f"{backbone}: {layer.name}/{w.name} changed={changed}, index {i} vs {first}"
+            checked += 1
+    assert checked > 20
+    head = model.get_layer("head_logits").kernel
+    assert not np.array_equal(before[id(head)], head.numpy())
+
+
+def test_lora_on_convnext_adapts_its_pointwise_dense_layers():
+    """ConvNeXt's 1x1 convolutions are Dense layers and its depthwise 7x7 a grouped Conv2D: LoRA
+    adapts them, and only the adapters train; a stage with no Conv2D or Dense at the top level (the
+    stem is one nested block) says so."""
+    from kfine.lora import LoRAError
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(backbone="convnext_tiny", weights=None), 3, (32, 32))
+    apply_freeze(model, "convnext_tiny", FreezeConfig("lora", lora_rank=2, lora_stages=("stage3",)))
+    bb = get_backbone(model)
+    adapted = [l for l in bb.layers if getattr(l, "lora_enabled", False)]
+    assert len(adapted) == 9 and all(l.name.startswith("convnext_tiny_stage_3_") for l in adapted)  # 3 blocks x (grouped 7x7 Conv2D + 2 Dense)
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", run_eagerly=True)
+    before = {id(w): np.array(w.numpy()) for w in model.weights}
+    model.train_on_batch(np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32"),
+                         np.array([0, 1, 2, 0]))
+    moved = [w.path for w in bb.weights if not np.array_equal(before[id(w)], w.numpy())]
+    assert moved and all("lora_kernel_" in p for p in moved), moved[:5]
+    with pytest.raises(LoRAError, match=r"lora_stages \['stem'\] holds no Conv2D or Dense layer"):
+        apply_freeze(model, "convnext_tiny", FreezeConfig("lora", lora_rank=2, lora_stages=("stem",)))

@@ -129,33 +129,108 @@ def test_unknown_backbone_and_head():
 
 
 # ----------------------------------------------------------------------------- stages
+# One variant per keras.applications family (its smallest) is built in the default run; every other
+# registered backbone in the slow run. Each model is built once per module, at its minimum size.
+SMALLEST = ["convnext_tiny", "densenet121", "efficientnetb0", "efficientnetv2_b0", "inception_resnet_v2",
+            "inception_v3", "mobilenet", "mobilenetv2", "mobilenet_v3_small", "nasnet_mobile", "resnet50",
+            "resnet50v2", "vgg16", "vgg19", "xception", "scratch_cnn"]
+OTHERS = sorted(set(BACKBONES) - set(SMALLEST))
+
+
 @pytest.fixture(scope="module")
 def all_backbones():
-    """Every listed backbone, built once (weights=None, 32 px)."""
+    """Registered backbones, each built on first use (weights=None, its minimum size >= 32 px)."""
     from kfine.config import ScratchConfig
-    out = {}
-    for name in BACKBONES:
-        cfg = ModelConfig(backbone=name, weights=None, scratch=ScratchConfig(filters=(4, 4, 8, 8, 8)))
-        out[name] = build_model(cfg, 3, (32, 32))
-    return out
+    from kfine.registry import min_input_size
+    built = {}
+
+    def get(name):
+        if name not in built:
+            size = max(32, min_input_size(name))
+            cfg = ModelConfig(backbone=name, weights=None,
+                              scratch=ScratchConfig(filters=(4, 4, 8, 8, 8), batchnorm=True))
+            built[name] = build_model(cfg, 3, (size, size))
+        return built[name]
+    yield get
+    built.clear()
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_layer_belongs_to_a_real_stage_in_order(all_backbones, name):
-    """Every layer of every backbone is in a stage that holds weights (one a freeze spec or a
-    multiplier can name), and stages follow the layer order: no layer after conv5 is in 'input'."""
-    from kfine.freeze import backbone_stages
+_KERAS_MODULE = {"ConvNeXt": "convnext", "DenseNet": "densenet", "EfficientNetV2": "efficientnet_v2",
+                 "EfficientNet": "efficientnet", "InceptionResNetV2": "inception_resnet_v2",
+                 "InceptionV3": "inception_v3", "MobileNetV2": "mobilenet_v2", "MobileNetV3": "mobilenet_v3",
+                 "MobileNet": "mobilenet", "NASNet": "nasnet", "ResNet50V2": "resnet_v2", "ResNet101V2": "resnet_v2",
+                 "ResNet152V2": "resnet_v2", "ResNet": "resnet", "VGG16": "vgg16", "VGG19": "vgg19",
+                 "Xception": "xception"}
+
+
+def keras_module(name):
+    """The keras.applications module of a registered backbone (its family); None for scratch_cnn."""
+    app = BACKBONES[name]["app"]
+    return next((m for prefix, m in _KERAS_MODULE.items() if app.startswith(prefix)), "?") if app else None
+
+
+def test_every_family_is_covered_by_the_fast_list():
+    """Each keras.applications family (module) has its smallest variant in SMALLEST."""
+    family = keras_module
+    assert "?" not in {family(n) for n in BACKBONES}
+    assert {family(n) for n in SMALLEST} == {family(n) for n in BACKBONES}
+    assert set(SMALLEST) <= set(BACKBONES)
+
+
+def check_stages(model, name):
+    """Every layer of the backbone is in a stage that holds weights (one a freeze spec or a
+    multiplier can name), stages follow the layer order, and the registry's static stage tuple is
+    the ordered set of stages of the weight-carrying layers; BatchNorm, preprocessing and the
+    minimum size are what the registry says."""
+    import keras
     from kfine.model import layer_stages
-    model = all_backbones[name]
+    from kfine.registry import has_batchnorm, stage_names
     bb = get_backbone(model)
-    stages = backbone_stages(model, name)                    # stages of the weight-carrying layers
     of = layer_stages(bb, name)
     assert list(of) == [l.name for l in bb.layers]
+    stages = []                                              # stages of the weight-carrying layers, in order
+    for layer in bb.layers:
+        if layer.weights and of[layer.name] not in stages:
+            stages.append(of[layer.name])
+    assert tuple(stages) == stage_names(name, 5)
     assert set(of.values()) <= set(stages), set(of.values()) - set(stages)
     order = [stages.index(of[l.name]) for l in bb.layers]
     assert order == sorted(order), [l.name for l, a, b in zip(bb.layers[1:], order, order[1:]) if b < a][:3]
     assert of[bb.layers[0].name] == stages[0] and of[bb.layers[-1].name] == stages[-1]
     assert len(stages) >= 3
+    bns = any(isinstance(l, keras.layers.BatchNormalization) for l in bb.layers)
+    assert bns == has_batchnorm(name, True)
+    entry = BACKBONES[name]
+    if entry["preprocess"] == "none":                        # the backbone normalises its input itself
+        assert any(isinstance(l, (keras.layers.Rescaling, keras.layers.Normalization)) for l in bb.layers[:3])
+    if entry["app"]:                                         # the minimum size is keras' own floor
+        low = entry["min_size"]
+        ctor = getattr(keras.applications, entry["app"])
+        with pytest.raises(ValueError, match=f"at least {low}"):
+            ctor(include_top=False, weights=None, input_shape=(low - 1, low - 1, 3))
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_every_layer_belongs_to_a_real_stage_in_order(all_backbones, name):
+    check_stages(all_backbones(name), name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHERS)
+def test_every_layer_of_every_variant_belongs_to_a_real_stage(all_backbones, name):
+    check_stages(all_backbones(name), name)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BACKBONES if BACKBONES[n]["app"]))
+def test_preprocessing_is_keras_own_for_every_backbone(name):
+    """The Preprocess layer kfine puts in front of the backbone equals the family's own
+    keras.applications.<module>.preprocess_input on random pixels."""
+    import importlib
+    from kfine.model import Preprocess
+    ref_fn = importlib.import_module(f"keras.applications.{keras_module(name)}").preprocess_input
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    ours = keras.ops.convert_to_numpy(Preprocess(BACKBONES[name]["preprocess"])(x))
+    np.testing.assert_allclose(ours, np.asarray(ref_fn(x.copy())), atol=1e-4)
 
 
 def test_resnet50v2_post_bn_is_in_conv5_and_gets_its_multiplier(all_backbones):
@@ -163,7 +238,7 @@ def test_resnet50v2_post_bn_is_in_conv5_and_gets_its_multiplier(all_backbones):
     from kfine.freeze import apply_freeze
     from kfine.model import layer_stages
     from kfine.optim import variable_multipliers
-    model = all_backbones["resnet50v2"]
+    model = all_backbones("resnet50v2")
     bb = get_backbone(model)
     assert layer_stages(bb, "resnet50v2")["post_bn"] == "conv5"
     apply_freeze(model, "resnet50v2", FreezeConfig("stages", trainable_from="conv5"))

@@ -81,3 +81,19 @@ def test_cli_layers_with_a_strategy(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kfine.model", "layers", "--strategy", "nope", "--image-size", "32"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_cli_layers_documents_a_family(capsys):
+    """layers --backbone NAME: the family's constructor, preprocessing, minimum size, normalisation
+    and stage names, and the stage table of what a spec trains (VGG16: block1..block5, no BatchNorm)."""
+    from kfine.model import main
+    assert main(["layers", "--backbone", "vgg16", "--image-size", "32", "--strategy", "stages",
+                 "--trainable-from", "block5", "--num-classes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "keras.applications.VGG16; preprocessing caffe" in out and "minimum input 32 px; no BatchNorm" in out
+    assert "stages: block1, block2, block3, block4, block5" in out
+    rows = {l.split()[0]: l.split() for l in out.split("\n\n")[1].splitlines()[2:]}   # past title, header
+    assert list(rows) == ["block1", "block2", "block3", "block4", "block5", "head", "total"]
+    assert rows["block4"][1] == "0" and rows["block5"][2] == "0"
+    assert main(["layers", "--backbone", "vgg16", "--image-size", "32", "--strategy", "bn_and_head"]) == 2
+    assert "bn_and_head needs BatchNorm layers; vgg16 has none" in capsys.readouterr().err
