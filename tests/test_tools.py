@@ -57,9 +57,9 @@ def test_gpu_check_without_tensorflow_says_what_to_install(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(f"#!/bin/sh\nfor a; do case \"$a\" in *tensorflow*) exit 1;; esac; done\nexec {sys.executable} \"$@\"\n")
     fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "KFINE_SITE": str(tmp_path / "site")}
+    env = {**os.environ, "PYTHON": str(fake), "KFINE_SITE": str(tmp_path / "site"), "KFINE_WHEELS": str(tmp_path)}
     done = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--smoke"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "cannot import tensorflow and keras" in done.stderr and ".whl/" in done.stderr
+    assert "cannot import tensorflow and keras" in done.stderr and f"wheels in {tmp_path}/" in done.stderr
     assert not (tmp_path / "gpu_check.json").exists()

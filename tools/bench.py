@@ -438,6 +438,9 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     OVERRIDES[:] = args.set
+    if os.environ.get("KERAS_BACKEND") == "jax":   # TensorFlow feeds tf.data only: the GPU is JAX's
+        import tensorflow as tf                     # (as with tensorflow-cpu, which Keras recommends)
+        tf.config.set_visible_devices([], "GPU")
     if args.data:
         root = Path(args.data)
     else:
