@@ -46,6 +46,9 @@ def test_gpu_check_smoke_writes_every_figure(tmp_path):
     assert all(_number(dist["images_per_s"][k]) for k in ("none", dist["strategy"])) and _number(dist["ratio"])
     for section in (r, full, head, dist):   # on a CPU there is no accelerator memory to count
         assert "peak_memory_bytes" in section and section["peak_memory_bytes"] is None
+    # the cached runs trained the head on cached features (one view; K=2 views with augmentation)
+    assert done.stdout.count("the head trains on cached backbone features") == 2
+    assert "x 2 views" in done.stdout and done.stdout.count("train.feature_cache is off") == 2
     table = done.stdout[done.stdout.index("| cpu"):]
     assert "full fine-tune, steady state" in table and "head-only, 3 epochs, augmentation on" in table
     assert f"distribute.strategy {dist['strategy']}" in table
