@@ -16,6 +16,15 @@ same arithmetic as ImageNet weights, no download):
   search     a 6-trial head-only kfine.tune search with and without the cache.
   full       a full fine-tune: kfine's loop against a plain model.fit on the same tf.data pipeline
              (steady-state images/s), and kfine's per-epoch bookkeeping on the training thread.
+  distribute the same full fine-tune under the backend's own distribution strategy (JAX:
+             data_parallel, TensorFlow: mirrored) against distribute.strategy none, on the devices
+             there are (one GPU: the strategy's overhead), steady-state images/s.
+
+Every result records the backend and device it ran on and, per section, the accelerator's peak
+memory so far in the process (JAX's peak_bytes_in_use; null on a CPU). ``--set key=value``
+overrides every training section's config (``train.precision=mixed_bfloat16``,
+``model.backbone=scratch_cnn``); ``--markdown`` prints a table of the results for the README;
+``--tiny-data N`` writes N tiny random JPEGs per class instead of photos (smoke runs: tools/gpu_check.sh).
 
 Without --data it writes (once) an iNaturalist-12K-shaped set of ~800x600 JPEG photos with
 ../shared/tools/make_photo_dataset.py (needs scikit-image) into ~/.cache/kfine/bench_photos_*.
@@ -36,16 +45,72 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
 MAKER = REPO.parent / "shared" / "tools" / "make_photo_dataset.py"
+# Where else the photo maker may be: $KFINE_PHOTO_MAKER, a shared/ folder inside the checkout
+# (what travels to a lent GPU machine), then ../shared beside it.
+MAKERS = [Path(p) for p in (os.environ.get("KFINE_PHOTO_MAKER"),) if p] + [REPO / "shared" / "tools" / MAKER.name, MAKER]
+OVERRIDES: list[str] = []   # --set key=value: every training section's config
 
 
 def photo_dataset(per_class: int, classes: int) -> Path:
     root = Path(os.environ.get("KFINE_CACHE", Path.home() / ".cache" / "kfine")) / f"bench_photos_{classes}x{per_class}"
     if not (root / "train").is_dir():
-        if not MAKER.is_file():
-            sys.exit(f"bench: no --data given and {MAKER} is missing; pass --data DIR (layout ROOT/train/<class>/)")
-        subprocess.run([sys.executable, str(MAKER), str(root), "--per-class", str(per_class),
+        maker = next((m for m in MAKERS if m.is_file()), None)
+        if maker is None:
+            sys.exit(f"bench: no --data given and make_photo_dataset.py is in none of {[str(m) for m in MAKERS]}; "
+                     f"pass --data DIR (layout ROOT/train/<class>/) or set KFINE_PHOTO_MAKER")
+        subprocess.run([sys.executable, str(maker), str(root), "--per-class", str(per_class),
                         "--classes", str(classes), "--layout", "inat"], check=True)
     return root
+
+
+def tiny_dataset(per_class: int, classes: int) -> Path:
+    """``classes`` x ``per_class`` small JPEGs of random colour blocks (inat layout, 80/20
+    train/val): for smoke runs that must go through the same decode path, in seconds."""
+    import numpy as np
+    from PIL import Image
+    root = Path(os.environ.get("KFINE_CACHE", Path.home() / ".cache" / "kfine")) / f"bench_tiny_{classes}x{per_class}"
+    if (root / "train").is_dir():
+        return root
+    rng = np.random.default_rng(0)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    for c in range(classes):
+        for i in range(per_class):
+            folder = tmp / ("val" if i >= per_class * 0.8 else "train") / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            blocks = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8) // (c + 1)
+            image = Image.fromarray(blocks).resize((48 + 8 * (i % 3), 40), Image.NEAREST)
+            image.save(folder / f"{i}.jpg", quality=90)
+    os.replace(tmp, root)   # whole or not at all (a killed run leaves no half set behind)
+    return root
+
+
+def device_info() -> dict:
+    """The backend and the device the model runs on."""
+    import keras
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        d = jax.local_devices()[0]
+        return {"backend": backend, "platform": d.platform, "device": d.device_kind, "devices": jax.local_device_count()}
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else "cpu"
+    return {"backend": backend, "platform": "gpu" if gpus else "cpu", "device": name, "devices": max(1, len(gpus))}
+
+
+def peak_memory_bytes() -> int | None:
+    """The accelerator's peak bytes in use so far in this process (JAX cannot reset it, so a
+    section's value includes the sections before it); None on a CPU."""
+    import keras
+    if keras.backend.backend() == "jax":
+        import jax
+        d = jax.local_devices()[0]
+        stats = d.memory_stats() if d.platform != "cpu" else None
+        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+    import tensorflow as tf
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
 
 
 def timed_passes(make, epochs: int) -> list[float]:
@@ -124,7 +189,8 @@ def _config(root: Path, size: int, batch: int, runs: str, *extra):
     from kfine.config import load_config
     return load_config(None, [f"runs_dir={runs}", "name=bench", f"data.root={root}", "data.layout=inat",
                               f"data.image_size=[{size},{size}]", f"data.batch_size={batch}", "model.weights=null",
-                              "train.verbose=0", "export.enabled=false", "train.checkpoint.every_epochs=0", *extra])
+                              "train.verbose=0", "export.enabled=false", "train.checkpoint.every_epochs=0",
+                              *OVERRIDES, *extra])
 
 
 def _fit_seconds(cfg, datasets=None) -> tuple[float, list[dict]]:
@@ -139,7 +205,8 @@ def _fit_seconds(cfg, datasets=None) -> tuple[float, list[dict]]:
     return time.perf_counter() - t, history
 
 
-def bench_head(root: Path, size: int, batch: int, epochs: int, seed: int, head_epochs: int = 10) -> dict:
+def bench_head(root: Path, size: int, batch: int, epochs: int, seed: int, head_epochs: int = 10,
+               augs: tuple = ("off", "on")) -> dict:
     """A head-only fine-tune (ResNet50, backbone frozen) of ``head_epochs`` epochs, with and
     without the frozen-feature cache, augmentation off and on (K=2 views)."""
     import tempfile
@@ -147,7 +214,7 @@ def bench_head(root: Path, size: int, batch: int, epochs: int, seed: int, head_e
     head_only = "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]"
     out = {}
     with tempfile.TemporaryDirectory() as runs:
-        for aug in ("off", "on"):
+        for aug in augs:
             extra = [head_only, f"train.epochs={head_epochs}", f"data.augment.enabled={aug == 'on'}",
                      "data.augment.crop_scale=[0.08,1.0]"]
             cfg = _config(root, size, batch, runs, *extra)
@@ -159,14 +226,15 @@ def bench_head(root: Path, size: int, batch: int, epochs: int, seed: int, head_e
                 out[f"aug_{aug}_{'cached' if cache else 'uncached'}"] = seconds
                 print(f"bench: head-only {head_epochs} epochs, augmentation {aug}, "
                       f"{'cached' if cache else 'uncached'}: {seconds:.1f} s", flush=True)
-    out["ratios"] = {a: out[f"aug_{a}_uncached"] / out[f"aug_{a}_cached"] for a in ("off", "on")}
+    out["ratios"] = {a: out[f"aug_{a}_uncached"] / out[f"aug_{a}_cached"] for a in augs}
+    out["epochs"] = head_epochs
     return out
 
 
 def print_head(r: dict) -> None:
-    print(f"\nhead-only fine-tune: augmentation off {r['aug_off_uncached']:.0f} s -> {r['aug_off_cached']:.0f} s "
-          f"(**{r['ratios']['off']:.1f}x**), on (K=2) {r['aug_on_uncached']:.0f} s -> {r['aug_on_cached']:.0f} s "
-          f"(**{r['ratios']['on']:.1f}x**)")
+    print("\nhead-only fine-tune: " + ", ".join(
+        f"augmentation {a}{' (K=2)' * (a == 'on')} {r[f'aug_{a}_uncached']:.0f} s -> {r[f'aug_{a}_cached']:.0f} s "
+        f"(**{q:.1f}x**)" for a, q in r["ratios"].items()))
 
 
 def bench_search(root: Path, size: int, batch: int, epochs: int, seed: int, trials: int = 6) -> dict:
@@ -200,6 +268,24 @@ def print_search(r: dict) -> None:
           f"computed: {r['feature_sets_cached']})")
 
 
+def epoch_timer():
+    """A Keras callback that records each epoch's wall time in ``.times``."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.t)
+
+    return EpochTimer()
+
+
 def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps: int = 8) -> dict:
     """A full fine-tune (every layer trains): kfine's loop against a plain model.fit of the same
     model on the same tf.data pipeline; steady-state images/s (the fastest later epoch) and the
@@ -216,26 +302,15 @@ def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps:
         commit(self, *a, **k)
         timings.append(time.perf_counter() - t)
 
-    class EpochTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.times.append(time.perf_counter() - self.t)
-
     out = {}
     with tempfile.TemporaryDirectory() as runs:
         cfg = _config(root, size, batch, runs, "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]",
                       f"train.epochs={epochs}", f"train.steps_per_epoch={steps}", "train.checkpoint.every_epochs=1")
         datasets = data.make_datasets(cfg.data, cfg.seed)
         for name in ("plain", "kfine", "plain", "kfine"):
-            timer = EpochTimer()
+            timer = epoch_timer()
             if name == "plain":
-                keras.utils.set_random_seed(seed)
+                train.setup_backend(cfg)   # the seed and train.precision's dtype policy, as kfine's
                 model = build_model(cfg.model, len(datasets.class_names), (size, size))
                 model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                               metrics=["accuracy"])
@@ -266,8 +341,78 @@ def print_full(r: dict) -> None:
           f"training thread {r['bookkeeping_s'] * 1000:.0f} ms per epoch")
 
 
+def bench_distribute(root: Path, size: int, batch: int, epochs: int, seed: int, steps: int = 8) -> dict:
+    """The full fine-tune of ``full`` as kfine.train.run sets it up (the plan resolved, the data
+    sharded, model, optimizer and fit in the plan's scope) under distribute.strategy none and
+    under the backend's own strategy (data_parallel on JAX, mirrored on TensorFlow) over the
+    devices there are; steady-state images/s (the fastest later epoch)."""
+    import tempfile
+    import keras
+    from kfine import data, distribute, train
+    other = {v: k for k, v in distribute.BACKEND_OF.items()}[keras.backend.backend()]
+    out = {"strategies": {}}
+    with tempfile.TemporaryDirectory() as runs:
+        for strategy in ("none", other):
+            cfg = _config(root, size, batch, runs, "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]",
+                          f"train.epochs={epochs}", f"train.steps_per_epoch={steps}", f"distribute.strategy={strategy}")
+            plan, timer = distribute.make_plan(cfg), epoch_timer()
+            with plan.scope():
+                train.setup_backend(cfg)
+                datasets = data.make_datasets(cfg.data, cfg.seed, shard=plan.shard)
+                model, optimizer, schedule = train.build_training(cfg, datasets)
+                train.fit_phases(model, cfg, datasets, train.prepare_run_dir(cfg), optimizer=optimizer,
+                                 schedule=schedule, callbacks=[timer])
+            out[strategy] = timer.times
+            out["strategies"][strategy] = {"replicas": plan.replicas, "devices": list(plan.devices)}
+            print(f"bench: full fine-tune, distribute.strategy {strategy} on {', '.join(plan.devices)}: "
+                  + ", ".join(f"{t:.1f} s" for t in timer.times), flush=True)
+    images = steps * batch
+    out["images_per_s"] = {k: images / min(out[k][1:]) for k in ("none", other)}
+    out["strategy"] = other
+    out["ratio"] = min(out["none"][1:]) / min(out[other][1:])   # above 1: the strategy is faster
+    return out
+
+
+def print_distribute(r: dict) -> None:
+    s, n = r["strategy"], r["strategies"][r["strategy"]]["replicas"]
+    print(f"\nfull fine-tune, steady state: distribute.strategy none {r['images_per_s']['none']:.1f} images/s, "
+          f"{s} ({n} replica{'s' * (n > 1)}) {r['images_per_s'][s]:.1f} images/s (**{r['ratio']:.2f}x**)")
+
+
+def markdown_table(results: dict) -> str:
+    """The measured sections as one Markdown table (for the README)."""
+    def num(x, digits=1):
+        return "" if x is None else f"{x:,.{digits}f}"
+    where = (f"{results['device']} ({results['platform']}, {results['backend']} backend), {results['cpus']} CPU cores, "
+             f"{results['image_size']} px, batch {results['batch_size']}, {results['precision']}")
+    rows = [f"| {where} | reference | kfine | ratio |", "|---|---|---|---|"]
+    if "full" in results:
+        r = results["full"]["images_per_s"]
+        rows.append(f"| full fine-tune, steady state (images/s; reference: plain `model.fit`, same tf.data pipeline) "
+                    f"| {num(r['plain'])} | {num(r['kfine'])} | **{results['full']['ratio']:.2f}x** |")
+    if "head" in results:
+        h = results["head"]
+        for a, q in h["ratios"].items():
+            rows.append(f"| head-only, {h['epochs']} epochs, augmentation {a}{' (K=2 views)' * (a == 'on')} "
+                        f"(s; reference: no feature cache) | {num(h[f'aug_{a}_uncached'])} | {num(h[f'aug_{a}_cached'])} "
+                        f"| **{q:.1f}x** |")
+    if "distribute" in results:
+        d = results["distribute"]
+        s = d["strategy"]
+        rows.append(f"| full fine-tune, distribute.strategy {s} on {d['strategies'][s]['replicas']} device(s) "
+                    f"(images/s; reference: none) | {num(d['images_per_s']['none'])} | {num(d['images_per_s'][s])} "
+                    f"| **{d['ratio']:.2f}x** |")
+    for name in ("full", "head", "distribute"):
+        if name in results:
+            peak = results[name]["peak_memory_bytes"]
+            rows.append(f"| peak accelerator memory after `{name}` (GiB; the process's peak so far) | | "
+                        f"{num(peak / 2**30, 2) if peak is not None else 'n/a (CPU)'} | |")
+    return "\n".join(rows)
+
+
 SECTIONS = {"pipeline": (bench_pipeline, print_pipeline), "head": (bench_head, print_head),
-            "search": (bench_search, print_search), "full": (bench_full, print_full)}
+            "search": (bench_search, print_search), "full": (bench_full, print_full),
+            "distribute": (bench_distribute, print_distribute)}
 
 
 def main(argv=None) -> int:
@@ -281,17 +426,46 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--steps", type=int, default=8, help="full, distribute: training steps an epoch")
+    ap.add_argument("--head-epochs", type=int, default=10)
+    ap.add_argument("--head-augment", default="off,on", help="head: augmentation settings to measure (off, on)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every training section (repeatable)")
+    ap.add_argument("--tiny-data", type=int, metavar="N", help="N tiny random JPEGs per class instead of photos")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table of the results at the end")
     args = ap.parse_args(argv)
-    root = Path(args.data) if args.data else photo_dataset(args.per_class, args.classes)
-    import keras
+    unknown = [n for n in args.only.split(",") if n not in SECTIONS]
+    if unknown:
+        ap.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    OVERRIDES[:] = args.set
+    if os.environ.get("KERAS_BACKEND") == "jax":   # TensorFlow feeds tf.data only: the GPU is JAX's
+        import tensorflow as tf                     # (as with tensorflow-cpu, which Keras recommends)
+        tf.config.set_visible_devices([], "GPU")
+    if args.data:
+        root = Path(args.data)
+    else:
+        root = tiny_dataset(args.tiny_data, args.classes) if args.tiny_data else photo_dataset(args.per_class, args.classes)
+    from kfine.config import load_config
+    cfg = load_config(None, ["model.weights=null", *args.set])   # a wrong --set fails here, before any work
+    info = device_info()
+    print(f"bench: {info['backend']} backend, model on {info['platform']} ({info['device']}, {info['devices']} "
+          f"device(s)); {os.cpu_count()} CPU cores; precision {cfg.train.precision}; backbone {cfg.model.backbone}",
+          flush=True)
     results = {"data": str(root), "image_size": args.image_size, "batch_size": args.batch_size,
-               "backend": keras.backend.backend(), "cpus": os.cpu_count()}
+               **info, "cpus": os.cpu_count(), "precision": cfg.train.precision, "backbone": cfg.model.backbone,
+               "overrides": args.set}
+    kwargs = {"full": {"steps": args.steps}, "distribute": {"steps": args.steps},
+              "head": {"head_epochs": args.head_epochs, "augs": tuple(args.head_augment.split(","))}}
     for name in args.only.split(","):
         run, show = SECTIONS[name]
-        results[name] = run(root, args.image_size, args.batch_size, args.epochs, args.seed)
+        results[name] = run(root, args.image_size, args.batch_size, args.epochs, args.seed, **kwargs.get(name, {}))
+        results[name]["peak_memory_bytes"] = peak_memory_bytes()
         show(results[name])
+    results["peak_memory_bytes"] = peak_memory_bytes()
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"written: {args.out}")
+    if args.markdown:
+        print("\n" + markdown_table(results))
     return 0
 
 
