@@ -369,3 +369,11 @@ def test_python_api_examples_run(tmp_path, monkeypatch):
     assert len(scope["rows"]) == 5 and not scope["bad"]
     assert {r["predicted_class"] for r in scope["rows"]} <= {"cat", "dog", "fox"}
     assert Path(scope["paths"]["keras"]).is_file()
+
+
+def test_the_command_check_catches_a_wrong_flag_and_subcommand():
+    found = list(commands("run `python -m kfine.train --config x --bogus-flag` then\n"
+                          "```bash\npython -m kfine.data chek DIR --out x\n```\n"))
+    assert found == [("train", None, ["--config", "--bogus-flag"]), ("data", "chek", ["--out"])]
+    assert "--config" in help_flags("train", None) and "--bogus-flag" not in help_flags("train", None)
+    assert "--out" in help_flags("data", "check")
