@@ -58,7 +58,7 @@ class StopOnNaN(keras.callbacks.Callback):
             self.model.stop_training = True
             raise TrainingError(f"loss became NaN/inf in epoch {epoch + 1} (phase {self.phase}): {bad}; "
                                 f"nothing of that epoch was saved. Lower train.schedule.learning_rate "
-                                f"or set train.optimizer.clipnorm")
+                                f"or set train.optimizer.clipnorm (see docs/troubleshooting.md#nan-loss)")
 
 
 class EarlyStop(keras.callbacks.EarlyStopping):

@@ -486,7 +486,8 @@ def lock_run_dir(run_dir: Path) -> RunLock:
         holder = _lock_pid(fd, wait=1.0)
         os.close(fd)
         raise TrainingError(f"{run_dir} is in use by another kfine process (PID {holder or '?'}), which "
-                            f"holds {path}; wait for it to end, or stop it and then --resume") from None
+                            f"holds {path}; wait for it to end, or stop it and then --resume "
+                            f"(see docs/troubleshooting.md#a-locked-run-directory)") from None
     previous = _lock_pid(fd)
     if previous and previous != os.getpid():
         print(f"kfine: took over {path} from process {previous}, which is no longer running", flush=True)

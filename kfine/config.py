@@ -408,7 +408,8 @@ def build(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys here: {names}")
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys here: {names} "
+                          f"(see docs/configuration.md#config-reference)")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -180,12 +180,13 @@ def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Mod
         raise ModelError(
             f"could not download ImageNet weights for {cfg.backbone}: {why}. "
             f"Put the weights file in {where}, or set model.weights to a local "
-            f".weights.h5 / .h5 file, or set model.weights_fallback: random")
+            f".weights.h5 / .h5 file, or set model.weights_fallback: random "
+            f"(see docs/troubleshooting.md#no-weights-offline)")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelError(f"model.weights: {path} does not exist. Give a local weights file "
                          f"(.weights.h5 saved from this backbone, or the keras.applications "
-                         f"'notop' .h5), 'imagenet' or null")
+                         f"'notop' .h5), 'imagenet' or null (see docs/troubleshooting.md#no-weights-offline)")
     model = ctor(weights=None, **kwargs)
     try:
         with warnings.catch_warnings():   # Keras only warns when it skips layers: a partial load is an error

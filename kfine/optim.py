@@ -7,7 +7,7 @@ phase to the next, as in the PyTorch reference projects (one optimizer over all 
 groups); a variable unfrozen in a later phase starts with zero moments; the step counter carries
 on, so a schedule on the global step runs on smoothly across phases.
 
-Semantics, each chosen to say what its name says (README "Optimizer semantics"):
+Semantics, each chosen to say what its name says (docs/optimizers.md, "Optimizer semantics"):
 
 - Per-variable learning rate: ``update_step`` multiplies the rate by the variable's stage factor
   (``lr_multipliers`` or ``layer_decay``). Scaling gradients would not do it: Adam is invariant

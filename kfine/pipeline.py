@@ -635,13 +635,15 @@ def check_room(estimate: int, count: int, cfg) -> None:
         if avail is not None and estimate > MEMORY_SHARE * avail:
             raise DataError(f"the image cache (data.cache: memory) needs {what}, more than "
                             f"{MEMORY_SHARE:.0%} of the {_gb(max(avail, 0))} of memory available; set data.cache: disk "
-                            f"(data.cache_dir: where it is written), a smaller data.cache_size, or fewer images")
+                            f"(data.cache_dir: where it is written), a smaller data.cache_size, or fewer images "
+                            f"(see docs/troubleshooting.md#out-of-memory)")
     else:
         root = cache_root(cfg)
         free = free_disk(root)
         if estimate > DISK_SHARE * free:
             raise DataError(f"the disk cache (data.cache: disk) needs {what}, but {root} has {_gb(free)} free; "
-                            f"set data.cache_dir to a disk with room, a smaller data.cache_size, or data.cache: memory")
+                            f"set data.cache_dir to a disk with room, a smaller data.cache_size, or data.cache: memory "
+                            f"(see docs/troubleshooting.md#out-of-memory)")
 
 
 # ----------------------------------------------------------------------------- temporary folders

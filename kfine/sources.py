@@ -178,7 +178,8 @@ def find_folder(root, layout: str = "auto"):
     for f in folders:
         classes = _class_dirs(root / f)
         if not classes:
-            raise DataError(f"{root / f} has no class folders; put images in {root / f}/<class>/")
+            raise DataError(f"{root / f} has no class folders; put images in {root / f}/<class>/ "
+                            "(see docs/troubleshooting.md#data-folder-errors)")
         tree[f] = {}
         for d in classes:
             files, links = _walk(d)
@@ -187,9 +188,13 @@ def find_folder(root, layout: str = "auto"):
             non_images += [str(p) for p in files if not _is_image(p)]
             if not images:
                 raise DataError(f"class folder {d} has no images ({', '.join(IMAGE_EXTS)}); "
-                                "add images or remove the folder")
+                                "add images or remove the folder (see docs/troubleshooting.md#data-folder-errors)")
             tree[f][d.name] = sorted(images)
     all_classes = sorted(set().union(*[set(c) for c in tree.values()]))
+    if len(all_classes) < 2:
+        raise DataError(f"{root} has one class folder ({', '.join(all_classes)}); a classifier needs at least 2: "
+                        f"put each class's images in its own folder, {root}/<class>/ "
+                        "(see docs/troubleshooting.md#data-folder-errors)")
     for cls in all_classes:
         lacking = [f for f in folders if cls not in tree[f]]
         if lacking:

@@ -88,6 +88,9 @@ def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     while run_dir.exists() and any(run_dir.iterdir()):
         i += 1
         run_dir = base.with_name(f"{base.name}-{i}")
+    if run_dir != base:
+        print(f"kfine: {base} already holds a run, so this one goes to {run_dir} (--overwrite replaces "
+              f"{base}; --resume {base} continues it; see docs/run-directory.md#resume)", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -742,7 +745,8 @@ def _main(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
-            raise TrainingError(f"{run_dir} is not a kfine run directory (no config.yaml)")
+            raise TrainingError(f"{run_dir} is not a kfine run directory (no config.yaml) "
+                                f"(see docs/run-directory.md#resume)")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
         run(cfg, resume=run_dir)
     else:
