@@ -75,8 +75,19 @@ def help_flags(module: str, sub: str | None) -> set[str]:
 
 
 # Flags of other programs the pages show (pip, pytest, docker, tools/, saved_model_cli, timm).
-OTHER_FLAGS = {"--no-deps", "--dist", "--mount", "--dir", "--all", "--data", "--only", "--epochs",
-               "--layer-decay", "--write", "--check", "--upgrade"}
+# flags of other programs the pages show (pip, pytest, docker, saved_model_cli, timm's --layer-decay)
+OTHER_FLAGS = {"--no-deps", "--dist", "--mount", "--dir", "--all", "--layer-decay", "--upgrade"}
+
+
+def tool_flags() -> set[str]:
+    """The flags tools/ defines: option strings of its Python scripts, case labels of its shell scripts."""
+    flags = set()
+    for path in (ROOT / "tools").iterdir():
+        if path.suffix == ".py":
+            flags |= set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", path.read_text()))   # argparse or argv
+        elif path.suffix == ".sh":
+            flags |= set(re.findall(r"^\s*(--[a-z][a-z0-9-]*)\)", path.read_text(), re.M))
+    return flags
 
 
 def test_every_command_and_flag_named_exists():
@@ -99,7 +110,7 @@ def test_every_command_and_flag_named_exists():
 
 
 def test_every_flag_named_alone_belongs_to_some_command():
-    every = set(OTHER_FLAGS)
+    every = OTHER_FLAGS | tool_flags()
     for module, sub in [("train", None), ("tune", None), ("compare", None), ("evaluate", None),
                         ("predict", None), ("explain", None), ("export", None), ("lr_find", None),
                         ("data", "check"), ("data", "clean-cache"), ("model", "layers")]:
