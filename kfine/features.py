@@ -164,7 +164,7 @@ def feature_extractor(model) -> keras.Model:
 
 
 def head_model(model) -> keras.Model:
-    """The model's head layers (everything after the backbone, probabilities included) on a
+    """The model's head layers (everything after the backbone, up to the model's output) on a
     features input: the same layer objects, so training it trains the full model's head."""
     from kfine.model import get_backbone
     backbone = get_backbone(model)

@@ -134,12 +134,13 @@ def _wandb_callback(cfg: Config, run_dir: Path):
 def compile_model(model, optimizer, cfg: Config, num_classes: int, steps: int | None = None) -> None:
     """Compile for this phase (Keras reads ``trainable`` at compile); ``steps``: the epoch's steps,
     from which ``train.steps_per_execution: auto`` is chosen."""
+    from kfine.model import outputs_logits
     from kfine.optim import make_loss, make_metrics
-    metrics = make_metrics(num_classes)   # sparse or soft (MixUp/CutMix) labels
+    metrics = make_metrics(num_classes)   # sparse or soft (MixUp/CutMix) labels; logits or probabilities
     inner = getattr(optimizer, "inner_optimizer", optimizer)   # under a LossScaleOptimizer
     if hasattr(inner, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
         inner.set_active_variables(model.trainable_variables)
-    model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes),
+    model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes, outputs_logits(model)),
                   metrics=metrics, jit_compile=cfg.train.jit_compile,
                   steps_per_execution=execution_steps(cfg, steps) if steps else 1)
 
