@@ -40,7 +40,7 @@ def square_model():
     keras.utils.set_random_seed(0)
     x, y = _squares(48)
     model = _scratch()
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=8, batch_size=8, verbose=0)
     return model
 
