@@ -296,9 +296,6 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
     if cfg.clipnorm is not None and cfg.global_clipnorm is not None:
         raise ConfigError("train.optimizer: give clipnorm (per variable) or global_clipnorm (all "
                           "gradients together, PyTorch's clip_grad_norm_), not both")
-    unknown = sorted(set(cfg.no_decay) - set(NO_DECAY))
-    if unknown:
-        raise ConfigError(f"train.optimizer.no_decay: unknown {unknown[0]!r}; choose from {sorted(NO_DECAY)}")
 
 
 def check_train(cfg: TrainConfig) -> None:

@@ -59,6 +59,7 @@ from typing import Any
 import yaml
 
 from kfine import cli
+from kfine.checkpoint import monitor_direction
 from kfine.config import Config, ConfigError, check_config, load_config, replace, to_dict
 from kfine.rundir import atomic_write_bytes, atomic_write_text, write_csv
 
@@ -71,7 +72,6 @@ SPEC_FIELDS = {            # spec type -> the fields it takes (besides `type`)
     "boolean": set(),
 }
 _NOT_SEARCHABLE = ("search", "name", "runs_dir")
-_MAX_DIRECTIONS = ("acc", "auc", "precision", "recall", "f1")
 
 
 class SearchError(RuntimeError):
@@ -258,9 +258,7 @@ def trial_config(cfg: Config, params: list[Param], values: dict) -> Config:
 
 
 def objective_direction(search) -> str:
-    if search.direction:
-        return search.direction
-    return "max" if any(s in search.objective.lower() for s in _MAX_DIRECTIONS) else "min"
+    return monitor_direction(search.objective, search.direction)
 
 
 # ----------------------------------------------------------------------------- data per trial
@@ -535,7 +533,7 @@ def plot_search(results_csv, out_dir, objective: str = "score", direction: str |
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(rows) + 2), 3.5))
     xs = [trial_number(r["trial_id"]) for r in scored]
     ys = [float(r["score"]) for r in scored]
-    direction = direction or ("max" if any(s in objective.lower() for s in _MAX_DIRECTIONS) else "min")
+    direction = monitor_direction(objective, direction)
     ax.plot(range(len(xs)), ys, "o-", color="tab:blue", label=objective)
     if ys:
         pick = max if direction == "max" else min

@@ -465,3 +465,19 @@ def test_resume_after_sigkill_at_every_moment(tmp_path, point):
     else:
         assert "resuming at epoch 2 (phase 0)" in resumed.stdout
     _assert_complete(rd, resumed)
+
+
+@pytest.mark.parametrize("name, want", [("val_accuracy", "max"), ("val_AUC", "max"), ("val_top5", "min"),
+                                        ("val_loss", "min"), ("F1", "max")])
+def test_one_monitor_direction_for_checkpoints_early_stopping_and_the_tuner(name, want):
+    """Upward or downward: one rule (any case) for train.checkpoint, train.early_stopping and
+    search.objective; an explicit mode / direction wins."""
+    from kfine.checkpoint import monitor_mode
+    from kfine.config import CheckpointConfig, EarlyStoppingConfig
+    from kfine.tune import objective_direction
+    cfg = load_config(None, [f"search.objective={name}"])
+    assert monitor_mode(CheckpointConfig(monitor=name)) == monitor_mode(EarlyStoppingConfig(monitor=name)) == want
+    assert objective_direction(cfg.search) == want
+    other = {"min": "max", "max": "min"}[want]
+    assert monitor_mode(CheckpointConfig(monitor=name, mode=other)) == other
+    assert objective_direction(load_config(None, [f"search.objective={name}", f"search.direction={other}"]).search) == other
