@@ -349,7 +349,8 @@ def head_layers(model: keras.Model) -> list:
 
 
 # ----------------------------------------------------------------------------- python -m kfine.model layers
-def _size(w) -> int:
+def param_count(w) -> int:
+    """The number of values in a weight (the product of its shape)."""
     n = 1
     for d in w.shape:
         n *= int(d)
@@ -365,7 +366,7 @@ def layer_table(model: keras.Model, backbone_name: str) -> list[dict]:
         r = rows.setdefault(stage, {"stage": stage, "layers": 0, "weight_layers": 0, "params": 0})
         r["layers"] += 1
         r["weight_layers"] += int(bool(layer.weights))
-        r["params"] += sum(_size(w) for w in layer.weights)
+        r["params"] += sum(param_count(w) for w in layer.weights)
 
     stages = layer_stages(get_backbone(model), backbone_name)
     for layer in get_backbone(model).layers:
