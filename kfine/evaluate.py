@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kfine.rundir import missing_run_file, read_json, write_csv, write_json  # noqa: F401  (write_csv: kfine.predict uses it)
+from kfine.rundir import missing_run_file, read_json, write_csv, write_json
 
 EPS = 1e-7
 GRID_SIZE = 30          # images in the predictions grid

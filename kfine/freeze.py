@@ -186,13 +186,6 @@ def apply_freeze(model: keras.Model, backbone_name: str, spec: FreezeConfig, bn:
     BN_MODES[bn](bn_layers)
 
 
-def backbone_frozen(model: keras.Model) -> bool:
-    """True when no backbone variable trains (BatchNorm statistics may still move: see
-    ``features_frozen``)."""
-    backbone = {id(w) for w in get_backbone(model).weights}
-    return not any(id(v) in backbone for v in model.trainable_variables)
-
-
 _STOCHASTIC = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
                keras.layers.GaussianDropout, keras.layers.AlphaDropout)
 

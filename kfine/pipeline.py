@@ -61,7 +61,7 @@ import numpy as np
 import tensorflow as tf
 
 from kfine.log import quiet_stderr
-from kfine.sources import BadImageError, DataError, scan_files
+from kfine.sources import DataError, scan_files
 
 CACHE_VERSION = 6            # bump when what the cache holds changes (the resize below)
 CROP_RATIO = 3 / 4, 4 / 3    # torchvision RandomResizedCrop's default aspect-ratio range
@@ -907,12 +907,3 @@ def load_images(paths: list[str], image_size, cache_size=None, eval_transform="r
         ok.append(p)
     h, w = image_size
     return (np.stack(arrays) if arrays else np.zeros((0, h, w, 3), np.uint8)), ok, bad
-
-
-def load_image(path: str, image_size, cache_size=None, eval_transform="resize_center_crop",
-               max_pixels=None) -> np.ndarray:
-    """One image file -> its uint8 eval view; raises BadImageError(path, reason)."""
-    arr, _, bad = load_images([path], image_size, cache_size, eval_transform, max_pixels)
-    if bad:
-        raise BadImageError(*bad[0])
-    return arr[0]

@@ -268,13 +268,8 @@ _DATA_CACHE_SIZE = 4
 
 def trial_datasets(cfg: Config):
     """The datasets of one trial, built once per distinct (data section, seed) and cached: trials
-    that differ in data.batch_size or data.image_size get their own, the rest share one.
-
-    Frozen-feature cache (a later issue) goes HERE and only here: when every phase of ``cfg``
-    freezes the whole backbone (queryable from cfg.train.phases[*].freeze), key the cache on
-    (data section without augmentation, model.backbone, model.weights, seed), run the backbone
-    once over the images and return datasets of pooled features plus a head-only model builder,
-    so trials that differ only in head/optimiser settings skip the backbone forward pass."""
+    that differ in data.batch_size or data.image_size get their own, the rest share one. (Trials
+    that train only the head reuse the backbone's features through kfine.features.)"""
     from kfine import data as kdata
     key = yaml_value([to_dict(cfg.data), cfg.seed])
     if key not in _DATA_CACHE:
@@ -444,8 +439,6 @@ def _hyperband_oracle(cfg, objective, seed):
 
 def _grid_oracle(cfg, objective, seed):
     import keras_tuner as kt
-    if not hasattr(kt.oracles, "GridSearchOracle"):
-        raise SearchError("search.tuner: grid needs keras-tuner >= 1.3 (pip install -U keras-tuner)")
     return kt.oracles.GridSearchOracle(objective=objective, max_trials=cfg.search.max_trials, seed=seed)
 
 

@@ -7,7 +7,7 @@ import keras
 import typing
 
 from kfine.config import FreezeConfig, ModelConfig, PhaseConfig
-from kfine.freeze import (BN_MODES, STRATEGIES, FreezeError, apply_freeze, backbone_frozen, features_frozen,
+from kfine.freeze import (BN_MODES, STRATEGIES, FreezeError, apply_freeze, features_frozen,
                           trainable_summary)
 from kfine.model import build_model, get_backbone, stage_of
 
@@ -95,13 +95,6 @@ def test_trainable_summary_per_stage(model):
     apply_freeze(model, "resnet50", FreezeConfig("bn_and_head"))
     rows = {r["stage"]: r for r in trainable_summary(model, "resnet50")}
     assert rows["conv1"]["bn_training"] == 1 and rows["conv2"]["bn_training"] == 10
-
-
-def test_backbone_frozen_is_queryable(model):
-    apply_freeze(model, "resnet50", FreezeConfig("backbone"))
-    assert backbone_frozen(model)
-    apply_freeze(model, "resnet50", FreezeConfig("bn_and_head"))
-    assert not backbone_frozen(model)
 
 
 # ----------------------------------------------------------------------------- BatchNorm modes
