@@ -10,9 +10,10 @@ average-pooled backbone and stays faithful behind the scratch CNN's Flatten (see
 kfine's model is nested (image -> "preprocess" -> "backbone" model -> head -> logits), so the
 heatmap model is rebuilt as two functions: ``features`` (image -> the backbone's last 4-D
 output, before its pooling or flatten) and ``classify`` (that map -> the backbone's remaining
-layers -> the head -> logits; an older model's final softmax is left out). The gradient is the backend's own
-(tf.GradientTape, jax.grad, torch.autograd); everything else is keras.ops. EMA and best-epoch
-weights are simply the weights the model holds; LoRA layers are called as they are.
+layers -> the head -> logits; an older model's final softmax is left out). The gradient is
+the backend's own (tf.GradientTape, jax.grad, torch.autograd); everything else is keras.ops.
+EMA and best-epoch weights are simply the weights the model holds; LoRA layers are called as
+they are.
 
 A heatmap is only as fine as the feature map: ResNet50 at 224 px has a 7x7 map, at 32 px 1x1
 (one value: a flat heatmap), a scratch_cnn after k poolings (H / 2^k).

@@ -545,7 +545,8 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
 
     ``model`` takes float 0..255 RGB at ``image_size`` and returns logits (kfine.model.build_model;
     or, saved by an older kfine, probabilities): every format outputs probabilities.
-    ``check_images`` (float32 [N, H, W, 3]) is what the ONNX export is checked on; by default a fixed synthetic batch. ``transform``: the run's eval transform
+    ``check_images`` (float32 [N, H, W, 3]) is what the ONNX export is checked on; by default a
+    fixed synthetic batch. ``transform``: the run's eval transform
     (``transform_of(cfg.data)``) that the SavedModel's image-bytes signature applies.
     ``litert`` (export.litert: {quantization, representative_images}) and ``datasets``
     (kfine.data.Datasets): the LiteRT file's quantization, its int8 calibration images (training

@@ -60,7 +60,7 @@ def test_every_strategy_is_covered():
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_one_train_step_changes_exactly_the_trainable_weights(model, name):
     apply_freeze(model, "resnet50", SPECS[name])
-    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))   # kfine models end in logits
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     weight_layers = [l for l in get_backbone(model).layers if l.weights]
     assert len(weight_layers) == 106           # 53 conv + 53 BN: what "fraction" counts
     before = {id(w): np.array(w.numpy()) for w in model.weights}
@@ -101,7 +101,7 @@ def test_trainable_summary_per_stage(model):
 def _one_step(model, pristine):
     """One real train step from the initial weights; returns ``moved(variable)``."""
     model.set_weights(pristine)
-    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))   # kfine models end in logits
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = {id(w): np.array(w.numpy()) for w in model.weights}
     x = np.random.default_rng(2).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     model.train_on_batch(x, np.array([0, 1, 2, 0, 1, 2, 0, 1]))

@@ -99,7 +99,7 @@ def test_one_train_step_moves_the_adapters_only():
     keras.utils.set_random_seed(4)
     model = build_model(ModelConfig(weights=None), 3, (32, 32))
     apply_freeze(model, "resnet50", FreezeConfig("lora", lora_rank=2, lora_stages=("conv5",)))
-    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))   # kfine models end in logits
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = {v.path: np.array(v.numpy()) for v in model.weights}
     x = np.random.default_rng(1).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     model.train_on_batch(x, np.array([0, 1, 2, 0, 1, 2, 0, 1]))
