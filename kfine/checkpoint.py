@@ -89,11 +89,21 @@ def best_epoch(history: list[dict], monitor: str, mode: str) -> int | None:
     return max(rows, key=lambda r: (sign * r[monitor], r["epoch"]))["epoch"]
 
 
+MAX_METRICS = ("acc", "auc", "precision", "recall", "f1")   # a metric name holding one of these: higher is better
+
+
+def monitor_direction(name: str, mode: str | None = None) -> str:
+    """Whether a logged metric improves upward ("max") or downward ("min"): ``mode`` when it is
+    min or max, else (auto, None) max for accuracy-like names (MAX_METRICS, any case), min for the
+    rest. The one rule for checkpoints, early stopping and the tuner's objective."""
+    if mode in ("min", "max"):
+        return mode
+    return "max" if any(s in name.lower() for s in MAX_METRICS) else "min"
+
+
 def monitor_mode(cfg) -> str:
-    """``train.checkpoint.mode``, with auto = max for accuracy-like metrics, else min."""
-    if cfg.mode != "auto":
-        return cfg.mode
-    return "max" if any(s in cfg.monitor for s in ("acc", "auc", "precision", "recall", "f1")) else "min"
+    """``train.checkpoint.mode`` / ``train.early_stopping.mode`` with its monitor (monitor_direction)."""
+    return monitor_direction(cfg.monitor, cfg.mode)
 
 
 # ----------------------------------------------------------------------------- variables by name

@@ -653,7 +653,7 @@ CHECKS = {
     "train.optimizer.name": menu("kfine.optim:OPTIMIZERS"),
     "train.optimizer.momentum": optional(FRACTION),
     "train.optimizer.weight_decay": at_least(0.0),
-    "train.optimizer.no_decay.*": one_of("bn", "bias"),
+    "train.optimizer.no_decay.*": menu("kfine.optim:NO_DECAY"),
     "train.optimizer.clipnorm": optional(above(0.0)),
     "train.optimizer.global_clipnorm": optional(above(0.0)),
     "train.schedule.learning_rate": at_least(0.0),

@@ -27,7 +27,7 @@ import numpy as np
 
 from kfine import audit, sources
 from kfine.config import DataConfig
-from kfine.sources import SPLITS, BadImageError, DataError, FileIndex  # noqa: F401  (the public names)
+from kfine.sources import SPLITS, DataError, FileIndex
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kfine.rundir import missing_run_file, read_json, write_csv, write_json  # noqa: F401  (write_csv: kfine.predict uses it)
+from kfine.rundir import missing_run_file, read_json, write_csv, write_json
 
 EPS = 1e-7
 GRID_SIZE = 30          # images in the predictions grid
@@ -119,10 +119,12 @@ def tta_views(images, mode: str) -> list[np.ndarray]:
 
 
 def predict_views(model, images, mode: str | None = None):
-    """(plain probabilities, probabilities averaged over the ``mode`` views or None)."""
+    """(plain probabilities, probabilities averaged over the ``mode`` views or None): the
+    softmax of each view's logits first (``as_probabilities``), then the mean of probabilities."""
+    from kfine.model import as_probabilities
     if mode is None:
-        return np.asarray(model.predict_on_batch(np.asarray(images)), dtype=np.float32), None
-    per_view = [np.asarray(model.predict_on_batch(v), dtype=np.float32) for v in tta_views(images, mode)]
+        return as_probabilities(model, np.asarray(model.predict_on_batch(np.asarray(images)))), None
+    per_view = [as_probabilities(model, np.asarray(model.predict_on_batch(v))) for v in tta_views(images, mode)]
     return per_view[0], np.mean(per_view, axis=0)
 
 

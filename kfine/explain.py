@@ -7,12 +7,13 @@ the image: where the evidence for that class lies. kfine weighs each position by
 gradient (HiResCAM), which is Grad-CAM's channel-averaged weighting exactly behind an
 average-pooled backbone and stays faithful behind the scratch CNN's Flatten (see ``gradcam``).
 
-kfine's model is nested (image -> "preprocess" -> "backbone" model -> head -> softmax), so the
+kfine's model is nested (image -> "preprocess" -> "backbone" model -> head -> logits), so the
 heatmap model is rebuilt as two functions: ``features`` (image -> the backbone's last 4-D
 output, before its pooling or flatten) and ``classify`` (that map -> the backbone's remaining
-layers -> the head -> logits, before the softmax). The gradient is the backend's own
-(tf.GradientTape, jax.grad, torch.autograd); everything else is keras.ops. EMA and best-epoch
-weights are simply the weights the model holds; LoRA layers are called as they are.
+layers -> the head -> logits; an older model's final softmax is left out). The gradient is
+the backend's own (tf.GradientTape, jax.grad, torch.autograd); everything else is keras.ops.
+EMA and best-epoch weights are simply the weights the model holds; LoRA layers are called as
+they are.
 
 A heatmap is only as fine as the feature map: ResNet50 at 224 px has a 7x7 map, at 32 px 1x1
 (one value: a flat heatmap), a scratch_cnn after k poolings (H / 2^k).
@@ -50,7 +51,7 @@ def _last_feature_map(backbone):
 
 def cam_parts(model):
     """(features, classify): image -> last conv feature map, feature map -> logits."""
-    from kfine.model import get_backbone
+    from kfine.model import get_backbone, outputs_logits, probabilities
     backbone = get_backbone(model)
     last = _last_feature_map(backbone)
     conv = backbone.layers[last]
@@ -58,7 +59,7 @@ def cam_parts(model):
     tail = backbone.layers[last + 1:]
     outer = list(model.layers)
     head = outer[outer.index(backbone) + 1:]
-    if head and head[-1].name == "probs":   # the softmax: Grad-CAM differentiates the logit
+    if head and not outputs_logits(model):   # an older model's softmax: Grad-CAM differentiates the logit
         head = head[:-1]
     chain = tail + head   # kfine's backbones end in a chain: [norm/activation ->] pooling or flatten
     preprocess = model.get_layer("preprocess")
@@ -76,7 +77,7 @@ def cam_parts(model):
     h, w = (int(d) if d else 32 for d in model.input_shape[1:3])
     x = ops.convert_to_tensor(np.random.default_rng(0).uniform(0, 255, (1, h, w, 3)).astype(np.float32))
     got = ops.convert_to_numpy(ops.softmax(ops.cast(classify(features(x)), "float32"), axis=-1))
-    want = ops.convert_to_numpy(ops.cast(model(x, training=False), "float32"))
+    want = ops.convert_to_numpy(probabilities(model, x))
     if not np.allclose(got, want, atol=1e-2):
         raise ExplainError(f"the heatmap model (backbone up to {conv.name!r}, then "
                            f"{[l.name for l in chain]}) does not reproduce the model's outputs")
@@ -282,7 +283,8 @@ def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test"
     images, labels = np.concatenate(images), np.concatenate(labels)
     if not len(images):
         return None
-    probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(model(images[i:i + 64], training=False)))
+    from kfine.model import probabilities
+    probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(probabilities(model, images[i:i + 64])))
                             for i in range(0, len(images), 64)])
     idx = pick_images(labels, probs)
     heat, _ = explain_images(model, images[idx], probs[idx].argmax(axis=1))

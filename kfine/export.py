@@ -92,6 +92,12 @@ def transform_of(data_cfg) -> dict:
             "eval_transform": data_cfg.eval_transform, "max_pixels": data_cfg.max_pixels}
 
 
+def _probabilities(model, x):
+    """Every format's output: the model's probabilities (kfine.model.probabilities)."""
+    from kfine.model import probabilities
+    return probabilities(model, x)
+
+
 # ----------------------------------------------------------------------------- SavedModel
 def _serving_fns(model, class_names, image_size, transform=None):
     """The two signature functions: (bytes_fn, tensor_fn)."""
@@ -102,7 +108,7 @@ def _serving_fns(model, class_names, image_size, transform=None):
     def classify(images):
         # An empty batch never reaches the model: grappler's fused BatchNorm fails on zero rows.
         probs = tf.cond(tf.shape(images)[0] > 0,
-                        lambda: tf.cast(model(images, training=False), tf.float32),
+                        lambda: _probabilities(model, images),
                         lambda: tf.zeros([0, len(class_names)], tf.float32))
         index = tf.argmax(probs, axis=-1)
         return {"probabilities": probs, "class_index": index, "class_name": tf.gather(names, index)}
@@ -230,7 +236,7 @@ def onnx_bytes(model, image_size, check_images=None) -> bytes:
     h, w = int(image_size[0]), int(image_size[1])
     spec = [tf.TensorSpec([None, h, w, 3], tf.float32, name="image")]
     # An explicit signature: model.export(format="onnx") named the input "functional_1/Squeeze/input:0".
-    fn = tf.function(lambda image: {"probabilities": tf.cast(model(image, training=False), tf.float32)},
+    fn = tf.function(lambda image: {"probabilities": _probabilities(model, image)},
                      input_signature=spec)
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=ONNX_OPSET)
     data = proto.SerializeToString()
@@ -243,7 +249,7 @@ def onnx_bytes(model, image_size, check_images=None) -> bytes:
                           f"got {inputs} and {outputs}; the file was not written")
     x = _check_images(image_size) if check_images is None else np.asarray(check_images, np.float32)
     got = session.run(["probabilities"], {"image": x})[0]
-    want = keras.ops.convert_to_numpy(model(x, training=False)).astype(np.float32)
+    want = keras.ops.convert_to_numpy(_probabilities(model, x))
     diff = float(np.max(np.abs(got - want)))
     if not diff < ONNX_TOLERANCE:
         raise ExportError(f"ONNX export: onnxruntime differs from Keras by {diff:.2e} "
@@ -317,7 +323,7 @@ def litert_bytes(model, image_size, quantization: str = "none", calibration=None
     spec = [tf.TensorSpec([None, h, w, 3], tf.float32, name="image")]
     archive = keras.export.ExportArchive()
     archive.add_endpoint("serving_default",
-                         lambda image: {"probabilities": tf.cast(model(image, training=False), tf.float32)},
+                         lambda image: {"probabilities": _probabilities(model, image)},
                          input_signature=spec)
     with tempfile.TemporaryDirectory(prefix="kfine-litert-") as tmp:
         archive.write_out(tmp, verbose=False)
@@ -341,7 +347,7 @@ def litert_bytes(model, image_size, quantization: str = "none", calibration=None
     if quantization == "none":
         x = _check_images(image_size) if check_images is None else np.asarray(check_images, np.float32)
         got = lite.predict(x)
-        want = keras.ops.convert_to_numpy(model(x, training=False)).astype(np.float32)
+        want = keras.ops.convert_to_numpy(_probabilities(model, x))
         diff = float(np.max(np.abs(got - want)))
         if not diff < LITERT_TOLERANCE:
             raise ExportError(f"LiteRT export: the interpreter differs from Keras by {diff:.2e} "
@@ -496,7 +502,7 @@ def record_litert(path, model, class_names, quantization: str, datasets=None, tr
             labels, lite_pred, keras_pred, diff = [], [], [], 0.0
             for batch in getattr(datasets, split):
                 x = np.asarray(batch[0], np.float32)
-                want = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), np.float32)
+                want = np.asarray(keras.ops.convert_to_numpy(_probabilities(model, x)), np.float32)
                 got = lite.predict(np.clip(x, 0, 255).round().astype(np.uint8) if lite.dtype == np.uint8 else x)
                 diff = max(diff, float(np.max(np.abs(got - want)))) if len(x) else diff
                 labels.append(np.asarray(batch[1]).reshape(-1))
@@ -537,9 +543,10 @@ def export_model(model, class_names, image_size, out_dir, formats=("saved_model"
                  calibration=None) -> dict[str, str]:
     """Write ``model`` in each of ``formats`` under ``out_dir``; returns {format: written path}.
 
-    ``model`` takes float 0..255 RGB at ``image_size`` and returns softmax probabilities
-    (kfine.model.build_model). ``check_images`` (float32 [N, H, W, 3]) is what the ONNX export
-    is checked on; by default a fixed synthetic batch. ``transform``: the run's eval transform
+    ``model`` takes float 0..255 RGB at ``image_size`` and returns logits (kfine.model.build_model;
+    or, saved by an older kfine, probabilities): every format outputs probabilities.
+    ``check_images`` (float32 [N, H, W, 3]) is what the ONNX export is checked on; by default a
+    fixed synthetic batch. ``transform``: the run's eval transform
     (``transform_of(cfg.data)``) that the SavedModel's image-bytes signature applies.
     ``litert`` (export.litert: {quantization, representative_images}) and ``datasets``
     (kfine.data.Datasets): the LiteRT file's quantization, its int8 calibration images (training

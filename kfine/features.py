@@ -37,12 +37,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
+
+from kfine.pipeline import RecentCache
 
 # Part of every feature key. Bump it when a code change alters the features computed from the same
 # images and weights: the crop/flip/affine/jitter or eval-transform code (kfine.pipeline), the
@@ -52,7 +54,7 @@ FEATURES_VERSION = 2
 SAMPLINGS = ("uniform", "balanced")   # the data.sampling draws feature_datasets makes
 
 COMPUTED = Counter()            # feature sets computed in this process
-_RECENT: OrderedDict = OrderedDict()   # the last feature sets, by key (bounded: they can be large)
+_RECENT = RecentCache(2)        # the last feature sets, by key (bounded: they can be large)
 
 
 @dataclass
@@ -164,7 +166,7 @@ def feature_extractor(model) -> keras.Model:
 
 
 def head_model(model) -> keras.Model:
-    """The model's head layers (everything after the backbone, probabilities included) on a
+    """The model's head layers (everything after the backbone, up to the model's output) on a
     features input: the same layer objects, so training it trains the full model's head."""
     from kfine.model import get_backbone
     backbone = get_backbone(model)
@@ -188,9 +190,8 @@ def get_features(model, datasets, cfg) -> Features:
     (this process, or the disk cache), else computed (one backbone pass per view) and kept."""
     from kfine.pipeline import cache_root
     key = feature_key(model, datasets, cfg)
-    if key in _RECENT:
-        _RECENT.move_to_end(key)
-        feats = _RECENT[key]
+    feats = _RECENT.lookup(key)
+    if feats is not None:
         feats.source = "memory"
         return feats
     disk = cache_root(datasets.config) / "features" / f"{key}.npz" if datasets.config.cache == "disk" else None
@@ -202,10 +203,7 @@ def get_features(model, datasets, cfg) -> Features:
         feats = _compute(model, datasets, cfg, key)
         if disk is not None:
             _save(feats, disk)
-    _RECENT[key] = feats
-    while len(_RECENT) > 2:
-        _RECENT.popitem(last=False)
-    return feats
+    return _RECENT.keep(key, feats)
 
 
 def _compute(model, datasets, cfg, key: str) -> Features:

@@ -190,13 +190,6 @@ def apply_freeze(model: keras.Model, backbone_name: str, spec: FreezeConfig, bn:
     BN_MODES[bn](bn_layers)
 
 
-def backbone_frozen(model: keras.Model) -> bool:
-    """True when no backbone variable trains (BatchNorm statistics may still move: see
-    ``features_frozen``)."""
-    backbone = {id(w) for w in get_backbone(model).weights}
-    return not any(id(v) in backbone for v in model.trainable_variables)
-
-
 _STOCHASTIC = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
                keras.layers.GaussianDropout, keras.layers.AlphaDropout)
 
@@ -222,17 +215,11 @@ def features_frozen(model: keras.Model, phase) -> tuple[bool, str]:
     return True, "no backbone variable trains and every BatchNorm runs in inference mode"
 
 
-def _size(w) -> int:
-    n = 1
-    for d in w.shape:
-        n *= int(d)
-    return n
-
-
 def trainable_summary(model: keras.Model, backbone_name: str, lr_multipliers: dict | None = None) -> list[dict]:
     """Per stage (and the head): trainable and frozen parameter counts, BN layers in training mode
     (their statistics follow the batches), and with ``lr_multipliers`` (stage -> factor, as from
     kfine.optim.stage_multipliers) each stage's learning-rate factor."""
+    from kfine.model import param_count
     rows: dict[str, dict] = {}
     trains = {id(v) for v in model.trainable_variables}
 
@@ -240,9 +227,9 @@ def trainable_summary(model: keras.Model, backbone_name: str, lr_multipliers: di
         r = rows.setdefault(stage, {"stage": stage, "trainable": 0, "frozen": 0, "bn_training": 0})
         # BN moving statistics are state, not parameters: counted in neither column
         params = [w for w in layer.weights if not (_is_bn(layer) and w.name.startswith("moving_"))]
-        n = sum(_size(w) for w in params if id(w) in trains)
+        n = sum(param_count(w) for w in params if id(w) in trains)
         r["trainable"] += n
-        r["frozen"] += sum(_size(w) for w in params) - n
+        r["frozen"] += sum(param_count(w) for w in params) - n
         r["bn_training"] += int(_is_bn(layer) and layer.trainable)
         if lr_multipliers is not None:
             r["lr_mult"] = lr_multipliers.get(stage, 1.0)

@@ -5,7 +5,13 @@
       -> preprocess (layer "preprocess": the backbone's own normalisation, in float32)
       -> backbone   (nested model "backbone": pooled features)
       -> head       (layers "head_*": Dropout / Dense / activation blocks)
-      -> probs      (float32 softmax, even under mixed precision)
+      -> logits     (float32, even under mixed precision): the model's output
+
+The model ends in logits and the training loss takes logits (``from_logits=True``: the softmax
+and the log are computed together, which is stable in float16). Probabilities are made at the
+edge, by ``probabilities`` / ``as_probabilities``: evaluate, predict, export, explain and the report
+call them, and they also read a model saved by an older kfine, whose last layer is the float32
+softmax "probs", without applying the softmax twice.
 
 Model code uses keras.ops only, so it runs on the TensorFlow and the JAX backend.
 
@@ -22,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from kfine.config import HeadConfig, ModelConfig, ScratchConfig
@@ -228,7 +235,8 @@ HEADS = {"linear": _linear_head, "mlp": _mlp_head}
 
 
 def build_model(cfg: ModelConfig, num_classes: int, image_size=(224, 224)) -> keras.Model:
-    """The full classifier: raw 0..255 RGB in, class probabilities (float32) out."""
+    """The full classifier: raw 0..255 RGB in, class logits (float32) out; ``probabilities``
+    turns them into class probabilities."""
     if num_classes < 2:
         raise ModelError(f"need at least 2 classes, got {num_classes}")
     if cfg.head.type not in HEADS:
@@ -244,8 +252,34 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size=(224, 224)) -> ke
     else:
         head_cfg = cfg.head
     logits = HEADS[head_cfg.type](x, head_cfg, num_classes)
-    probs = layers.Activation("softmax", dtype="float32", name="probs")(logits)
-    return keras.Model(inputs, probs, name=f"kfine_{cfg.backbone}")
+    logits = layers.Activation("linear", dtype="float32", name="logits")(logits)   # float32 under mixed precision
+    return keras.Model(inputs, logits, name=f"kfine_{cfg.backbone}")
+
+
+def outputs_logits(model) -> bool:
+    """Whether ``model`` ends in logits (kfine's models) rather than a softmax (a model saved by
+    an older kfine ends in the float32 softmax layer "probs"; any model whose last layer has a
+    softmax activation counts as one that outputs probabilities)."""
+    last = model.layers[-1]
+    return last.name != "probs" and getattr(last, "activation", None) is not keras.activations.softmax
+
+
+def as_probabilities(model, outputs):
+    """``model``'s outputs (logits or, for an older model, probabilities) as float32 probabilities:
+    numpy in, numpy out; a tensor in, a tensor out."""
+    if isinstance(outputs, np.ndarray):
+        outputs = outputs.astype(np.float32)
+        if not outputs_logits(model):
+            return outputs
+        e = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    outputs = ops.cast(outputs, "float32")
+    return ops.softmax(outputs, axis=-1) if outputs_logits(model) else outputs
+
+
+def probabilities(model, x):
+    """Class probabilities (float32) of images ``x`` under ``model`` (inference mode)."""
+    return as_probabilities(model, model(x, training=False))
 
 
 def get_backbone(model: keras.Model) -> keras.Model:
@@ -258,7 +292,8 @@ def head_layers(model: keras.Model) -> list:
 
 
 # ----------------------------------------------------------------------------- python -m kfine.model layers
-def _size(w) -> int:
+def param_count(w) -> int:
+    """The number of values in a weight (the product of its shape)."""
     n = 1
     for d in w.shape:
         n *= int(d)
@@ -274,7 +309,7 @@ def layer_table(model: keras.Model, backbone_name: str) -> list[dict]:
         r = rows.setdefault(stage, {"stage": stage, "layers": 0, "weight_layers": 0, "params": 0})
         r["layers"] += 1
         r["weight_layers"] += int(bool(layer.weights))
-        r["params"] += sum(_size(w) for w in layer.weights)
+        r["params"] += sum(param_count(w) for w in layer.weights)
 
     stages = layer_stages(get_backbone(model), backbone_name)
     for layer in get_backbone(model).layers:

@@ -296,9 +296,6 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
     if cfg.clipnorm is not None and cfg.global_clipnorm is not None:
         raise ConfigError("train.optimizer: give clipnorm (per variable) or global_clipnorm (all "
                           "gradients together, PyTorch's clip_grad_norm_), not both")
-    unknown = sorted(set(cfg.no_decay) - set(NO_DECAY))
-    if unknown:
-        raise ConfigError(f"train.optimizer.no_decay: unknown {unknown[0]!r}; choose from {sorted(NO_DECAY)}")
 
 
 def check_train(cfg: TrainConfig) -> None:
@@ -457,24 +454,29 @@ def _as_probabilities(y_true, num_classes: int):
 
 @keras.saving.register_keras_serializable(package="kfine")
 class SmoothedSparseCE(keras.losses.Loss):
-    """Cross-entropy of predicted probabilities against sparse or soft labels, with label
-    smoothing: the target is (1 - s) * y + s / C, so smoothing composes with MixUp/CutMix."""
+    """Cross-entropy of predicted logits (``from_logits``; probabilities for a model saved by an
+    older kfine, whose compiled loss has no ``from_logits``) against sparse or soft labels, with
+    label smoothing: the target is (1 - s) * y + s / C, so smoothing composes with MixUp/CutMix."""
 
-    def __init__(self, label_smoothing=0.0, num_classes=2, name="smoothed_sparse_ce", **kwargs):
+    def __init__(self, label_smoothing=0.0, num_classes=2, from_logits=False, name="smoothed_sparse_ce", **kwargs):
         super().__init__(name=name, **kwargs)
         self.label_smoothing, self.num_classes = float(label_smoothing), int(num_classes)
+        self.from_logits = bool(from_logits)
 
     def call(self, y_true, y_pred):
         y = _as_probabilities(y_true, self.num_classes)
-        return keras.losses.categorical_crossentropy(y, y_pred, label_smoothing=self.label_smoothing)
+        return keras.losses.categorical_crossentropy(y, y_pred, from_logits=self.from_logits,
+                                                     label_smoothing=self.label_smoothing)
 
     def get_config(self):
-        return {"label_smoothing": self.label_smoothing, "num_classes": self.num_classes, "name": self.name}
+        return {"label_smoothing": self.label_smoothing, "num_classes": self.num_classes,
+                "from_logits": self.from_logits, "name": self.name}
 
 
-def make_loss(label_smoothing: float, num_classes: int):
-    """The training loss: sparse or soft labels (see above), optional label smoothing."""
-    return SmoothedSparseCE(label_smoothing, num_classes)
+def make_loss(label_smoothing: float, num_classes: int, from_logits: bool = True):
+    """The training loss: sparse or soft labels (see above), optional label smoothing, on the
+    model's logits (``from_logits=False`` for a model that ends in a softmax: ``outputs_logits``)."""
+    return SmoothedSparseCE(label_smoothing, num_classes, from_logits)
 
 
 @keras.saving.register_keras_serializable(package="kfine")

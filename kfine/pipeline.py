@@ -62,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from kfine.log import quiet_stderr
-from kfine.sources import BadImageError, DataError, scan_files
+from kfine.sources import DataError, scan_files
 
 CACHE_VERSION = 6            # bump when what the cache holds changes (the resize below)
 CROP_RATIO = 3 / 4, 4 / 3    # torchvision RandomResizedCrop's default aspect-ratio range
@@ -452,8 +452,9 @@ def cache_key(keys, info, cfg) -> str:
 
 
 def cache_root(cfg) -> Path:
-    base = os.environ.get("KFINE_CACHE") or Path.home() / ".cache" / "kfine"
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(base) / "images"
+    """Where decoded images are cached: ``data.cache_dir``, else images/ under kfine's cache home."""
+    from kfine.rundir import cache_home
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_home() / "images"
 
 
 def _bad_reason(path: str) -> str:
@@ -497,21 +498,41 @@ def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> 
     """
     keys, info = list(keys), info or {}
     key = (cache_key(keys, info, cfg), cfg.cache)
-    if key in _RECENT:    # tune trials, comparisons: decode once per process
-        _RECENT.move_to_end(key)
-        _RECENT[key][0].source = "reused from this process"
-        return _RECENT[key]
+    reused = _RECENT.lookup(key)    # tune trials, comparisons: decode once per process
+    if reused is not None:
+        reused[0].source = "reused from this process"
+        return reused
     clean_stale(cache_root(cfg))
     final = cache_root(cfg) / key[0] if cfg.cache == "disk" else None
-    result = _build_cache(keys, cfg, info, images, progress, final)
-    _RECENT[key] = result
-    while len(_RECENT) > 2:
-        _RECENT.popitem(last=False)
-    return result
+    return _RECENT.keep(key, _build_cache(keys, cfg, info, images, progress, final))
 
 
-# The last caches built in this process (at most two: a cache can be gigabytes), by cache key.
-_RECENT: OrderedDict = OrderedDict()
+class RecentCache(OrderedDict):
+    """The ``size`` most recently used values of this process, by key: a lookup or a keep makes a
+    key the newest, and a keep beyond ``size`` lets the oldest go (decoded images here, backbone
+    features in kfine.features: each can be gigabytes)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def lookup(self, key):
+        """The value kept under ``key`` (now the newest), or None."""
+        if key not in self:
+            return None
+        self.move_to_end(key)
+        return self[key]
+
+    def keep(self, key, value):
+        """Keep ``value`` under ``key`` as the newest; returns it."""
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+_RECENT = RecentCache(2)   # the last caches built in this process, by cache key
 BUILT = Counter()   # images decoded into caches in this process (tests assert reuse by it)
 
 
@@ -942,12 +963,3 @@ def load_images(paths: list[str], image_size, cache_size=None, eval_transform="r
         ok.append(p)
     h, w = image_size
     return (np.stack(arrays) if arrays else np.zeros((0, h, w, 3), np.uint8)), ok, bad
-
-
-def load_image(path: str, image_size, cache_size=None, eval_transform="resize_center_crop",
-               max_pixels=None) -> np.ndarray:
-    """One image file -> its uint8 eval view; raises BadImageError(path, reason)."""
-    arr, _, bad = load_images([path], image_size, cache_size, eval_transform, max_pixels)
-    if bad:
-        raise BadImageError(*bad[0])
-    return arr[0]

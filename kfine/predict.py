@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kfine.evaluate import TTA_MODES, predict_views, prediction_rows, write_csv
-from kfine.rundir import missing_run_file, read_json
+from kfine.evaluate import TTA_MODES, predict_views, prediction_rows
+from kfine.rundir import missing_run_file, read_json, write_csv
 
 
 def predict_files(model, paths, class_names, image_size, batch_size: int = 32, top_k: int = 5,

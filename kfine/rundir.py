@@ -101,3 +101,9 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def cache_home() -> Path:
+    """The root of kfine's caches, outside any run directory: $KFINE_CACHE, else ~/.cache/kfine
+    (decoded images under images/, the digits demo under digits/)."""
+    return Path(os.environ.get("KFINE_CACHE") or Path.home() / ".cache" / "kfine")

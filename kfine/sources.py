@@ -436,7 +436,8 @@ def ensure_digits(cache_dir=None) -> str:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    base = Path(cache_dir or os.environ.get("KFINE_CACHE") or Path.home() / ".cache" / "kfine")
+    from kfine.rundir import cache_home
+    base = Path(cache_dir) if cache_dir else cache_home()
     root = base / "digits"
     if root.is_dir():
         return str(root)

@@ -137,12 +137,13 @@ def _wandb_callback(cfg: Config, run_dir: Path):
 def compile_model(model, optimizer, cfg: Config, num_classes: int, steps: int | None = None) -> None:
     """Compile for this phase (Keras reads ``trainable`` at compile); ``steps``: the epoch's steps,
     from which ``train.steps_per_execution: auto`` is chosen."""
+    from kfine.model import outputs_logits
     from kfine.optim import make_loss, make_metrics
-    metrics = make_metrics(num_classes)   # sparse or soft (MixUp/CutMix) labels
+    metrics = make_metrics(num_classes)   # sparse or soft (MixUp/CutMix) labels; logits or probabilities
     inner = getattr(optimizer, "inner_optimizer", optimizer)   # under a LossScaleOptimizer
     if hasattr(inner, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
         inner.set_active_variables(model.trainable_variables)
-    model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes),
+    model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes, outputs_logits(model)),
                   metrics=metrics, jit_compile=cfg.train.jit_compile,
                   steps_per_execution=execution_steps(cfg, steps) if steps else 1)
 
@@ -647,24 +648,24 @@ def _saved_metrics(run_dir: Path) -> dict:
 
 
 def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, todo: list[str] | None = None) -> None:
-    """Evaluation, plots, report and export: each optional module is used when present.
+    """Evaluation, plots, report and export. Each is kfine's own module: one that fails to import
+    (a broken matplotlib, say) fails the run with its error, never a run "done" without its outputs.
     ``todo``: only these outputs (missing_outputs' names; a finished run resumed), else all;
     ``datasets`` may then be None when the evaluation is not among them."""
+    try:
+        from kfine import evaluate, export, plots, report
+    except ImportError as e:
+        raise TrainingError(f"the run's plots, evaluation, export and report cannot be written: {e}; the trained "
+                            f"model is saved in {run_dir / 'model.keras'}: repair the install, then "
+                            f"`python -m kfine.train --resume {run_dir}` writes them") from e
+
     def wanted(step: str) -> bool:
         return todo is None or step in todo
 
     if wanted("history plot"):
-        try:
-            from kfine import plots
-            plots.plot_history(run_dir / "history.csv", run_dir / "plots" / "history.png",
-                               phases=read_json(run_dir / "phases.json"))
-        except ImportError:
-            pass
-    try:
-        from kfine import evaluate
-    except ImportError:
-        evaluate = None
-    if evaluate is not None and wanted("evaluation") and datasets is not None:
+        plots.plot_history(run_dir / "history.csv", run_dir / "plots" / "history.png",
+                           phases=read_json(run_dir / "phases.json"))
+    if wanted("evaluation") and datasets is not None:
         split = "test" if datasets.test is not None else "val"
         if getattr(datasets, split) is not None:
             result.metrics = evaluate.evaluate_run(run_dir, model=model, datasets=datasets, split=split, report=False)
@@ -674,30 +675,18 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, t
             write_heatmaps(run_dir, model, datasets, result.metrics.get("split", split))
     formats = [f for f in cfg.export.formats if wanted(f"export {f}")]
     if cfg.export.enabled and formats:
-        try:
-            from kfine import export
-        except ImportError:
-            export = None
-        if export is not None:
-            class_names = datasets.class_names if datasets is not None else read_json(run_dir / "class_names.json")
-            export.export_model(model, class_names, cfg.data.image_size, run_dir / "export",
-                                formats=formats, transform=export.transform_of(cfg.data),
-                                litert=cfg.export.litert, datasets=datasets, run_dir=run_dir)
+        class_names = datasets.class_names if datasets is not None else read_json(run_dir / "class_names.json")
+        export.export_model(model, class_names, cfg.data.image_size, run_dir / "export",
+                            formats=formats, transform=export.transform_of(cfg.data),
+                            litert=cfg.export.litert, datasets=datasets, run_dir=run_dir)
     if wanted("report"):
-        try:
-            from kfine import report
-            report.write_report(run_dir)
-        except ImportError:
-            pass
+        report.write_report(run_dir)
 
 
 def write_heatmaps(run_dir: Path, model, datasets, split: str) -> None:
     """plots/heatmaps_<split>.png for the report (kfine.explain: Grad-CAM); a model it cannot
     explain gets a note, not a failed run."""
-    try:
-        from kfine import explain
-    except ImportError:
-        return
+    from kfine import explain
     try:
         explain.write_heatmap_grid(run_dir, model, getattr(datasets, split), datasets.class_names, split)
     except explain.ExplainError as e:

@@ -59,6 +59,7 @@ from typing import Any
 import yaml
 
 from kfine import cli
+from kfine.checkpoint import monitor_direction
 from kfine.config import Config, ConfigError, check_config, load_config, replace, to_dict
 from kfine.rundir import atomic_write_bytes, atomic_write_text, write_csv
 
@@ -71,7 +72,6 @@ SPEC_FIELDS = {            # spec type -> the fields it takes (besides `type`)
     "boolean": set(),
 }
 _NOT_SEARCHABLE = ("search", "name", "runs_dir")
-_MAX_DIRECTIONS = ("acc", "auc", "precision", "recall", "f1")
 
 
 class SearchError(RuntimeError):
@@ -258,9 +258,7 @@ def trial_config(cfg: Config, params: list[Param], values: dict) -> Config:
 
 
 def objective_direction(search) -> str:
-    if search.direction:
-        return search.direction
-    return "max" if any(s in search.objective.lower() for s in _MAX_DIRECTIONS) else "min"
+    return monitor_direction(search.objective, search.direction)
 
 
 # ----------------------------------------------------------------------------- data per trial
@@ -270,13 +268,8 @@ _DATA_CACHE_SIZE = 4
 
 def trial_datasets(cfg: Config):
     """The datasets of one trial, built once per distinct (data section, seed) and cached: trials
-    that differ in data.batch_size or data.image_size get their own, the rest share one.
-
-    Frozen-feature cache (a later issue) goes HERE and only here: when every phase of ``cfg``
-    freezes the whole backbone (queryable from cfg.train.phases[*].freeze), key the cache on
-    (data section without augmentation, model.backbone, model.weights, seed), run the backbone
-    once over the images and return datasets of pooled features plus a head-only model builder,
-    so trials that differ only in head/optimiser settings skip the backbone forward pass."""
+    that differ in data.batch_size or data.image_size get their own, the rest share one. (Trials
+    that train only the head reuse the backbone's features through kfine.features.)"""
     from kfine import data as kdata
     key = yaml_value([to_dict(cfg.data), cfg.seed])
     if key not in _DATA_CACHE:
@@ -446,8 +439,6 @@ def _hyperband_oracle(cfg, objective, seed):
 
 def _grid_oracle(cfg, objective, seed):
     import keras_tuner as kt
-    if not hasattr(kt.oracles, "GridSearchOracle"):
-        raise SearchError("search.tuner: grid needs keras-tuner >= 1.3 (pip install -U keras-tuner)")
     return kt.oracles.GridSearchOracle(objective=objective, max_trials=cfg.search.max_trials, seed=seed)
 
 
@@ -535,7 +526,7 @@ def plot_search(results_csv, out_dir, objective: str = "score", direction: str |
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(rows) + 2), 3.5))
     xs = [trial_number(r["trial_id"]) for r in scored]
     ys = [float(r["score"]) for r in scored]
-    direction = direction or ("max" if any(s in objective.lower() for s in _MAX_DIRECTIONS) else "min")
+    direction = monitor_direction(objective, direction)
     ax.plot(range(len(xs)), ys, "o-", color="tab:blue", label=objective)
     if ys:
         pick = max if direction == "max" else min

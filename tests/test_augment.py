@@ -255,9 +255,10 @@ def test_soft_label_loss_composes_with_label_smoothing():
     s = 0.1
     target = soft * (1 - s) + s / 3
     want = np.mean(-(target * np.log(p)).sum(1))
-    assert float(make_loss(s, 3)(soft, p)) == pytest.approx(want, rel=1e-5)
+    logits = np.log(p) + 1.0                                     # the loss takes logits: softmax(logits) == p
+    assert float(make_loss(s, 3)(soft, logits)) == pytest.approx(want, rel=1e-5)
     sparse = np.array([0, 2], np.int32)                          # sparse == its one-hot
-    assert float(make_loss(s, 3)(sparse, p)) == pytest.approx(float(make_loss(s, 3)(np.eye(3)[sparse], p)), rel=1e-6)
+    assert float(make_loss(s, 3)(sparse, logits)) == pytest.approx(float(make_loss(s, 3)(np.eye(3)[sparse], logits)), rel=1e-6)
 
 
 def test_fit_with_soft_training_labels_and_sparse_validation_labels():
@@ -266,7 +267,7 @@ def test_fit_with_soft_training_labels_and_sparse_validation_labels():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(6, activation="softmax")(x))   # 6 classes: top-5 is logged
+    model = keras.Model(inputs, keras.layers.Dense(6)(x))   # logits; 6 classes: top-5 is logged
     model.compile(keras.optimizers.SGD(0.5), loss=make_loss(0.1, 6), metrics=make_metrics(6))
     imgs = np.stack([_image(i) for i in range(16)])
     labels = (np.arange(16) % 6).astype(np.int32)

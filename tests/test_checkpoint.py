@@ -227,7 +227,7 @@ def test_saved_model_holds_each_variable_once_and_answers_like_keras(tmp_path):
     import tensorflow as tf
     from kfine.config import ModelConfig, ScratchConfig
     from kfine.export import export_model
-    from kfine.model import build_model
+    from kfine.model import build_model, probabilities
     cfg = ModelConfig(backbone="scratch_cnn", weights=None,
                       scratch=ScratchConfig(filters=(32,), dense_units=256, dropout=0.0))
     model = build_model(cfg, 3, (32, 32))       # 16*16*32 -> 256: 2.1M parameters, 8.4 MB
@@ -238,7 +238,7 @@ def test_saved_model_holds_each_variable_once_and_answers_like_keras(tmp_path):
     assert nbytes < data < 1.05 * nbytes, (data, nbytes)
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     got = tf.saved_model.load(str(sm)).signatures["serving_tensor"](image=tf.constant(x))["probabilities"]
-    np.testing.assert_allclose(got.numpy(), keras.ops.convert_to_numpy(model(x)), atol=1e-6)
+    np.testing.assert_allclose(got.numpy(), keras.ops.convert_to_numpy(probabilities(model, x)), atol=1e-6)
 
 
 def test_a_finished_run_keeps_no_optimizer_state_and_resume_redoes_missing_outputs(tmp_path):
@@ -500,3 +500,19 @@ def test_resume_after_sigkill_at_every_moment(tmp_path, point):
     else:
         assert "resuming at epoch 2 (phase 0)" in resumed.stdout
     _assert_complete(rd, resumed)
+
+
+@pytest.mark.parametrize("name, want", [("val_accuracy", "max"), ("val_AUC", "max"), ("val_top5", "min"),
+                                        ("val_loss", "min"), ("F1", "max")])
+def test_one_monitor_direction_for_checkpoints_early_stopping_and_the_tuner(name, want):
+    """Upward or downward: one rule (any case) for train.checkpoint, train.early_stopping and
+    search.objective; an explicit mode / direction wins."""
+    from kfine.checkpoint import monitor_mode
+    from kfine.config import CheckpointConfig, EarlyStoppingConfig
+    from kfine.tune import objective_direction
+    cfg = load_config(None, [f"search.objective={name}"])
+    assert monitor_mode(CheckpointConfig(monitor=name)) == monitor_mode(EarlyStoppingConfig(monitor=name)) == want
+    assert objective_direction(cfg.search) == want
+    other = {"min": "max", "max": "min"}[want]
+    assert monitor_mode(CheckpointConfig(monitor=name, mode=other)) == other
+    assert objective_direction(load_config(None, [f"search.objective={name}", f"search.direction={other}"]).search) == other

@@ -104,6 +104,12 @@ def tiny_model():
     return build_model(cfg, 3, (32, 32))
 
 
+def _probabilities(model, images):
+    import keras
+    from kfine.model import probabilities
+    return keras.ops.convert_to_numpy(probabilities(model, images))
+
+
 def _data(n=14, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
@@ -118,7 +124,7 @@ def test_evaluate_model_matches_model_predict(tiny_model):
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
     files = [(f"x/{i}.png", int(l)) for i, l in enumerate(labels)]
     metrics, probs, got_labels = evaluate_model(tiny_model, ds, ["a", "b", "c"], files=files)
-    expect = tiny_model.predict(images, verbose=0)
+    expect = _probabilities(tiny_model, images)
     np.testing.assert_allclose(probs, expect, atol=1e-5)
     np.testing.assert_array_equal(got_labels, labels)
     assert metrics["accuracy"] == pytest.approx(float((expect.argmax(1) == labels).mean()))
@@ -149,7 +155,7 @@ def test_evaluate_run_with_given_model_falls_back_to_val(tiny_model, tmp_path, c
     assert m["split"] == "val"
     saved = json.loads((run / "metrics.json").read_text())
     assert set(saved) == {"train", "val"} and saved["train"] == {"accuracy": 0.5}
-    expect = tiny_model.predict(images, verbose=0)
+    expect = _probabilities(tiny_model, images)
     assert saved["val"]["accuracy"] == pytest.approx(float((expect.argmax(1) == labels).mean()))
     with open(run / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
@@ -199,3 +205,39 @@ def test_evaluate_cli_end_to_end(tiny_model, tmp_path):
     assert "confusion_test.png" in (run / "report.html").read_text()
     assert "test (" in proc.stdout and "accuracy" in proc.stdout
     assert "\x1b[" not in proc.stdout + proc.stderr          # a pipe: no terminal codes
+
+
+def test_a_model_saved_with_a_softmax_output_still_gives_its_probabilities(tiny_model, tmp_path):
+    """kfine's models end in logits; a model.keras saved when they ended in the float32 softmax
+    "probs" loads and gives the same probabilities through evaluate, predict (TTA), Grad-CAM and
+    the SavedModel: nothing applies the softmax twice."""
+    import keras
+    import tensorflow as tf
+    from kfine.evaluate import predict_views
+    from kfine.explain import gradcam
+    from kfine.export import export_model
+    from kfine.model import outputs_logits, probabilities
+    old = keras.Model(tiny_model.inputs, keras.layers.Activation("softmax", dtype="float32", name="probs")(
+        tiny_model.get_layer("head_logits").output))          # the head as kfine built it before
+    old.save(tmp_path / "old.keras")
+    loaded = keras.saving.load_model(tmp_path / "old.keras", compile=False)
+    assert outputs_logits(tiny_model) and not outputs_logits(loaded)
+    images, labels = _data()
+    logits = keras.ops.convert_to_numpy(tiny_model(images, training=False))
+    want = keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+    assert not np.allclose(want, keras.ops.convert_to_numpy(keras.ops.softmax(want)), atol=1e-3)  # twice differs
+    np.testing.assert_allclose(_probabilities(loaded, images), want, atol=1e-6)
+    np.testing.assert_allclose(_probabilities(tiny_model, images), want, atol=1e-6)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    _, probs, _ = evaluate_model(loaded, ds, ["a", "b", "c"])
+    np.testing.assert_allclose(probs, want, atol=1e-6)
+    plain, flipped = predict_views(loaded, images, "flip")
+    mirror = keras.ops.convert_to_numpy(keras.ops.softmax(tiny_model(images[:, :, ::-1], training=False)))
+    np.testing.assert_allclose(plain, want, atol=1e-6)
+    np.testing.assert_allclose(flipped, (want + mirror) / 2, atol=1e-6)   # the mean of probabilities
+    np.testing.assert_allclose(predict_views(tiny_model, images, "flip")[1], (want + mirror) / 2, atol=1e-6)
+    np.testing.assert_allclose(gradcam(loaded, images[:3])[1], want[:3], atol=1e-5)
+    sm = export_model(loaded, ["a", "b", "c"], (32, 32), tmp_path / "export")["saved_model"]
+    got = tf.saved_model.load(sm).signatures["serving_tensor"](image=tf.constant(images))["probabilities"]
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(probabilities(loaded, images)), want, atol=1e-6)

@@ -22,7 +22,7 @@ import sys, numpy as np, keras, kfine.model
 assert keras.backend.backend() == "jax"
 model = keras.saving.load_model(sys.argv[1], compile=False)
 x = np.load(sys.argv[2])
-np.save(sys.argv[3], keras.ops.convert_to_numpy(model(x, training=False)))
+np.save(sys.argv[3], keras.ops.convert_to_numpy(kfine.model.probabilities(model, x)))
 """
 
 

@@ -5,7 +5,7 @@ import pytest
 import keras
 
 from kfine.config import HeadConfig, ModelConfig, ScratchConfig
-from kfine.model import BACKBONES, ModelError, build_model, get_backbone, weights_info
+from kfine.model import BACKBONES, ModelError, build_model, get_backbone, probabilities, weights_info
 
 
 def test_preprocessing_inside_matches_keras_preprocess_input():
@@ -14,9 +14,12 @@ def test_preprocessing_inside_matches_keras_preprocess_input():
     inside = model.get_layer("preprocess")(x)
     ref = keras.applications.resnet50.preprocess_input(x.copy())
     np.testing.assert_allclose(keras.ops.convert_to_numpy(inside), ref, atol=1e-4)
-    probs = model.predict(x, verbose=0)
+    logits = model.predict(x, verbose=0)
+    assert logits.dtype == np.float32 and logits.shape == (2, 3)
+    probs = keras.ops.convert_to_numpy(probabilities(model, x))
     assert probs.dtype == np.float32 and probs.shape == (2, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs, keras.ops.convert_to_numpy(keras.ops.softmax(logits)), rtol=1e-5)
 
 
 def test_mlp_head_like_vlg50():

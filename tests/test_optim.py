@@ -9,7 +9,7 @@ import keras
 from kfine.config import (ConfigError, EmaConfig, FreezeConfig, ModelConfig, OptimizerConfig, ScheduleConfig,
                           TrainConfig)
 from kfine.freeze import apply_freeze, format_summary, trainable_summary
-from kfine.model import build_model, get_backbone
+from kfine.model import build_model, get_backbone, probabilities
 from kfine.optim import (EpochSchedule, apply_ema_weights, build_optimizer, check_train, decay_flags, ema_weights,
                          make_schedule, stage_multipliers, variable_multipliers)
 
@@ -345,7 +345,7 @@ def test_optimizer_state_carries_across_phases(resnet):
 
     apply_freeze(model, "resnet50", FreezeConfig("backbone"))
     opt.set_active_variables(model.trainable_variables)
-    model.compile(opt, "sparse_categorical_crossentropy")
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))   # kfine models end in logits
     model.train_on_batch(x, y)
     m_after_phase0 = np.array(opt._momentums[m_index].numpy())
     assert int(opt.iterations.numpy()) == 1 and np.any(m_after_phase0 != 0)
@@ -354,10 +354,10 @@ def test_optimizer_state_carries_across_phases(resnet):
 
     apply_freeze(model, "resnet50", FreezeConfig("stages", trainable_from="conv5"))
     opt.set_active_variables(model.trainable_variables)
-    model.compile(opt, "sparse_categorical_crossentropy")
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))   # kfine models end in logits
     import tensorflow as tf
     with tf.GradientTape() as tape:
-        loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
+        loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True), from_logits=True)
         loss = tf.reduce_mean(loss)
     g2 = tape.gradient(loss, head.value).numpy()
     model.train_on_batch(x, y)
@@ -387,14 +387,29 @@ def test_the_keras_internals_kfine_reads():
 
 
 def test_label_smoothing_loss_matches_the_formula():
+    """The loss takes the model's logits; ``from_logits=False`` (a model saved by an older kfine,
+    ending in a softmax) takes probabilities: the same numbers."""
     from kfine.optim import make_loss
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], "float32")
+    logits = (np.log(p) + np.array([[2.0], [-1.0]])).astype("float32")   # softmax(logits) == p
     y = np.array([0, 1])
-    loss = float(make_loss(0.1, 3)(y, p))
+    loss = float(make_loss(0.1, 3)(y, logits))
     target = np.full((2, 3), 0.1 / 3) + 0.9 * np.eye(3)[y]
     expected = float(np.mean(-(target * np.log(p)).sum(axis=1)))
     assert loss == pytest.approx(expected, rel=1e-5)
-    assert float(make_loss(0.0, 3)(y, p)) == pytest.approx(float(np.mean(-np.log(p[[0, 1], y]))), rel=1e-5)
+    assert float(make_loss(0.1, 3, from_logits=False)(y, p)) == pytest.approx(expected, rel=1e-5)
+    assert float(make_loss(0.0, 3)(y, logits)) == pytest.approx(float(np.mean(-np.log(p[[0, 1], y]))), rel=1e-5)
+
+
+def test_loss_on_float16_logits_stays_exact_where_float16_probabilities_saturate():
+    """Mixed precision: a confident wrong logit. From logits the loss is exact (log-softmax in one
+    step); the float16 softmax rounds the true class's probability to 0 and only a clip is left."""
+    from kfine.optim import make_loss
+    logits = np.array([[-12.0, 12.0, 0.0]], "float16")
+    want = float(-(logits[0, 0] - np.log(np.exp(logits[0].astype(np.float64)).sum())))   # 24.0000...
+    assert float(make_loss(0.0, 3)(np.array([0]), logits)) == pytest.approx(want, rel=1e-3)
+    probs16 = keras.ops.softmax(keras.ops.convert_to_tensor(logits), axis=-1)
+    assert float(make_loss(0.0, 3, from_logits=False)(np.array([0]), probs16)) < 0.8 * want
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -458,4 +473,4 @@ def test_a_run_with_ema_accumulation_layer_decay_and_bn_stats(tmp_path):
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     served = tf.saved_model.load(str(rd / "export" / "saved_model" / "1"))
     got = served.signatures["serving_tensor"](image=tf.constant(x))["probabilities"].numpy()
-    np.testing.assert_allclose(got, keras.ops.convert_to_numpy(result.model(x, training=False)), atol=1e-5)
+    np.testing.assert_allclose(got, keras.ops.convert_to_numpy(probabilities(result.model, x)), atol=1e-5)

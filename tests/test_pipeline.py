@@ -582,3 +582,16 @@ def test_large_jpegs_decode_at_a_dct_scale_to_the_same_cached_image(tmp_path):
     full = pipeline.to_cache(pipeline.decode(data), None, (32, 32)).numpy()
     assert fast.shape == full.shape == (37, 49, 3)
     assert np.abs(fast.astype(float) - full).mean() < 2.0
+
+
+def test_recent_cache_keeps_the_most_recently_used():
+    """The bounded reuse of decoded images and backbone features: a lookup refreshes a key, a keep
+    beyond the size lets the least recently used go."""
+    from kfine import features
+    from kfine.pipeline import RecentCache
+    recent = RecentCache(2)
+    assert recent.keep("a", 1) == 1 and recent.keep("b", 2) == 2
+    assert recent.lookup("a") == 1            # "a" is now the newest: "b" goes next
+    recent.keep("c", 3)
+    assert list(recent) == ["a", "c"] and recent.lookup("b") is None
+    assert isinstance(features._RECENT, RecentCache) and isinstance(pipeline._RECENT, RecentCache)

@@ -39,7 +39,9 @@ def mixed_folder(tmp_path):
 def expected_probs(model, paths):
     """The model on the eval transform of each file (resize to the cache size, centre crop)."""
     images = np.stack([eval_reference(open(p, "rb").read(), 32) for p in paths])
-    return model.predict(images, verbose=0)
+    import keras
+    from kfine.model import probabilities
+    return keras.ops.convert_to_numpy(probabilities(model, images))
 
 
 def test_predict_files_mixed_folder(tiny_model, mixed_folder):

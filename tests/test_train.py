@@ -397,3 +397,24 @@ def test_resume_of_a_finished_run_writes_only_what_is_missing(tmp_path, monkeypa
     run(cfg, resume=rd)
     changed = {k for k, t in mtimes().items() if t != after.get(k)}
     assert changed == {"export/model.keras", "report.html"}
+
+
+def test_a_broken_output_module_fails_the_run_and_resume_writes_the_outputs(tmp_path, monkeypatch, capsys):
+    """A broken plots import (say matplotlib) fails the run with one clear line naming it, not a
+    run "done" without plots; once repaired, --resume writes what is missing."""
+    import kfine
+    import kfine.plots
+    from kfine.train import main
+    cfg = load_config(None, tiny(tmp_path, "train.epochs=1", "model.backbone=scratch_cnn",
+                                 "model.scratch.filters=[4,4,8,8,8]"))
+    with monkeypatch.context() as m:
+        m.delattr(kfine, "plots")
+        m.setitem(sys.modules, "kfine.plots", None)   # `from kfine import plots` raises ImportError
+        with pytest.raises(TrainingError, match=r"kfine\.plots.*--resume"):
+            run(cfg)
+    rd = tmp_path / "runs" / "t"
+    assert (rd / "model.keras").is_file() and not (rd / "report.html").exists()
+    assert "kfine: done" not in capsys.readouterr().out
+    assert main(["--resume", str(rd)]) == 0
+    assert (rd / "plots" / "history.png").is_file() and (rd / "report.html").is_file()
+    assert "history plot" in capsys.readouterr().out
