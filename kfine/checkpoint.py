@@ -363,6 +363,12 @@ def save_model(model, path: Path) -> None:
         inference_view(model).save(tmp)
 
 
+def link_model(src: Path, path: Path) -> None:
+    """``path`` as a hard link to (or copy of) the .keras file ``src``, atomically."""
+    with atomic_path(path, ".keras") as tmp:
+        _link_or_copy(src, tmp)
+
+
 def _write_npz(path: Path, arrays: dict) -> None:
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:

@@ -186,9 +186,10 @@ def extractor_of(model) -> keras.Model | None:
 def predict_padded(model, x: np.ndarray, size: int) -> np.ndarray:
     """``model.predict_on_batch(x)`` with a batch of fewer than ``size`` images padded to ``size``
     (copies of its last image) and the padding dropped: a split's last partial batch does not make
-    Keras trace the predict function again for its shape. Inference mode: images do not interact."""
+    Keras trace the predict function again for its shape (only a Keras model is padded: another
+    object with a ``predict_on_batch`` traces nothing). Inference mode: images do not interact."""
     n = len(x)
-    if 0 < n < size:
+    if 0 < n < size and isinstance(model, keras.Model):
         x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
     return np.asarray(model.predict_on_batch(x))[:n]
 

@@ -448,7 +448,7 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
             use_best_epoch(cfg, run_dir, model, history, restore, writes=plan.chief)
         if not plan.chief:
             return result
-        checkpoint.save_model(model, run_dir / "model.keras")   # for inference: no optimizer state
+        save_shipped_model(cfg, run_dir, model)   # for inference: no optimizer state
         checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
     if plan.strategy != "none":   # evaluate and export what was saved: on one device, every image
         model = result.model = checkpoint.load_model(run_dir / "model.keras")
@@ -543,7 +543,8 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
     used = {"epoch": final, "weights": "final", "final_epoch": final}
     if restore and best.exists():
         meta = read_json(best.with_name("best.json"))
-        checkpoint.load_weights(best, model)
+        if meta["epoch"] != final:   # the final epoch's weights are best.keras's already (EMA: both averaged)
+            checkpoint.load_weights(best, model)
         used = {"epoch": meta["epoch"], "weights": "best", "final_epoch": final,
                 "monitor": monitor, "value": meta.get(monitor)}
         print(f"kfine: the model now holds epoch {meta['epoch'] + 1}'s weights, the best by {monitor} "
@@ -556,6 +557,19 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
         info = read_json(info_path) if info_path.exists() else {}
         write_json(info_path, {**info, "model": used})
     return used
+
+
+def save_shipped_model(cfg: Config, run_dir: Path, model) -> None:
+    """model.keras: where the model holds checkpoints/best.keras's weights (use_best_epoch) and that
+    file has no optimizer state, a link to it (the same bytes: no second write of the model),
+    else the model saved for inference."""
+    from kfine import checkpoint
+    info = read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").exists() else {}
+    best = run_dir / checkpoint.CHECKPOINTS / "best.keras"
+    if (info.get("model") or {}).get("weights") == "best" and best.exists() and not cfg.train.checkpoint.save_optimizer:
+        checkpoint.link_model(best, run_dir / "model.keras")
+    else:
+        checkpoint.save_model(model, run_dir / "model.keras")
 
 
 def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool = False, plan=None):
