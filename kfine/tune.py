@@ -31,7 +31,7 @@ Search directory (runs/<name>-search, or -2, -3 ... if it exists and is not resu
     tuner/                    KerasTuner state: oracle.json, trial_<id>/trial.json
     tuner/trial_<id>/         that trial's config.yaml, history.csv, phases.json, tensorboard/
     results.csv               one row per trial: trial_id, status, score, scored_epoch, scored_as,
-                              seconds_by_stage (where the trial's time went)
+                              each searched key, seconds_by_stage (where the trial's time went)
                               (best | final: which epoch the score is from), each searched key
     plots/search_scores.png   score per trial; plots/search_<key>.png: score against each key
     best.yaml                 the best trial as a full config (search.space emptied, name <name>-best):
@@ -400,16 +400,25 @@ def _run_trial_config(cfg: Config, trial_dir: Path, execution: int = 0) -> dict:
 
 
 def scored_epochs(trial_dir: Path) -> dict:
-    """results.csv's scored_epoch, scored_as and seconds_by_stage (kfine.log.stage_split) of one
-    trial, from its score.json (one per execution: then space- (| -) separated, in execution order)."""
+    """results.csv's scored_epoch and scored_as of one trial, from its score.json (one per
+    execution: then space-separated, in execution order)."""
     from kfine.rundir import read_json
     trial_dir = Path(trial_dir)
     runs = sorted(trial_dir.glob("execution_*/score.json"), key=lambda p: int(p.parent.name.split("_")[1]))
     found = [read_json(p) for p in [trial_dir / "score.json", *runs] if p.exists()]
-    from kfine.log import stage_split
     return {"scored_epoch": " ".join(str(s["epoch"]) for s in found),
-            "scored_as": " ".join(dict.fromkeys(s["scored_as"] for s in found)),
-            "seconds_by_stage": " | ".join(stage_split(s["timings"]) for s in found if s.get("timings"))}
+            "scored_as": " ".join(dict.fromkeys(s["scored_as"] for s in found))}
+
+
+def trial_timings(trial_dir: Path) -> str:
+    """results.csv's seconds_by_stage of one trial: where its time went (kfine.log.stage_split),
+    from its score.json (one per execution: then separated by " | ", in execution order)."""
+    from kfine.log import stage_split
+    from kfine.rundir import read_json
+    trial_dir = Path(trial_dir)
+    runs = sorted(trial_dir.glob("execution_*/score.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    found = [read_json(p) for p in [trial_dir / "score.json", *runs] if p.exists()]
+    return " | ".join(stage_split(s["timings"]) for s in found if s.get("timings"))
 
 
 def _tuner_class():
@@ -502,6 +511,7 @@ def results_rows(tuner, params: list[Param]) -> list[dict]:
             row["tuner/epochs"] = values["tuner/epochs"]
         for p in params:
             row[p.key] = values.get(p.key, "")
+        row["seconds_by_stage"] = trial_timings(tuner.get_trial_dir(tid))
         rows.append(row)
     return rows
 
