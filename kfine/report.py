@@ -521,11 +521,12 @@ def section_compare(run_dir: Path, shown: set) -> str:
     def pct(v):
         return f"{100 * float(v):.2f}%" if v not in (None, "") else ""
     head = ["set", "phases", "trainable params", "epochs", "wall time", "best val acc", "best epoch",
-            "epoch used", "test acc", "published val", "published test", "status"]
+            "epoch used", "test acc", "published val", "published test", "status", "seconds by stage"]
     body = [[r["set"], r["phases"], int(r["trainable_params"]) if r["trainable_params"] else "", r["epochs"],
              f"{float(r['wall_s']):.1f} s", pct(r["best_val_accuracy"]), _human_epoch(r["best_epoch"] or None),
              _human_epoch(r["epoch_used"] or None) if r["epoch_used"] else "",
-             pct(r["test_accuracy"]), pct(r["published_val"]), pct(r["published_test"]), r["status"]] for r in rows]
+             pct(r["test_accuracy"]), pct(r["published_val"]), pct(r["published_test"]), r["status"],
+             r.get("seconds_by_stage") or ""] for r in rows]
     shown.add("plots/compare.png")
     links = "".join(f'<li><a href="{escape(quote(r["set"]))}/report.html">{escape(r["set"])}</a></li>'
                     for r in rows if (run_dir / r["set"] / "report.html").is_file())
@@ -533,7 +534,7 @@ def section_compare(run_dir: Path, shown: set) -> str:
             "for every run (compare.csv, compare.md). Trainable parameters are those of the last phase; "
             "test accuracy is that of the weights of the epoch used. Epochs count from 1, as in the "
             "training log (compare.csv holds history.csv's 0-based indices).</p>"
-            + table(head, body, left={0, 1, 11}) + image(run_dir, "plots/compare.png", "validation curves")
+            + table(head, body, left={0, 1, 11, 12}) + image(run_dir, "plots/compare.png", "validation curves")
             + (f"<h3>Each run's report</h3><ul>{links}</ul>" if links else "") + "</section>")
 
 
