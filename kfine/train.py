@@ -375,12 +375,14 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
     """One whole run: everything lands in the run directory, which this process locks while it
     works in it (a second process on it stops with a message naming this one's PID). Its last
     line says where the time went (kfine.log.format_timings; run_info.json "timings")."""
+    from kfine.checkpoint import read_state
     from kfine.log import format_timings, run_timings
+    finished = resume is not None and bool((read_state(resume) or {}).get("finished"))
     with run_timings() as seconds:
         result = _run(cfg, resume, overwrite)
     result.timings = seconds
     info_path = result.run_dir / "run_info.json"
-    if active().chief and info_path.exists():
+    if active().chief and info_path.exists() and not finished:   # a finished run keeps its training run's
         write_json(info_path, {**read_json(info_path), "timings": seconds})
     print(format_timings(seconds), flush=True)
     return result
@@ -730,7 +732,7 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, t
                                     formats=formats, transform=export.transform_of(cfg.data),
                                     litert=cfg.export.litert, datasets=datasets, run_dir=run_dir)
     seconds = current_timings()   # the report shows where the time went (all but its own writing)
-    if seconds is not None and active().chief and (run_dir / "run_info.json").exists():
+    if todo is None and seconds is not None and active().chief and (run_dir / "run_info.json").exists():
         write_json(run_dir / "run_info.json", {**read_json(run_dir / "run_info.json"), "timings": seconds})
     if wanted("report"):
         try:
