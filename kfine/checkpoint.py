@@ -373,6 +373,12 @@ def save_model(model, path: Path) -> None:
         inference_view(model).save(tmp)
 
 
+def link_model(src: Path, path: Path) -> None:
+    """``path`` as a hard link to (or copy of) the .keras file ``src``, atomically."""
+    with atomic_path(path, ".keras") as tmp:
+        _link_or_copy(src, tmp)
+
+
 def _write_npz(path: Path, arrays: dict) -> None:
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
@@ -424,12 +430,21 @@ def load_model(path: Path):
 
 
 def load_weights(path: Path, model) -> None:
-    """The weights of the .keras file ``path`` assigned to ``model`` by variable path."""
-    import keras
-    import kfine.model  # noqa: F401  (registers kfine>Preprocess)
-    saved = keras.saving.load_model(path, compile=False)
-    assign_by_key(keyed_variables(model), {k: _to_numpy(v) for k, v in keyed_variables(saved).items()},
-                  str(path))
+    """The weights of the .keras file ``path`` (a model of ``model``'s architecture, as kfine saves
+    it: inference_view or its clone) assigned to ``model``'s own variables in place: read from the
+    file's weights, no second model deserialized and built. A file of another architecture fails
+    loudly (Keras: a layer or variable it does not have)."""
+    import tempfile
+    import zipfile
+    with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as tmp:
+        # Keras reads a .keras file's weights by seeking inside the zip (a CRC per read: ~3x
+        # load_model's time for ResNet50); the weights file taken out first reads at disk speed
+        weights = Path(tmp) / "model.weights.h5"
+        weights.write_bytes(z.read("model.weights.h5"))
+        try:
+            inference_view(model).load_weights(weights)   # the same layers and variables as ``model``
+        except ValueError as e:
+            raise TrainingError(f"{path} does not hold weights of this model's architecture: {e}") from None
 
 
 def finish_backup(run_dir: Path) -> None:

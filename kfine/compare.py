@@ -59,7 +59,7 @@ from kfine.rundir import atomic_write_text, read_json, write_csv, write_json
 DEFAULT_CONFIG = "inaturalist_compare"     # the freezing-strategies project's comparison
 ARGUMENT = {"fraction": "fraction", "stages": "trainable_from", "regex": "pattern"}   # strategy:ARG
 COLUMNS = ["set", "phases", "trainable_params", "epochs", "wall_s", "best_val_accuracy", "best_epoch",
-           "epoch_used", "test_accuracy", "published_val", "published_test", "status"]
+           "epoch_used", "test_accuracy", "published_val", "published_test", "status", "seconds_by_stage"]
 
 
 # ----------------------------------------------------------------------------- sets
@@ -193,7 +193,15 @@ def result_row(name: str, run_dir: Path, progress: dict, reference: dict) -> dic
             "test_accuracy": (metrics.get("test") or {}).get("accuracy"),
             "published_val": reference.get("val"),
             "published_test": reference.get("test"),
-            "status": progress.get("status", "not run")}
+            "status": progress.get("status", "not run"),
+            "seconds_by_stage": _stage_split(run_dir)}
+
+
+def _stage_split(run_dir: Path) -> str:
+    """Where the run's time went (run_info.json's timings, kfine.log.stage_split), "" before it ends."""
+    from kfine.log import stage_split
+    timings = _read(run_dir / "run_info.json", {}).get("timings")
+    return stage_split(timings) if timings else ""
 
 
 def _read(path: Path, default):
@@ -226,13 +234,14 @@ def _pct(v) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ["set", "phases", "trainable params", "epochs", "wall time", "best val acc (epoch)", "epoch used",
-            "test acc", "published val", "published test", "status"]
+            "test acc", "published val", "published test", "status", "seconds by stage"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         best = f"{_pct(r['best_val_accuracy'])} ({r['best_epoch'] + 1})" if r["best_epoch"] is not None else ""
         cells = [r["set"], r["phases"], f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "",
                  r["epochs"], f"{r['wall_s']:.1f} s", best, "" if r["epoch_used"] is None else r["epoch_used"] + 1,
-                 _pct(r["test_accuracy"]), _pct(r["published_val"]), _pct(r["published_test"]), r["status"]]
+                 _pct(r["test_accuracy"]), _pct(r["published_val"]), _pct(r["published_test"]), r["status"],
+                 r["seconds_by_stage"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

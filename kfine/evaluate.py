@@ -118,14 +118,32 @@ def tta_views(images, mode: str) -> list[np.ndarray]:
     return TTA_MODES[mode](np.asarray(images))
 
 
-def predict_views(model, images, mode: str | None = None):
-    """(plain probabilities, probabilities averaged over the ``mode`` views or None): the
+def predict_views(model, images, mode: str | None = None, predict=None):
+    """(plain probabilities, probabilities averaged over the ``mode`` views or None). ``predict``:
+    batch -> the model's outputs (batch_predictor), by default ``model.predict_on_batch``; the
     softmax of each view's logits first (``as_probabilities``), then the mean of probabilities."""
     from kfine.model import as_probabilities
+    predict = predict or model.predict_on_batch
+
+    def probs(x):
+        return np.asarray(as_probabilities(model, np.asarray(predict(np.asarray(x)))), dtype=np.float32)
     if mode is None:
-        return as_probabilities(model, np.asarray(model.predict_on_batch(np.asarray(images)))), None
-    per_view = [as_probabilities(model, np.asarray(model.predict_on_batch(v))) for v in tta_views(images, mode)]
+        return probs(images), None
+    per_view = [probs(v) for v in tta_views(images, mode)]
     return per_view[0], np.mean(per_view, axis=0)
+
+
+def batch_predictor(model, size: int):
+    """batch -> ``model``'s outputs, every batch run at ``size`` images (a last partial batch
+    padded, the padding dropped: Keras traces the predict function once). Where the feature cache
+    built ``model``'s extractor in this process (kfine.features.model_parts), the batch runs through
+    that extractor, whose predict function the feature pass traced already, and the head on its
+    features: the same layers and weights as ``model`` in inference mode, so the same outputs."""
+    from kfine.features import extractor_of, model_parts, predict_padded
+    if extractor_of(model) is None:
+        return lambda x: predict_padded(model, x, size)
+    extractor, head = model_parts(model)
+    return lambda x: predict_padded(head, predict_padded(extractor, x, size), size)
 
 
 # ----------------------------------------------------------------------------- running a model
@@ -140,11 +158,12 @@ def predict_dataset(model, dataset, keep: int = 0, seed: int = 0, tta: str | Non
     all_probs, all_labels, all_tta = [], [], []
     sample_idx: list[int] = []
     sample_img: list[np.ndarray] = []
-    seen = 0
+    seen, predict = 0, None
     for batch in dataset:
         x, y = batch[0], batch[1]
         x = np.asarray(x)
-        probs, tta_probs = predict_views(model, x, tta)
+        predict = predict or batch_predictor(model, len(x))   # the first batch's size: the dataset's
+        probs, tta_probs = predict_views(model, x, tta, predict)
         all_probs.append(probs)
         if tta_probs is not None:
             all_tta.append(tta_probs)
@@ -253,9 +272,12 @@ def write_plots(run_dir: Path, split: str, metrics: dict, class_names, labels, p
 
 
 def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_root: str | None = None,
-                 report: bool = True, tta: str | None = None) -> dict:
+                 report: bool = True, tta: str | None = None, predicted: dict | None = None,
+                 extra: dict | None = None) -> dict:
     """Evaluate a run on one split; writes metrics.json (merged), predictions.csv, plots, report.
     ``tta`` (flip | flip+crops) adds the test-time-augmented figures as metrics[split]["tta"].
+    ``predicted``: a dict that gets the split's "probs" (N, C) and "labels" (N,), for the caller's
+    later steps (the heatmaps); ``extra``: top-level entries written into metrics.json with it.
 
     Loads what it is not given: the model from model.keras, the data from the run's config.yaml
     (``data_root`` overrides data.root). Without a test split it evaluates val, and says so.
@@ -297,6 +319,8 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     from kfine.log import progress
     with progress(f"evaluating on the {split} split" + (f" (+ TTA {tta})" if tta else "")):
         probs, labels, sample, tta_probs = predict_dataset(model, dataset, keep=GRID_SIZE, seed=0, tta=tta)
+    if predicted is not None:
+        predicted.update(probs=probs, labels=labels)
     files = _check_files((getattr(datasets, "files", None) or {}).get(split), labels)
     metrics = compute_metrics(labels, probs, class_names, files=files)
     metrics["split"] = split
@@ -304,8 +328,8 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
         metrics["tta"] = tta_metrics(labels, tta_probs, class_names, tta)
 
     all_metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
-    all_metrics[split] = metrics
-    write_json(run_dir / "metrics.json", all_metrics)
+    all_metrics.update({split: metrics, **(extra or {})})
+    write_metrics(run_dir / "metrics.json", all_metrics)
     rows = prediction_rows(probs, class_names, files=files, labels=labels)
     for r in rows:
         r["split"] = split
@@ -313,7 +337,9 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     # requested other split gets its own file so it does not overwrite the test predictions
     csv_name = "predictions.csv" if requested == "test" else f"predictions_{split}.csv"
     write_csv(run_dir / csv_name, rows)
-    plots = write_plots(run_dir, split, metrics, class_names, labels, probs, sample)
+    from kfine.log import timed
+    with timed("plots"):
+        plots = write_plots(run_dir, split, metrics, class_names, labels, probs, sample)
     from kfine.report import write_class_tables
     write_class_tables(run_dir)   # many classes: the whole per-class table as per_class_<split>.csv
     print(format_metrics(metrics), flush=True)
@@ -323,6 +349,15 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
         from kfine.report import write_report
         write_report(run_dir)
     return metrics
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    """metrics.json: indented for reading, but on one line where a split has more classes than
+    the report lists (a 1000-class confusion matrix indented is ~10^6 lines, and Python's JSON
+    encoder indents in pure Python: seconds; on one line its C encoder writes it at once)."""
+    from kfine.report import MAX_CLASS_ROWS
+    big = any(isinstance(m, dict) and m.get("num_classes", 0) > MAX_CLASS_ROWS for m in metrics.values())
+    write_json(path, metrics, indent=None if big else 2)
 
 
 def format_metrics(m: dict) -> str:

@@ -267,26 +267,41 @@ def feature_map_size(model) -> tuple[int, int]:
     return int(shape[1] or 0), int(shape[2] or 0)
 
 
-def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test") -> Path | None:
+def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test", probs=None,
+                       labels=None) -> Path | None:
     """plots/heatmaps_<split>.png for the report: Grad-CAM of the highest-loss images of the
     split and one correct image per class (pick_images). None when the split is empty or the
-    feature map is a single position (ResNet50 below 64 px: every heatmap would be flat)."""
+    feature map is a single position (ResNet50 below 64 px: every heatmap would be flat).
+    ``probs``/``labels``: the model's probabilities and the labels of the split in dataset order
+    (an evaluation's): then only the picked images are kept, and the model runs on those only."""
     if feature_map_size(model) == (1, 1):
         print("kfine: no heatmaps: the backbone's last feature map is 1x1 at this image size", flush=True)
         return None
-    images, labels = [], []
-    for batch in dataset:
-        images.append(np.asarray(batch[0], np.float32))
-        labels.append(np.asarray(batch[1]).reshape(-1).astype(np.int64))
-    if not images:
-        return None
-    images, labels = np.concatenate(images), np.concatenate(labels)
-    if not len(images):
-        return None
-    from kfine.model import probabilities
-    probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(probabilities(model, images[i:i + 64])))
-                            for i in range(0, len(images), 64)])
-    idx = pick_images(labels, probs)
+    if probs is not None and labels is not None:
+        idx = pick_images(np.asarray(labels), np.asarray(probs))
+        images, seen = {}, 0
+        for batch in dataset:   # the picked images only (the cache decodes; nothing runs the model)
+            x = np.asarray(batch[0], np.float32)
+            images.update({int(i): x[i - seen] for i in idx if seen <= i < seen + len(x)})
+            seen += len(x)
+        if not images or len(images) < len(idx):
+            return None
+        images, labels, probs = np.stack([images[int(i)] for i in idx]), np.asarray(labels)[idx], np.asarray(probs)[idx]
+        idx = np.arange(len(idx))
+    else:
+        images, labels = [], []
+        for batch in dataset:
+            images.append(np.asarray(batch[0], np.float32))
+            labels.append(np.asarray(batch[1]).reshape(-1).astype(np.int64))
+        if not images:
+            return None
+        images, labels = np.concatenate(images), np.concatenate(labels)
+        if not len(images):
+            return None
+        from kfine.model import probabilities
+        probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(probabilities(model, images[i:i + 64])))
+                                for i in range(0, len(images), 64)])
+        idx = pick_images(labels, probs)
     heat, _ = explain_images(model, images[idx], probs[idx].argmax(axis=1))
     n_loss = min(GRID_TOP_LOSS, len(images))
     titles = ["high loss" if k < n_loss else "correct" for k in range(len(idx))]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ FEATURES_VERSION = 2
 SAMPLINGS = ("uniform", "balanced")   # the data.sampling draws feature_datasets makes
 
 COMPUTED = Counter()            # feature sets computed in this process
+_PARTS = weakref.WeakKeyDictionary()   # model -> (feature_extractor, head_model): built and traced once
 _RECENT = RecentCache(2)        # the last feature sets, by key (bounded: they can be large)
 
 
@@ -165,6 +167,35 @@ def feature_extractor(model) -> keras.Model:
     return keras.Model(inputs, get_backbone(model)(model.get_layer("preprocess")(inputs)))
 
 
+def model_parts(model) -> tuple[keras.Model, keras.Model]:
+    """(feature_extractor(model), head_model(model)), built once per model object: the feature
+    pass and the evaluation of the same model then share one compiled extractor (Keras traces a
+    model's predict function once per input shape). They share the model's layers and variables,
+    so weights assigned to the model later (the best epoch's) are theirs too."""
+    parts = _PARTS.get(model)
+    if parts is None:
+        parts = _PARTS[model] = (feature_extractor(model), head_model(model))
+    return parts
+
+
+def extractor_of(model) -> keras.Model | None:
+    """The extractor model_parts built for ``model`` in this process (its predict function traced
+    by the feature pass), or None."""
+    parts = _PARTS.get(model)
+    return parts[0] if parts is not None else None
+
+
+def predict_padded(model, x: np.ndarray, size: int) -> np.ndarray:
+    """``model.predict_on_batch(x)`` with a batch of fewer than ``size`` images padded to ``size``
+    (copies of its last image) and the padding dropped: a split's last partial batch does not make
+    Keras trace the predict function again for its shape (only a Keras model is padded: another
+    object with a ``predict_on_batch`` traces nothing). Inference mode: images do not interact."""
+    n = len(x)
+    if 0 < n < size and isinstance(model, keras.Model):
+        x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
+    return np.asarray(model.predict_on_batch(x))[:n]
+
+
 def head_model(model) -> keras.Model:
     """The model's head layers (everything after the backbone, up to the model's output) on a
     features input: the same layer objects, so training it trains the full model's head."""
@@ -178,10 +209,11 @@ def head_model(model) -> keras.Model:
     return keras.Model(inputs, x, name=f"{model.name}_head")
 
 
-def _run(extractor, ds) -> np.ndarray:
+def _run(extractor, ds, size: int) -> np.ndarray:
     # predict_on_batch: Keras' compiled predict step (tf.function / jax.jit), 1.7x an eager call
-    # of ResNet50 on this CPU (graph mode fuses conv + BN + ReLU); numpy in: jax.jit takes no tf.Tensor
-    out = [np.asarray(extractor.predict_on_batch(x), np.float32) for x, _ in ds.as_numpy_iterator()]
+    # of ResNet50 on this CPU (graph mode fuses conv + BN + ReLU); numpy in: jax.jit takes no tf.Tensor;
+    # batches padded to ``size`` (the data's batch size): one traced shape for every split
+    out = [np.asarray(predict_padded(extractor, x, size), np.float32) for x, _ in ds.as_numpy_iterator()]
     return np.concatenate(out) if out else np.zeros((0, extractor.output_shape[-1]), np.float32)
 
 
@@ -207,15 +239,15 @@ def get_features(model, datasets, cfg) -> Features:
 
 
 def _compute(model, datasets, cfg, key: str) -> Features:
-    extractor = feature_extractor(model)
+    extractor, size = model_parts(model)[0], cfg.data.batch_size
     k = views(cfg)
     train = np.stack([_run(extractor, datasets.dataset("train", train=k > 1 or cfg.data.augment.enabled,
-                                                       shuffle=False, seed=datasets.seed + v))
+                                                       shuffle=False, seed=datasets.seed + v), size)
                       for v in range(k)])
     labels = np.array([y for _, y in datasets.files["train"]], np.int32)
     val = val_labels = None
     if datasets.val is not None:
-        val = _run(extractor, datasets.dataset("val"))
+        val = _run(extractor, datasets.dataset("val"), size)
         val_labels = np.array([y for _, y in datasets.files["val"]], np.int32)
     COMPUTED["features"] += 1
     return Features(train, labels, val, val_labels, key)

@@ -70,3 +70,83 @@ def progress(what: str):
     start = time.perf_counter()
     yield
     print(f"kfine: {what}: done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+# ----------------------------------------------------------------------------- where a run's time goes
+# The stages of a run, in order; each run's seconds are printed at its end (format_timings) and kept
+# in run_info.json ("timings"), the report and kfine.compare / kfine.tune's per-run lines.
+STAGES = ("startup", "data", "model", "features", "training", "restore", "evaluation", "export", "plots")
+STAGE_HELP = {"startup": "imports, config, run directory", "data": "index, decode, data check",
+              "model": "build model and optimizer", "features": "backbone features (cache)",
+              "training": "epochs and checkpoints", "restore": "best epoch, model.keras",
+              "evaluation": "test predictions and metrics", "export": "export formats",
+              "plots": "plots, heatmaps, report"}
+_RUN: dict | None = None     # the run being timed: {"seconds": {stage: s}, "inner": [s, ...]}
+_RUNS_TIMED = 0              # runs timed in this process (the first one pays the imports)
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux /proc), 0 where that is unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@contextlib.contextmanager
+def run_timings():
+    """Time one run: yields its {stage: seconds} (STAGES, every key present, and "total": the
+    run's wall time, which the stages account for up to small untimed steps), filled as timed()
+    blocks end. The first run of a process counts the process's start (imports) as startup."""
+    global _RUN, _RUNS_TIMED
+    outer, seconds = _RUN, dict.fromkeys(STAGES, 0.0)
+    seconds["startup"] = process_seconds() if _RUNS_TIMED == 0 else 0.0
+    _RUNS_TIMED += 1
+    _RUN = {"seconds": seconds, "inner": [], "start": time.perf_counter() - seconds["startup"]}
+    try:
+        yield seconds
+    finally:
+        seconds["total"] = time.perf_counter() - _RUN["start"]
+        _RUN = outer
+
+
+@contextlib.contextmanager
+def timed(stage: str):
+    """Add the block's seconds to ``stage`` of the run being timed (none: a no-op). Stages nest:
+    an inner block's seconds count for the inner stage only."""
+    run = _RUN
+    if run is None:
+        yield
+        return
+    start = time.perf_counter()
+    run["inner"].append(0.0)
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        inner = run["inner"].pop()
+        run["seconds"][stage] = run["seconds"].get(stage, 0.0) + elapsed - inner
+        if run["inner"]:
+            run["inner"][-1] += elapsed
+
+
+def current_timings() -> dict | None:
+    """The {stage: seconds} of the run being timed so far (a copy), None outside a run."""
+    if _RUN is None:
+        return None
+    return {**_RUN["seconds"], "total": time.perf_counter() - _RUN["start"]}
+
+
+def stage_split(seconds: dict) -> str:
+    """``startup 5.9, data 3.1, ...``: the stages of format_timings, for one cell of a table."""
+    return ", ".join(f"{s} {seconds.get(s, 0.0):.1f}" for s in STAGES)
+
+
+def format_timings(seconds: dict) -> str:
+    """``kfine: time 95.2 s: startup 5.9, data 3.1, ...`` (every stage, in order, in seconds)."""
+    total = seconds.get("total", sum(seconds.get(s, 0.0) for s in STAGES))
+    return f"kfine: time {total:.1f} s: {stage_split(seconds)}"

@@ -25,7 +25,8 @@ RIGHT, WRONG = "#1a7f37", "#cf222e"    # green / red
 
 def save_figure(fig: Figure, out_path, dpi: int = 100) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    # zlib level 1: about half the time of the default (6) for a predictions grid of photos, ~20% larger files
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pil_kwargs={"compress_level": 1})
     atomic_write_bytes(out_path, buf.getvalue())
     return Path(out_path)
 

@@ -521,11 +521,12 @@ def section_compare(run_dir: Path, shown: set) -> str:
     def pct(v):
         return f"{100 * float(v):.2f}%" if v not in (None, "") else ""
     head = ["set", "phases", "trainable params", "epochs", "wall time", "best val acc", "best epoch",
-            "epoch used", "test acc", "published val", "published test", "status"]
+            "epoch used", "test acc", "published val", "published test", "status", "seconds by stage"]
     body = [[r["set"], r["phases"], int(r["trainable_params"]) if r["trainable_params"] else "", r["epochs"],
              f"{float(r['wall_s']):.1f} s", pct(r["best_val_accuracy"]), _human_epoch(r["best_epoch"] or None),
              _human_epoch(r["epoch_used"] or None) if r["epoch_used"] else "",
-             pct(r["test_accuracy"]), pct(r["published_val"]), pct(r["published_test"]), r["status"]] for r in rows]
+             pct(r["test_accuracy"]), pct(r["published_val"]), pct(r["published_test"]), r["status"],
+             r.get("seconds_by_stage") or ""] for r in rows]
     shown.add("plots/compare.png")
     links = "".join(f'<li><a href="{escape(quote(r["set"]))}/report.html">{escape(r["set"])}</a></li>'
                     for r in rows if (run_dir / r["set"] / "report.html").is_file())
@@ -533,13 +534,29 @@ def section_compare(run_dir: Path, shown: set) -> str:
             "for every run (compare.csv, compare.md). Trainable parameters are those of the last phase; "
             "test accuracy is that of the weights of the epoch used. Epochs count from 1, as in the "
             "training log (compare.csv holds history.csv's 0-based indices).</p>"
-            + table(head, body, left={0, 1, 11}) + image(run_dir, "plots/compare.png", "validation curves")
+            + table(head, body, left={0, 1, 11, 12}) + image(run_dir, "plots/compare.png", "validation curves")
             + (f"<h3>Each run's report</h3><ul>{links}</ul>" if links else "") + "</section>")
+
+
+def section_timings(run_dir: Path, shown: set) -> str:
+    """Where the run's time went: run_info.json's timings (kfine.log.STAGES), seconds and shares."""
+    from kfine.log import STAGE_HELP, STAGES
+    timings = (_read_json(run_dir / "run_info.json") or {}).get("timings")
+    if not isinstance(timings, dict):
+        return ""
+    total = float(timings.get("total") or sum(float(timings.get(s, 0.0)) for s in STAGES)) or 1.0
+    rows = [[s, STAGE_HELP.get(s, ""), f"{float(timings.get(s, 0.0)):.1f} s",
+             f"{100 * float(timings.get(s, 0.0)) / total:.0f}%"] for s in STAGES]
+    rows.append(["total", "the whole run (untimed steps included)", f"{total:.1f} s", ""])
+    return ("<section id=timings><h2>Time</h2><p class=muted>Where this run's time went (run_info.json's "
+            "timings; startup includes the process start). The report's own writing is not in it: the "
+            "line kfine printed last and run_info.json have the final figures.</p>"
+            + table(["stage", "what", "seconds", "share"], rows, left=2) + "</section>")
 
 
 # results first, then how they were made
 SECTIONS = [section_compare, section_summary, section_curves, section_metrics, section_heatmaps, section_phases,
-            section_data, section_config, section_other_plots, section_export, section_exports]
+            section_data, section_config, section_other_plots, section_export, section_exports, section_timings]
 
 
 def render_report(run_dir) -> str:
@@ -557,7 +574,7 @@ def render_report(run_dir) -> str:
             body.append(html)
     nav = "".join(f'<a href="#{i}">{escape(i)}</a>' for i in
                   ("compare", "summary", "curves", "metrics", "heatmaps", "phases", "data", "config", "plots", "export",
-                   "exports")
+                   "exports", "timings")
                   if f"<section id={i}>" in "".join(body))
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     kind = "comparison" if (run_dir / "compare.csv").exists() else "run"

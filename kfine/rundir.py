@@ -84,8 +84,8 @@ def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | No
     atomic_write_text(path, buf.getvalue())
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=_jsonable) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

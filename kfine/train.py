@@ -27,6 +27,7 @@ from kfine import cli
 from kfine.checkpoint import TrainingError, read_history  # noqa: F401  (kfine.train's API too)
 from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
 from kfine.distribute import active
+from kfine.log import current_timings, timed
 from kfine.rundir import atomic_write_text, read_json, write_json
 
 DEMO_CONFIG = "demo"          # a reference config (kfine.cli.find_config): configs/demo.yaml
@@ -38,6 +39,7 @@ class RunResult:
     history: list[dict]
     metrics: dict = field(default_factory=dict)
     model: object = None
+    timings: dict = field(default_factory=dict)   # seconds per stage (kfine.log.STAGES) and "total"
 
 
 # ----------------------------------------------------------------------------- phases
@@ -270,9 +272,10 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         fit_model, fit_train, fit_val = model, train_ds(first), datasets.val
         reason = features.cache_reason(model, cfg, phase, end - first)
         if reason is None:   # the head trains on backbone features computed once (kfine.features)
-            feats, seconds = features.timed_features(model, datasets, cfg)
+            with timed("features"):
+                feats, seconds = features.timed_features(model, datasets, cfg)
             print(f"kfine: phase {i}: {features.describe(feats, seconds)}", flush=True)
-            fit_model = features.head_model(model)
+            fit_model = features.model_parts(model)[1]   # the head the evaluation reuses
             fit_train, fit_val = features.feature_datasets(feats, cfg.data.batch_size, datasets.seed, first,
                                                            steps, drops_remainder(cfg), sampling=cfg.data.sampling)
         else:
@@ -380,14 +383,30 @@ def loss_scale_optimizer(optimizer, variables):
 
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory, which this process locks while it
-    works in it (a second process on it stops with a message naming this one's PID)."""
+    works in it (a second process on it stops with a message naming this one's PID). Its last
+    line says where the time went (kfine.log.format_timings; run_info.json "timings")."""
+    from kfine.checkpoint import read_state
+    from kfine.log import format_timings, run_timings
+    finished = resume is not None and bool((read_state(resume) or {}).get("finished"))
+    with run_timings() as seconds:
+        result = _run(cfg, resume, overwrite)
+    result.timings = seconds
+    info_path = result.run_dir / "run_info.json"
+    if active().chief and info_path.exists() and not finished:   # a finished run keeps its training run's
+        write_json(info_path, {**read_json(info_path), "timings": seconds})
+    print(format_timings(seconds), flush=True)
+    return result
+
+
+def _run(cfg: Config, resume: Path | None, overwrite: bool) -> RunResult:
     from kfine import checkpoint, distribute
     from kfine.optim import check_train
 
-    plan = distribute.make_plan(cfg)   # first: several processes join before anything uses JAX
-    check_config(cfg)          # every value checked before a run directory exists
-    check_train(cfg.train)
-    spans = phase_spans(cfg)
+    with timed("startup"):
+        plan = distribute.make_plan(cfg)   # first: several processes join before anything uses JAX
+        check_config(cfg)          # every value checked before a run directory exists
+        check_train(cfg.train)
+        spans = phase_spans(cfg)
     if not plan.chief:   # it reads the run directory (--resume) and writes nothing
         run_dir = Path(resume) if resume is not None else distribute.share_path(plan, None)   # the chief's
         if run_dir is None:
@@ -397,7 +416,8 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
         run_dir = Path(resume)
     else:
         try:
-            run_dir = prepare_run_dir(cfg, overwrite)
+            with timed("startup"):
+                run_dir = prepare_run_dir(cfg, overwrite)
         except BaseException:
             distribute.share_path(plan, None)   # the others stop instead of waiting
             raise
@@ -435,12 +455,13 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
         datasets, model, history, restore = _train(cfg, run_dir, resume, state, spans, plan)
     result = RunResult(run_dir=run_dir, history=history, model=model)
     distribute.barrier(plan, "kfine: trained")   # the chief's last checkpoint is written
-    if not finished:   # every process: assigning to variables placed across processes is collective
-        use_best_epoch(cfg, run_dir, model, history, restore, writes=plan.chief)
-    if not plan.chief:
-        return result
-    checkpoint.save_model(model, run_dir / "model.keras")   # for inference: no optimizer state
-    checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
+    with timed("restore"):
+        if not finished:   # every process: assigning to variables placed across processes is collective
+            use_best_epoch(cfg, run_dir, model, history, restore, writes=plan.chief)
+        if not plan.chief:
+            return result
+        save_shipped_model(cfg, run_dir, model)   # for inference: no optimizer state
+        checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
     if plan.strategy != "none":   # evaluate and export what was saved: on one device, every image
         model = result.model = checkpoint.load_model(run_dir / "model.keras")
         datasets.val = datasets.dataset("val") if datasets.val is not None else None
@@ -489,7 +510,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, state: dict | None, spans, 
     # a finished run resumed to redo its outputs holds model.keras (averaged already); any other,
     # also one resumed after its last commit (nothing left to train), holds the raw weights
     trained = not (state and state.get("finished"))
-    history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
+    with timed("training"):
+        history = fit_phases(model, cfg, datasets, run_dir, start_epoch, history, optimizer, schedule)
     if trained and apply_ema_weights(optimizer):   # train.ema: model.keras, evaluation, export use the averages
         print("kfine: the model now holds the EMA weights (train.ema)", flush=True)
     return datasets, model, history, restore
@@ -533,7 +555,8 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
     used = {"epoch": final, "weights": "final", "final_epoch": final}
     if restore and best.exists():
         meta = read_json(best.with_name("best.json"))
-        checkpoint.load_weights(best, model)
+        if meta["epoch"] != final:   # the final epoch's weights are best.keras's already (EMA: both averaged)
+            checkpoint.load_weights(best, model)
         used = {"epoch": meta["epoch"], "weights": "best", "final_epoch": final,
                 "monitor": monitor, "value": meta.get(monitor)}
         print(f"kfine: the model now holds epoch {meta['epoch'] + 1}'s weights, the best by {monitor} "
@@ -548,16 +571,26 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
     return used
 
 
+def save_shipped_model(cfg: Config, run_dir: Path, model) -> None:
+    """model.keras: where the model holds checkpoints/best.keras's weights (use_best_epoch) and that
+    file has no optimizer state, a link to it (the same bytes: no second write of the model),
+    else the model saved for inference."""
+    from kfine import checkpoint
+    info = read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").exists() else {}
+    best = run_dir / checkpoint.CHECKPOINTS / "best.keras"
+    if (info.get("model") or {}).get("weights") == "best" and best.exists() and not cfg.train.checkpoint.save_optimizer:
+        checkpoint.link_model(best, run_dir / "model.keras")
+    else:
+        checkpoint.save_model(model, run_dir / "model.keras")
+
+
 def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool = False, plan=None):
     """Everything before the first epoch: the data (its split saved in splits.csv, or read back
     from it: a resumed run trains on exactly the images it started with) and its audit, model,
     optimizer, and the state of the last commit (``state``, None for a run from epoch 0).
     Under a distribution plan (kfine.distribute) only its chief writes, each process's train and
     val pipelines are its shard, and run_info.json records the devices."""
-    from kfine import checkpoint, data as kdata, distribute
-    from kfine.audit import format_check
-    from kfine.model import weights_info
-    from kfine.sources import write_splits
+    from kfine import checkpoint, distribute
 
     plan = plan or active()
     chief = plan.chief
@@ -567,6 +600,18 @@ def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool
     checkpoint.pause_for_test("data_check")
     saved = run_dir / "splits.csv"
     splits = saved if (resume or chief) and saved.exists() else None   # a new run's other processes draw it
+    with timed("data"):
+        datasets = _prepare_data(cfg, run_dir, state, saved, splits, plan)
+    with timed("model"):
+        return _prepare_model(cfg, run_dir, state, spans, datasets, info, plan)
+
+
+def _prepare_data(cfg: Config, run_dir: Path, state, saved: Path, splits, plan):
+    """The datasets, their split saved (splits.csv) and audited (data_check.json)."""
+    from kfine import data as kdata, distribute
+    from kfine.audit import format_check
+    from kfine.sources import write_splits
+    chief = plan.chief
     datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=splits, verbose=True, shard=plan.shard)
     distribute.check_same_files(plan, datasets.files)
     _say_shard(datasets)
@@ -583,7 +628,14 @@ def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool
                           "".join(f"{p}\t{why}\n" for p, why in datasets.skipped))
         print(f"kfine: skipped {len(datasets.skipped)} unreadable images "
               f"(listed in {run_dir / 'skipped_files.txt'})", flush=True)
+    return datasets
 
+
+def _prepare_model(cfg: Config, run_dir: Path, state, spans, datasets, info: dict, plan):
+    """Model, optimizer and schedule, and the last commit's weights and state on resume."""
+    from kfine import checkpoint
+    from kfine.model import weights_info
+    chief = plan.chief
     # on resume the weights come from the backup: no download
     model, optimizer, schedule = build_training(replace(cfg, ["model.weights=null"]) if state else cfg, datasets)
     if state is None and chief:   # what the backbone really started from (the report shows it)
@@ -663,32 +715,43 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, t
         return todo is None or step in todo
 
     if wanted("history plot"):
-        plots.plot_history(run_dir / "history.csv", run_dir / "plots" / "history.png",
-                           phases=read_json(run_dir / "phases.json"))
+        with timed("plots"):
+            plots.plot_history(run_dir / "history.csv", run_dir / "plots" / "history.png",
+                               phases=read_json(run_dir / "phases.json"))
     if wanted("evaluation") and datasets is not None:
         split = "test" if datasets.test is not None else "val"
         if getattr(datasets, split) is not None:
-            result.metrics = evaluate.evaluate_run(run_dir, model=model, datasets=datasets, split=split, report=False)
+            predicted: dict = {}   # the evaluation's probabilities: the heatmaps pick images by them
             used = read_json(run_dir / "run_info.json").get("model") if (run_dir / "run_info.json").exists() else None
-            if used:   # which epoch's weights were evaluated (train.restore_best)
-                write_json(run_dir / "metrics.json", {**read_json(run_dir / "metrics.json"), "model": used})
-            write_heatmaps(run_dir, model, datasets, result.metrics.get("split", split))
+            with timed("evaluation"):   # which epoch's weights were evaluated (train.restore_best) goes in too
+                result.metrics = evaluate.evaluate_run(run_dir, model=model, datasets=datasets, split=split,
+                                                       report=False, predicted=predicted,
+                                                       extra={"model": used} if used else None)
+            with timed("plots"):
+                write_heatmaps(run_dir, model, datasets, result.metrics.get("split", split), predicted)
     formats = [f for f in cfg.export.formats if wanted(f"export {f}")]
     if cfg.export.enabled and formats:
         class_names = datasets.class_names if datasets is not None else read_json(run_dir / "class_names.json")
-        export.export_model(model, class_names, cfg.data.image_size, run_dir / "export",
-                            formats=formats, transform=export.transform_of(cfg.data),
-                            litert=cfg.export.litert, datasets=datasets, run_dir=run_dir)
+        with timed("export"):
+            export.export_model(model, class_names, cfg.data.image_size, run_dir / "export",
+                                formats=formats, transform=export.transform_of(cfg.data),
+                                litert=cfg.export.litert, datasets=datasets, run_dir=run_dir)
+    seconds = current_timings()   # the report shows where the time went (all but its own writing)
+    if todo is None and seconds is not None and active().chief and (run_dir / "run_info.json").exists():
+        write_json(run_dir / "run_info.json", {**read_json(run_dir / "run_info.json"), "timings": seconds})
     if wanted("report"):
-        report.write_report(run_dir)
+        with timed("plots"):
+            report.write_report(run_dir)
 
 
-def write_heatmaps(run_dir: Path, model, datasets, split: str) -> None:
+def write_heatmaps(run_dir: Path, model, datasets, split: str, predicted: dict | None = None) -> None:
     """plots/heatmaps_<split>.png for the report (kfine.explain: Grad-CAM); a model it cannot
-    explain gets a note, not a failed run."""
+    explain gets a note, not a failed run. ``predicted``: the evaluation's {"probs", "labels"} of
+    the split (then the model does not run over the split again)."""
     from kfine import explain
     try:
-        explain.write_heatmap_grid(run_dir, model, getattr(datasets, split), datasets.class_names, split)
+        explain.write_heatmap_grid(run_dir, model, getattr(datasets, split), datasets.class_names, split,
+                                   **(predicted or {}))
     except explain.ExplainError as e:
         print(f"kfine: no heatmaps: {e}", flush=True)
 

@@ -30,7 +30,8 @@ Search directory (runs/<name>-search, or -2, -3 ... if it exists and is not resu
     config.yaml               the base config (with its search section); --resume reads it
     tuner/                    KerasTuner state: oracle.json, trial_<id>/trial.json
     tuner/trial_<id>/         that trial's config.yaml, history.csv, phases.json, tensorboard/
-    results.csv               one row per trial: trial_id, status, score, scored_epoch, scored_as
+    results.csv               one row per trial: trial_id, status, score, scored_epoch, scored_as,
+                              each searched key, seconds_by_stage (where the trial's time went)
                               (best | final: which epoch the score is from), each searched key
     plots/search_scores.png   score per trial; plots/search_<key>.png: score against each key
     best.yaml                 the best trial as a full config (search.space emptied, name <name>-best):
@@ -342,11 +343,24 @@ def run_trial_config(cfg: Config, trial_dir: Path, execution: int = 0) -> dict:
     """Train one trial config exactly as kfine.train does (no checkpoints) and return the
     metrics of the epoch kfine.train would ship (``shipped_epoch``: the best by
     train.checkpoint.monitor under train.restore_best, else the final one), which KerasTuner reads
-    the objective from; trial_dir/score.json records that epoch and how it was chosen."""
+    the objective from; trial_dir/score.json records that epoch and how it was chosen, and
+    where the trial's time went ("timings", also printed: kfine.log.format_timings)."""
+    from kfine.log import format_timings, run_timings
+    from kfine.rundir import read_json, write_json
+    with run_timings() as seconds:
+        metrics = _run_trial_config(cfg, trial_dir, execution)
+    print(format_timings(seconds).replace("kfine: ", f"kfine: trial {trial_dir.name}: ", 1), flush=True)
+    score = trial_dir / "score.json"
+    write_json(score, {**read_json(score), "timings": seconds})
+    return metrics
+
+
+def _run_trial_config(cfg: Config, trial_dir: Path, execution: int = 0) -> dict:
     import gc
     import keras
     import keras_tuner as kt
     from kfine.config import save_config
+    from kfine.log import timed
     from kfine.rundir import write_json
     from kfine.train import build_training, fit_phases, restore_best, setup_backend, shipped_epoch
 
@@ -357,11 +371,14 @@ def run_trial_config(cfg: Config, trial_dir: Path, execution: int = 0) -> dict:
     setup_backend(cfg)
     if execution:     # another initialisation for another execution (same data split)
         keras.utils.set_random_seed(cfg.seed + execution)
-    datasets = trial_datasets(cfg)
+    with timed("data"):
+        datasets = trial_datasets(cfg)
     restore = restore_best(cfg, datasets)   # checked before training, as kfine.train does
-    model, optimizer, schedule = build_training(cfg, datasets)
-    history = fit_phases(model, cfg, datasets, trial_dir, optimizer=optimizer, schedule=schedule,
-                         keep_checkpoints=False)
+    with timed("model"):
+        model, optimizer, schedule = build_training(cfg, datasets)
+    with timed("training"):   # the feature pass inside it counts as "features"
+        history = fit_phases(model, cfg, datasets, trial_dir, optimizer=optimizer, schedule=schedule,
+                             keep_checkpoints=False)
     if not history:
         raise kt.errors.FailedTrialError("the trial finished no epoch")
     row, scored_as = shipped_epoch(cfg, history, restore)
@@ -384,6 +401,17 @@ def scored_epochs(trial_dir: Path) -> dict:
     found = [read_json(p) for p in [trial_dir / "score.json", *runs] if p.exists()]
     return {"scored_epoch": " ".join(str(s["epoch"]) for s in found),
             "scored_as": " ".join(dict.fromkeys(s["scored_as"] for s in found))}
+
+
+def trial_timings(trial_dir: Path) -> str:
+    """results.csv's seconds_by_stage of one trial: where its time went (kfine.log.stage_split),
+    from its score.json (one per execution: then separated by " | ", in execution order)."""
+    from kfine.log import stage_split
+    from kfine.rundir import read_json
+    trial_dir = Path(trial_dir)
+    runs = sorted(trial_dir.glob("execution_*/score.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    found = [read_json(p) for p in [trial_dir / "score.json", *runs] if p.exists()]
+    return " | ".join(stage_split(s["timings"]) for s in found if s.get("timings"))
 
 
 def _tuner_class():
@@ -474,6 +502,7 @@ def results_rows(tuner, params: list[Param]) -> list[dict]:
             row["tuner/epochs"] = values["tuner/epochs"]
         for p in params:
             row[p.key] = values.get(p.key, "")
+        row["seconds_by_stage"] = trial_timings(tuner.get_trial_dir(tid))
         rows.append(row)
     return rows
 

@@ -89,6 +89,9 @@ def test_a_comparison_shares_split_and_cache_and_resumes_after_an_interruption(t
         assert int(r["best_epoch"]) == best["epoch"] == int(r["epoch_used"])   # restore_best: auto
         assert float(r["test_accuracy"]) == pytest.approx(read_json(rd / "metrics.json")["test"]["accuracy"])
         assert float(r["wall_s"]) > 0
+        from kfine.log import STAGES, stage_split   # where each run's time went, from its run_info.json
+        timings = read_json(rd / "run_info.json")["timings"]
+        assert set(STAGES) <= set(timings) and r["seconds_by_stage"] == stage_split(timings)
     assert (rows[0]["published_val"], rows[0]["published_test"]) == ("0.755", "0.5")
     assert rows[1]["published_val"] == rows[2]["published_val"] == ""
     md = (cdir / "compare.md").read_text().splitlines()

@@ -241,3 +241,75 @@ def test_a_model_saved_with_a_softmax_output_still_gives_its_probabilities(tiny_
     got = tf.saved_model.load(sm).signatures["serving_tensor"](image=tf.constant(images))["probabilities"]
     np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(probabilities(loaded, images)), want, atol=1e-6)
+
+
+def _count_traces(model) -> list:
+    """A list that grows by one each time Keras traces ``model``'s predict function (it calls
+    ``predict_step`` only while tracing; the traced function runs without it)."""
+    calls, step = [], model.predict_step
+
+    def counted(data):
+        calls.append(1)
+        return step(data)
+    model.predict_step = counted
+    return calls
+
+
+def _new_tiny_model():   # tiny_model is shared: its predict function may be traced already
+    from kfine.config import ModelConfig, ScratchConfig
+    from kfine.model import build_model
+    cfg = ModelConfig(backbone="scratch_cnn", weights=None, scratch=ScratchConfig(filters=(8, 16), dense_units=16))
+    return build_model(cfg, 3, (32, 32))
+
+
+def test_evaluation_traces_the_predict_function_once():
+    """14 images in batches of 4: the last batch (2 images) is padded, not traced again."""
+    import tensorflow as tf
+    tiny_model = _new_tiny_model()
+    images, labels = _data()
+    traces = _count_traces(tiny_model)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    _, probs, got = evaluate_model(tiny_model, ds, ["a", "b", "c"])
+    assert len(traces) == 1
+    assert probs.shape == (14, 3)   # the padding dropped
+    np.testing.assert_allclose(probs, np.asarray(tiny_model(images, training=False)), atol=1e-5)
+    np.testing.assert_array_equal(got, labels)
+    evaluate_model(tiny_model, ds, ["a", "b", "c"])   # a second evaluation of the same model: no trace
+    assert len(traces) == 1
+
+
+def test_evaluation_through_the_feature_extractor_gives_the_full_models_probabilities():
+    """Where the feature cache built the model's extractor (kfine.features.model_parts), the
+    evaluation runs images through it (traced once, by the feature pass) and the head on the
+    features: the full model's probabilities, and the full model itself is never run."""
+    import tensorflow as tf
+    from kfine import features
+    tiny_model = _new_tiny_model()
+    images, labels = _data()
+    want = _probabilities(tiny_model, images)
+    extractor, head = features.model_parts(tiny_model)
+    assert features.model_parts(tiny_model) == (extractor, head)   # built once per model
+    full, ext = _count_traces(tiny_model), _count_traces(extractor)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    _, probs, _ = evaluate_model(tiny_model, ds, ["a", "b", "c"])
+    np.testing.assert_allclose(probs, want, atol=1e-6, rtol=0)
+    assert len(ext) == 1 and not full
+
+
+def test_metrics_json_of_many_classes_is_written_compactly(tmp_path):
+    """A confusion matrix of more classes than the report lists goes on one line (indenting it
+    costs seconds at 1000 classes); a small one stays indented for reading."""
+    from kfine.evaluate import write_metrics
+    from kfine.report import MAX_CLASS_ROWS
+    rng = np.random.default_rng(0)
+    for c, lines in ((MAX_CLASS_ROWS + 1, 1), (6, None)):
+        labels = np.arange(2 * c) % c
+        probs = rng.dirichlet(np.ones(c), 2 * c)
+        m = compute_metrics(labels, probs, [f"c{i}" for i in range(c)])
+        write_metrics(tmp_path / "metrics.json", {"test": m})
+        text = (tmp_path / "metrics.json").read_text()
+        assert json.loads(text)["test"]["confusion_matrix"] == m["confusion_matrix"]
+        if lines:
+            assert text.count("\n") == lines
+        else:
+            assert text.count("\n") > c * c

@@ -303,7 +303,7 @@ def test_restore_best_evaluates_and_exports_the_best_epoch(tmp_path):
                                 datasets.test, datasets.class_names)
     assert metrics["test"]["accuracy"] == want["accuracy"] and metrics["test"]["loss"] == pytest.approx(want["loss"], rel=1e-6)
     html = (rd / "report.html").read_text()
-    assert "Evaluated: the model's weights of epoch 0, the best by lr" in html
+    assert "Evaluated: the model's weights of epoch 1, the best by lr" in html
 
 
 def test_restore_best_false_keeps_the_final_epoch(tmp_path):
@@ -418,3 +418,48 @@ def test_a_broken_output_module_fails_the_run_and_resume_writes_the_outputs(tmp_
     assert main(["--resume", str(rd)]) == 0
     assert (rd / "plots" / "history.png").is_file() and (rd / "report.html").is_file()
     assert "history plot" in capsys.readouterr().out
+
+
+def test_restore_best_assigns_the_best_weights_to_the_same_model_in_place(tmp_path, monkeypatch):
+    """use_best_epoch reads best.keras's weights into the trained model's own variables: the
+    model object the run returns (and evaluates, saves) is the one trained, holding best.keras's
+    weights, and no second model is deserialized from the file."""
+    import keras
+    from kfine import train
+    seen, loads = {}, []
+    load_model, use_best = keras.saving.load_model, train.use_best_epoch
+
+    def spy_use_best(cfg, run_dir, model, *a, **k):
+        seen["model"], seen["variables"] = model, [id(v) for v in model.weights]
+        monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
+        try:
+            return use_best(cfg, run_dir, model, *a, **k)
+        finally:
+            monkeypatch.setattr(keras.saving, "load_model", load_model)
+    monkeypatch.setattr(train, "use_best_epoch", spy_use_best)
+    result = _restore_run(tmp_path, "true")
+    assert not loads
+    assert result.model is seen["model"] and [id(v) for v in result.model.weights] == seen["variables"]
+    best = _weights(result.run_dir / "checkpoints" / "best.keras")
+    assert read_json(result.run_dir / "checkpoints" / "best.json")["epoch"] == 0   # not the final epoch (2)
+    for v in result.model.weights:
+        np.testing.assert_array_equal(np.array(v.numpy()), best[v.path])
+
+
+def test_a_run_ends_with_where_its_time_went(tmp_path, capsys):
+    """Every stage's seconds: the last line printed, run_info.json's timings, the report."""
+    from kfine.log import STAGES
+    result = run(load_config(None, tiny(tmp_path, "train.epochs=2",
+                                        "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]")))
+    out = capsys.readouterr().out
+    assert "the head trains on cached backbone features" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("kfine: time ") and all(f" {s} " in last for s in STAGES)
+    timings = read_json(result.run_dir / "run_info.json")["timings"]
+    assert set(timings) == set(STAGES) | {"total"} and timings == result.timings
+    for stage in ("data", "model", "features", "training", "restore", "evaluation", "plots"):
+        assert timings[stage] > 0, stage
+    assert timings["export"] == 0                      # export.enabled=false
+    assert sum(timings[s] for s in STAGES) <= timings["total"] + 1e-6
+    html = (result.run_dir / "report.html").read_text()
+    assert "<section id=timings>" in html and all(f"<td class=l>{s}</td>" in html for s in STAGES)

@@ -209,7 +209,9 @@ def test_search_writes_its_outputs_and_best_yaml_trains(tmp_path):
     assert len(trials) == 2
     rows = read_csv(sd / "results.csv")
     assert len(rows) == 2
-    assert list(rows[0]) == ["trial_id", "status", "score", "scored_epoch", "scored_as", *SPACE]
+    assert list(rows[0]) == ["trial_id", "status", "score", "scored_epoch", "scored_as", *SPACE, "seconds_by_stage"]
+    from kfine.log import STAGES
+    assert all(all(f"{s} " in r["seconds_by_stage"] for s in STAGES) for r in rows)   # where each trial's time went
     for row, tdir in zip(rows, trials):
         assert row["status"] == "COMPLETED" and tdir.name == f"trial_{row['trial_id']}"
         assert json.loads((tdir / "trial.json").read_text())["status"] == "COMPLETED"

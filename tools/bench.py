@@ -19,6 +19,10 @@ same arithmetic as ImageNet weights, no download):
   distribute the same full fine-tune under the backend's own distribution strategy (JAX:
              data_parallel, TensorFlow: mirrored) against distribute.strategy none, on the devices
              there are (one GPU: the strategy's overhead), steady-state images/s.
+  command    the whole ``python -m kfine.train`` command (a subprocess) of an 8-epoch head-only run,
+             augmentation off, no export, with and without the feature cache: wall times, their ratio,
+             each run's seconds per stage (run_info.json's timings), the cached run's fixed cost and
+             its test evaluation's cost per image against the feature pass's.
 
 Every result records the backend and device it ran on and, per section, the accelerator's peak
 memory so far in the process (JAX's peak_bytes_in_use; null on a CPU). ``--set key=value``
@@ -408,11 +412,63 @@ def markdown_table(results: dict) -> str:
             rows.append(f"| peak accelerator memory after `{name}` (GiB; the process's peak so far) | | "
                         f"{num(peak / 2**30, 2) if peak is not None else 'n/a (CPU)'} | |")
     return "\n".join(rows)
+# ----------------------------------------------------------------------------- command
+def _train_command(root: Path, size: int, batch: int, runs: str, name: str, cache: str, epochs: int) -> dict:
+    """``python -m kfine.train`` as a user runs it (a subprocess): wall time, run_info.json's timings."""
+    from kfine.config import save_config
+    head_only = "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]"
+    cfg = _config(root, size, batch, runs, head_only, f"train.epochs={epochs}", "data.augment.enabled=false",
+                  f"train.feature_cache={cache}", f"name={name}")
+    path = Path(runs) / f"{name}.yaml"
+    save_config(cfg, path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "kfine.train", "--config", str(path)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    run_dir = Path(runs) / name
+    counts = json.loads((run_dir / "data_check.json").read_text())["counts"]
+    n = {s: sum(c.values()) for s, c in counts.items() if isinstance(c, dict)}
+    return {"wall_s": wall, "timings": json.loads((run_dir / "run_info.json").read_text())["timings"], "images": n}
+
+
+def bench_command(root: Path, size: int, batch: int, epochs: int, seed: int, head_epochs: int = 8) -> dict:
+    """The whole command of a short head-only run (``head_epochs`` epochs, augmentation off, no
+    export), with and without the frozen-feature cache: wall time and where it went (per stage);
+    the cached run's fixed cost (all but features and epochs) and its test evaluation's cost per
+    image against the feature pass's."""
+    import tempfile
+    out = {}
+    with tempfile.TemporaryDirectory() as runs:
+        for cache in ("false", "auto"):
+            key = "cached" if cache == "auto" else "uncached"
+            out[key] = _train_command(root, size, batch, runs, f"command_{key}", cache, head_epochs)
+            print(f"bench: command, feature cache {cache}: {out[key]['wall_s']:.1f} s", flush=True)
+    c = out["cached"]
+    t, n = c["timings"], c["images"]
+    out["ratio"] = out["uncached"]["wall_s"] / c["wall_s"]
+    out["fixed_s"] = t["total"] - t["features"] - t["training"]
+    feature_images = n.get("train", 0) + n.get("val", 0)
+    out["feature_ms_per_image"] = 1000 * t["features"] / max(1, feature_images)
+    out["evaluation_ms_per_image"] = 1000 * t["evaluation"] / max(1, n.get("test") or n.get("val") or 1)
+    out["evaluation_vs_features"] = out["evaluation_ms_per_image"] / max(1e-9, out["feature_ms_per_image"])
+    return out
+
+
+def print_command(r: dict) -> None:
+    from kfine.log import stage_split
+    print(f"\nwhole command, head-only: no cache {r['uncached']['wall_s']:.1f} s -> cache {r['cached']['wall_s']:.1f} s "
+          f"(**{r['ratio']:.1f}x**); cached run's fixed cost (all but features and epochs) {r['fixed_s']:.1f} s; "
+          f"test evaluation {r['evaluation_ms_per_image']:.0f} ms/image = {r['evaluation_vs_features']:.2f}x the "
+          f"feature pass's {r['feature_ms_per_image']:.0f} ms/image")
+    for key in ("uncached", "cached"):
+        print(f"  {key}: {stage_split(r[key]['timings'])} (seconds; total {r[key]['timings']['total']:.1f})")
 
 
 SECTIONS = {"pipeline": (bench_pipeline, print_pipeline), "head": (bench_head, print_head),
             "search": (bench_search, print_search), "full": (bench_full, print_full),
-            "distribute": (bench_distribute, print_distribute)}
+            "distribute": (bench_distribute, print_distribute),
+            "command": (bench_command, print_command)}
 
 
 def main(argv=None) -> int:
