@@ -314,8 +314,8 @@ def explain_run(run_dir, split: str = "test") -> Path | None:
     """Write plots/heatmaps_<split>.png for a finished run (its model.keras and splits.csv)."""
     from kfine import data as kdata
     from kfine.config import check_config, load_config
-    from kfine.predict import load_run_model
-    from kfine.rundir import missing_run_file
+    from kfine.checkpoint import load_model
+    from kfine.rundir import missing_run_file, read_json
     run_dir = Path(run_dir)
     missing = missing_run_file(run_dir, ("model.keras", "class_names.json", "config.yaml"))
     if missing:
@@ -326,7 +326,7 @@ def explain_run(run_dir, split: str = "test") -> Path | None:
     dataset = getattr(datasets, split, None)
     if dataset is None:
         raise ExplainError(f"the run's data has no {split!r} split")
-    model, class_names, _ = load_run_model(run_dir)
+    model, class_names = load_model(run_dir / "model.keras"), read_json(run_dir / "class_names.json")
     return write_heatmap_grid(run_dir, model, dataset, class_names, split)
 
 

@@ -115,9 +115,22 @@ def _regex(model, backbone_name, spec):
         layer.trainable = bool(rx.search(layer.name)) or (spec.train_bn and _is_bn(layer))
 
 
+def lora_targets(model, backbone_name: str, stages=()) -> list:
+    """The backbone's Conv2D / Dense layers in ``stages`` (every stage when empty)."""
+    from kfine.lora import ADAPTED
+    backbone = get_backbone(model)
+    if stages:
+        known = backbone_stages(model, backbone_name)
+        wanted = {resolve_stage(s, known) for s in stages}
+    stage = layer_stages(backbone, backbone_name)
+    layers = [l for l in backbone.layers if isinstance(l, ADAPTED)]
+    return [l for l in layers if not stages or stage[l.name] in wanted]
+
+
 def _lora(model, backbone_name, spec):
     from kfine.lora import enable_lora, train_adapters_only
-    targets = {id(l) for l in enable_lora(model, backbone_name, spec.lora_rank, spec.lora_alpha, spec.lora_stages)}
+    targets = {id(l) for l in enable_lora(lora_targets(model, backbone_name, spec.lora_stages), spec.lora_rank,
+                                          spec.lora_alpha, spec.lora_stages)}
     for layer in get_backbone(model).layers:
         if id(layer) in targets:
             train_adapters_only(layer)

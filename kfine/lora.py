@@ -73,29 +73,15 @@ KEEPS_ADAPTERS = {keras.layers.Conv2D: LoRAConv2D, keras.layers.Dense: LoRADense
 PLAIN = {f"kfine>{c.__name__}": base.__name__ for base, c in KEEPS_ADAPTERS.items()}   # for merge_lora
 
 
-def lora_targets(model, backbone_name: str, stages=()) -> list:
-    """The backbone's Conv2D / Dense layers in ``stages`` (every stage when empty)."""
-    from kfine.freeze import backbone_stages, resolve_stage
-    from kfine.model import get_backbone, layer_stages
-
-    backbone = get_backbone(model)
-    if stages:
-        known = backbone_stages(model, backbone_name)
-        wanted = {resolve_stage(s, known) for s in stages}
-    stage = layer_stages(backbone, backbone_name)
-    layers = [l for l in backbone.layers if isinstance(l, ADAPTED)]
-    return [l for l in layers if not stages or stage[l.name] in wanted]
-
-
-def enable_lora(model, backbone_name: str, rank: int, alpha: float | None = None, stages=()) -> list:
-    """Add adapters to the target layers that have none yet; returns the target layers.
-    A layer already adapted must have the same rank and alpha (one set of adapters per layer)."""
+def enable_lora(targets: list, rank: int, alpha: float | None = None, stages=()) -> list:
+    """Add adapters to the ``targets`` (kfine.freeze.lora_targets: the backbone's Conv2D / Dense
+    layers of ``stages``) that have none yet; returns them. A layer already adapted must have the
+    same rank and alpha (one set of adapters per layer)."""
     if int(rank) < 1:
         raise LoRAError(f"freeze.lora_rank must be >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
     if alpha <= 0:
         raise LoRAError(f"freeze.lora_alpha must be > 0, got {alpha}")
-    targets = lora_targets(model, backbone_name, stages)
     if not targets:
         raise LoRAError(f"freeze.lora_stages {list(stages)} holds no Conv2D or Dense layer")
     for layer in targets:
@@ -144,7 +130,6 @@ def merge_lora(model):
     model itself when it has no adapters. The copy has no LoRA variables or settings."""
     if not has_lora(model):
         return model
-    import kfine.model  # noqa: F401  (registers kfine's layers for from_config)
     plain = type(model).from_config(_strip(model.get_config()))
     old_layers, new_layers = list(_walk(model)), list(_walk(plain))
     if [l.name for l in old_layers] != [l.name for l in new_layers]:

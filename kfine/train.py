@@ -779,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     if args.dry_run:   # what each phase trains, without training or a run directory
-        from kfine.model import class_count, describe_config
+        from kfine.layers import class_count, describe_config
         path = Path(args.resume) / "config.yaml" if args.resume else cli.find_config(args.config or DEMO_CONFIG)
         cfg = check_config(load_config(path, args.overrides))
         names = Path(args.resume) / "class_names.json" if args.resume else None

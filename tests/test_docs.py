@@ -48,6 +48,7 @@ def snippets(text: str) -> list[str]:
 # ----------------------------------------------------------------------------- commands and flags
 COMMAND = re.compile(r"python -m kfine\.([a-z_]+)((?: +[^ |`]+)*)")
 SUBCOMMANDS = {"data": ("check", "clean-cache"), "model": ("layers",)}
+CLI_MODULES = {"model": "layers"}   # python -m kfine.model layers runs kfine.layers' main
 
 
 def commands(text: str):
@@ -63,7 +64,7 @@ def commands(text: str):
 
 @lru_cache(maxsize=None)
 def help_text(module: str, sub: str | None) -> str:
-    mod = importlib.import_module(f"kfine.{module}")
+    mod = importlib.import_module(f"kfine.{CLI_MODULES.get(module, module)}")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         mod.main(([sub] if sub else []) + ["--help"])

@@ -75,13 +75,14 @@ def test_explaining_another_class_moves_the_heatmap(square_model):
 
 
 def test_lora_layers_carry_the_gradient():
+    from kfine.freeze import lora_targets
     from kfine.lora import enable_lora
     keras.utils.set_random_seed(1)
     x, _ = _squares(4, seed=4)
     model = _scratch()
     plain, plain_probs = gradcam(model, x)
     assert plain.max() > 0
-    enable_lora(model, "scratch_cnn", rank=2)
+    enable_lora(lora_targets(model, "scratch_cnn"), rank=2)
     conv = model.get_layer("backbone").get_layer("block1_conv")
     conv.lora_kernel_b.assign(np.random.default_rng(0).normal(0, 0.5, conv.lora_kernel_b.shape))
     adapted, probs = gradcam(model, x, plain_probs.argmax(axis=1))

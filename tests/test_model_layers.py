@@ -12,7 +12,8 @@ import keras
 
 from kfine.config import FreezeConfig, ModelConfig, ScratchConfig, load_config
 from kfine.freeze import apply_freeze
-from kfine.model import build_model, describe_model, get_backbone, layer_table
+from kfine.layers import describe_model, layer_table
+from kfine.model import build_model, get_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,7 +87,7 @@ def test_cli_layers_with_a_strategy(tmp_path):
 def test_cli_layers_documents_a_family(capsys):
     """layers --backbone NAME: the family's constructor, preprocessing, minimum size, normalisation
     and stage names, and the stage table of what a spec trains (VGG16: block1..block5, no BatchNorm)."""
-    from kfine.model import main
+    from kfine.layers import main
     assert main(["layers", "--backbone", "vgg16", "--image-size", "32", "--strategy", "stages",
                  "--trainable-from", "block5", "--num-classes", "3"]) == 0
     out = capsys.readouterr().out
