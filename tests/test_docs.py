@@ -274,7 +274,7 @@ def test_readme_is_a_first_page():
     assert len(lines) <= 250
     text = "\n".join(lines)
     assert ('python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test,onnx]" && '
-            'python -m pytest -q -n 2 --dist loadfile -m "slow or not slow"') in text
+            'python -m pytest -q -n 2 --dist loadfile -m "slow or not slow" --durations=25') in text
     assert "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python -m kfine.train" in text
 
 
