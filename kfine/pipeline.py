@@ -272,30 +272,30 @@ def crop_box(height: int, width: int, u, scale, ratio=CROP_RATIO, attempts: int 
 
 
 def crop_box_tf(height, width, u, scale, ratio=CROP_RATIO, attempts: int = CROP_ATTEMPTS):
-    """``crop_box`` in TensorFlow ops (int32 scalars top, left, h, w), every attempt at once:
-    the same float64 arithmetic in the same order (``_exp`` included), round half to even as
-    Python's round, so the same uniforms give the same box, bit for bit."""
+    """``crop_box`` in TensorFlow ops, every attempt at once, and for a batch at once: ``u``
+    (..., 2 * attempts + 2), ``height`` and ``width`` (...) -> int32 (..., 4) boxes (top, left,
+    h, w). The same float64 arithmetic in the same order (``_exp`` included; Round is half to
+    even, as Python's round), so the same uniforms give the same box, bit for bit."""
     f64 = tf.float64
-    hf, wf = tf.cast(height, f64), tf.cast(width, f64)
+    hf, wf = tf.cast(height, f64)[..., None], tf.cast(width, f64)[..., None]
     u = tf.cast(u, f64)
-    pairs = tf.reshape(u[:2 * attempts], [attempts, 2])
     log_ratio = math.log(ratio[0]), math.log(ratio[1])
-    target_area = hf * wf * (scale[0] + (scale[1] - scale[0]) * pairs[:, 0])
-    aspect_ratio = _exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * pairs[:, 1])
+    target_area = hf * wf * (scale[0] + (scale[1] - scale[0]) * u[..., 0:2 * attempts:2])
+    aspect_ratio = _exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[..., 1:2 * attempts:2])
     w = tf.round(tf.sqrt(target_area * aspect_ratio))
     h = tf.round(tf.sqrt(target_area / aspect_ratio))
     fits = (w > 0) & (w <= wf) & (h > 0) & (h <= hf)
-    first = tf.reduce_min(tf.where(fits, tf.range(attempts), attempts))   # the first attempt that fits
-    k = tf.minimum(first, attempts - 1)
-    h, w = tf.gather(h, k), tf.gather(w, k)
-    top = tf.minimum(tf.floor(u[-2] * (hf - h + 1.0)), hf - h)
-    left = tf.minimum(tf.floor(u[-1] * (wf - w + 1.0)), wf - w)
+    first = tf.reduce_min(tf.where(fits, tf.range(attempts), attempts), axis=-1, keepdims=True)
+    pick = tf.equal(tf.range(attempts), first)   # the first attempt that fits (none: all False)
+    h, w = (tf.reduce_sum(tf.where(pick, x, 0.0), axis=-1, keepdims=True) for x in (h, w))
+    top = tf.minimum(tf.floor(u[..., -2:-1] * (hf - h + 1.0)), hf - h)
+    left = tf.minimum(tf.floor(u[..., -1:] * (wf - w + 1.0)), wf - w)
     in_ratio = wf / hf   # the fallback: the centre crop, ratio clamped
     fh = tf.where(in_ratio < min(ratio), tf.round(wf / min(ratio)), hf)
     fw = tf.where(in_ratio > max(ratio), tf.round(hf * max(ratio)), wf)
-    box = tf.where(first < attempts, tf.stack([top, left, h, w]),
-                   tf.stack([tf.floor((hf - fh) / 2.0), tf.floor((wf - fw) / 2.0), fh, fw]))
-    return tf.unstack(tf.cast(box, tf.int32))
+    box = tf.where(first < attempts, tf.concat([top, left, h, w], -1),
+                   tf.concat([tf.floor((hf - fh) / 2.0), tf.floor((wf - fw) / 2.0), fh, fw], -1))
+    return tf.cast(box, tf.int32)
 
 
 def whole_box(height, width):
@@ -340,14 +340,19 @@ def resize_crop(crop: tf.Tensor, image_size) -> tf.Tensor:
                    lambda: tf.image.resize(crop, image_size))
 
 
-def random_resized_crop(img, seed, scale, image_size, ratio=CROP_RATIO, flip_seed=None) -> tf.Tensor:
+def random_resized_crop(img, seed, scale, image_size, ratio=CROP_RATIO, flip_seed=None, box=None) -> tf.Tensor:
     """torchvision's RandomResizedCrop of a uint8 image (a tensor, or an ``ImageCache.view``
     loader that copies only the crop out of the cache) -> float32 ``image_size``; with
     ``flip_seed`` a random horizontal flip too, done on the uint8 crop before resizing (the
-    same image as flipping after: the resize kernel is symmetric; a quarter of the bytes)."""
+    same image as flipping after: the resize kernel is symmetric; a quarter of the bytes).
+    ``box``: the crop box, int32 (4,), when it is already drawn from ``seed`` (graph loaders
+    only: make_dataset draws them for many images at once)."""
     load = img if callable(img) else crop_loader(img)
-    box = (functools.partial(crop_box, scale=scale, ratio=ratio), functools.partial(crop_box_tf, scale=scale, ratio=ratio))
-    crop = load(box, crop_uniforms(seed))
+    if box is not None:
+        crop = load((None, lambda h, w: box))
+    else:
+        crop = load((functools.partial(crop_box, scale=scale, ratio=ratio),
+                     functools.partial(crop_box_tf, scale=scale, ratio=ratio)), crop_uniforms(seed))
     if flip_seed is not None:
         crop = tf.image.stateless_random_flip_left_right(crop, flip_seed)
     return resize_crop(crop, image_size)
@@ -413,17 +418,28 @@ def _affine(img: tf.Tensor, aug, seed: tf.Tensor) -> tf.Tensor:
     return out[0]
 
 
-def train_view(cached, seed: tf.Tensor, aug, image_size, eval_transform: str) -> tf.Tensor:
+def view_seeds(seed: tf.Tensor) -> tf.Tensor:
+    """A training view's seeds (crop, flip, affine, colour) from the image's seed."""
+    return tf.random.experimental.stateless_split(seed, 4)
+
+
+def crop_draws(seed: tf.Tensor) -> tf.Tensor:
+    """The uniforms of the crop box of the training view of seed ``seed`` (``crop_box``)."""
+    return crop_uniforms(view_seeds(seed)[0])
+
+
+def train_view(cached, seed: tf.Tensor, aug, image_size, eval_transform: str, box=None) -> tf.Tensor:
     """A cached uint8 image (or its loader: ImageCache.view) -> one augmented
     float32 (*image_size, 3) view in 0..255. Stateless: ``seed`` fixes it. Order as in
-    torchvision pipelines: crop, flip, affine, colour."""
+    torchvision pipelines: crop, flip, affine, colour. ``box``: the crop box already drawn from
+    ``crop_draws(seed)`` (random_resized_crop)."""
     whole = (lambda: cached(WHOLE)) if callable(cached) else (lambda: cached)
     if not aug.enabled:
         return eval_view(whole(), image_size, eval_transform)
-    s = tf.random.experimental.stateless_split(seed, 4)
+    s = view_seeds(seed)
     if aug.random_resized_crop:
         img = random_resized_crop(cached, s[0], tuple(aug.crop_scale), tuple(image_size),
-                                  flip_seed=s[1] if aug.flip else None)
+                                  flip_seed=s[1] if aug.flip else None, box=box)
     else:
         img = eval_view(whole(), image_size, eval_transform)
         if aug.flip:
@@ -484,7 +500,7 @@ class ImageCache:
             start, hw = tf.gather(offsets, slot), tf.gather(shapes, slot)
 
             def load_graph(box, *args):
-                top, left, h, w = box[1](hw[0], hw[1], *args)
+                top, left, h, w = tf.unstack(tf.stack(box[1](hw[0], hw[1], *args)))
                 row = tf.cast(hw[1], tf.int64) * 3
                 rows = tf.slice(pixels, tf.reshape(start + tf.cast(top, tf.int64) * row, [1]),
                                 tf.reshape(tf.cast(h, tf.int64) * row, [1]))   # the crop's rows, whole
@@ -943,19 +959,38 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
     order = "file" if shuffle is False else ("balanced" if cfg.sampling == "balanced" else "uniform")
 
     @graph_fn
-    def view(i, p, key):
-        sd = tf.random.experimental.stateless_fold_in(key, i)   # the image's seed: its pass and position
-        img = train_view(cache.view(tf.gather(slots, p), graph), sd, aug, size, cfg.eval_transform)
+    def view(sd, p, box=None):   # sd: the image's seed, from its pass and position
+        img = train_view(cache.view(tf.gather(slots, p), graph), sd, aug, size, cfg.eval_transform, box)
         if recipe is not None:
             img = recipe(img, tf.random.experimental.stateless_fold_in(sd, 1))
         return img, tf.gather(labels, p)
+
+    # The graph path draws crop boxes BOX_CHUNK images at a time (~150 small ops per box otherwise)
+    chunked = graph and aug.enabled and aug.random_resized_crop and cache.pixels is not None
+    scale = tuple(aug.crop_scale)
+
+    @graph_fn
+    def seeded(i, p, key):   # an image's seed and its crop box's uniforms
+        sd = tf.random.experimental.stateless_fold_in(key, i)
+        return sd, p, crop_draws(sd)
+
+    @graph_fn
+    def boxes(sd, p, u):   # a chunk's boxes
+        hw = tf.gather(cache.tensors()[2], tf.gather(slots, p))
+        return sd, p, crop_box_tf(hw[:, 0], hw[:, 1], u, scale)
 
     def one_pass(e, part):
         images, batches = tf.unstack(tf.random.experimental.stateless_split(pass_key(seed, e, part), 2))
         ds = tf.data.Dataset.from_tensor_slices(pass_order(labels, seed, e, part, order)).enumerate()
         if shard is not None:
             ds = shard.split(ds, len(slots))
-        ds = ds.map(lambda i, p: view(i, p, images), num_parallel_calls=AUTOTUNE)
+        if chunked:
+            ds = ds.map(lambda i, p: seeded(i, p, images), num_parallel_calls=AUTOTUNE)
+            ds = ds.batch(BOX_CHUNK).map(boxes, num_parallel_calls=AUTOTUNE).unbatch()
+            ds = ds.map(view, num_parallel_calls=AUTOTUNE)
+        else:
+            ds = ds.map(lambda i, p: view(tf.random.experimental.stateless_fold_in(images, i), p),
+                        num_parallel_calls=AUTOTUNE)
         if batch:
             ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         if mix is not None:   # MixUp / CutMix: soft labels
@@ -973,6 +1008,7 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
     return ds.prefetch(AUTOTUNE).with_options(_options(bool(cfg.deterministic) if shuffle is not False else True))
 
 
+BOX_CHUNK = 64                # images whose crop boxes the graph path draws at once
 GRAPH_VIEWS_ABOVE_CORES = 8   # data.view_path auto: the graph path on more cores than this
 
 
