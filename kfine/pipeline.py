@@ -21,11 +21,17 @@ multiplicative factors drawn from [max(0, 1 - x), 1 + x] (brightness scales pixe
 blends with the mean grey level, saturation with the greyscale image), hue is a shift drawn from
 [-x, x] of the colour circle, and the four are applied in a random order per image.
 
-Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend) and one Python
-call per training view (``tf.numpy_function``: torchvision's crop box, then the copy of only the
-crop's pixels out of the cache); every random choice is stateless, from a per-image seed that is
-a function of (seed, epoch, position in the epoch), so an epoch is the same in a resumed run. Images
-leave the pipeline as float32 0..255: the model does its own preprocessing.
+Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend). A training
+view is cut by one of two paths (``data.view_path``, ``graph_views``), which draw the same crop
+boxes from the same seeds, bit for bit, and so give the same views: ``python``, one Python call per
+view (``tf.numpy_function``: torchvision's crop box, then the copy of only the crop's pixels out of
+the cache), the cheaper on a few cores but holding the GIL (one process tops out near 10,000
+images/s); ``graph``, TensorFlow ops alone (the boxes of 64 images at a time, each crop sliced out
+of the cache shared with TensorFlow in place: ``ImageCache.tensors``), which scales with the cores;
+``auto`` takes it with more than 8 cores or more than one device on one pipeline. Every random
+choice is stateless, from a per-image seed that is a function of (seed, epoch, position in the
+epoch), so an epoch is the same in a resumed run. Images leave the pipeline as float32 0..255: the
+model does its own preprocessing.
 
 The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image
 (``ImageCache``). ``memory`` keeps it in RAM; ``disk`` writes it once under
