@@ -311,25 +311,28 @@ def feed_stage(stage: str, cache, files, cfg, graph: bool, seed: int = 0):
     scale = tuple(cfg.augment.crop_scale)
     box = (functools.partial(pipeline.crop_box, scale=scale), functools.partial(pipeline.crop_box_tf, scale=scale))
 
-    def fn(i, p, key):
-        sd = tf.random.experimental.stateless_fold_in(key, i)
-        if stage == "order":
-            return sd, tf.gather(labels, p)
-        u = pipeline.crop_uniforms(tf.random.experimental.stateless_split(sd, 4)[0])
-        slot = tf.gather(slots, p)
-        if stage == "crop":
-            return cache.view(slot, graph)(box, u), tf.gather(labels, p)
-        hw = tf.gather(cache.tensors()[2], slot) if graph else tf.numpy_function(
-            lambda i: cache.shapes[int(i)], [slot], tf.int32, stateful=False)
-        if graph:
-            return tf.stack(box[1](hw[0], hw[1], u)), tf.gather(labels, p)
-        return tf.numpy_function(lambda i, u: np.array(box[0](*map(int, cache.shapes[int(i)]), u), np.int32),
-                                 [slot, u], tf.int32, stateful=False), tf.gather(labels, p)
-
     key = pipeline.pass_key(seed, 0, 0)
     ds = tf.data.Dataset.from_tensor_slices(pipeline.pass_order(labels, seed, 0, 0)).enumerate()
-    return ds.map(pipeline.graph_fn(lambda i, p: fn(i, p, key)), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-        tf.data.AUTOTUNE)
+    ds = ds.map(pipeline.graph_fn(lambda i, p: (tf.random.experimental.stateless_fold_in(key, i), p)))
+    if stage == "order":
+        return ds.prefetch(tf.data.AUTOTUNE)
+    if graph:   # as make_dataset: the boxes of BOX_CHUNK images at once, then the crop by slices
+        shapes = cache.tensors()[2]
+        ds = ds.map(lambda sd, p: (sd, p, pipeline.crop_draws(sd)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(pipeline.BOX_CHUNK).map(lambda sd, p, u: (sd, p, pipeline.crop_box_tf(
+            tf.gather(shapes, tf.gather(slots, p))[:, 0], tf.gather(shapes, tf.gather(slots, p))[:, 1], u, scale)),
+            num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        if stage == "crop":
+            ds = ds.map(lambda sd, p, b: cache.view(tf.gather(slots, p), True)((None, lambda h, w: b)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+    elif stage == "box":
+        ds = ds.map(lambda sd, p: tf.numpy_function(
+            lambda i, u: np.array(box[0](*map(int, cache.shapes[int(i)]), u), np.int32),
+            [tf.gather(slots, p), pipeline.crop_draws(sd)], tf.int32, stateful=False), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda sd, p: cache.view(tf.gather(slots, p))(box, pipeline.crop_draws(sd)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _single_threaded(ds):
