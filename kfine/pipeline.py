@@ -539,7 +539,7 @@ class ImageCache:
         constant: tf.data's graph rewrite copies a captured tensor (the whole cache) every time
         an iterator starts, and a GraphDef constant stops at 2 GB. Made outside any distribution
         strategy: under MirroredStrategy a tf.Variable would be a copy on every device."""
-        if getattr(self, "_tensors", None) is None:
+        if self._tensors is None:
             from tensorflow.python.ops.resource_variable_ops import ResourceVariable   # no strategy's creator
             pixels = self.pixels
             if isinstance(pixels, np.memmap) and not pixels.flags.writeable:   # DLPack refuses read-only
