@@ -115,6 +115,7 @@ class DataConfig:
     max_pixels: Optional[int] = 40_000_000           # refuse larger images by their header
     sampling: Literal["uniform", "balanced"] = "uniform"  # balanced: every class equally likely per draw
     deterministic: bool = False                      # deterministic tf.data (slower)
+    view_path: Literal["auto", "python", "graph"] = "auto"   # how training views are cut (kfine.pipeline.graph_views)
     on_bad_image: Literal["skip", "stop"] = "skip"
     check: bool = True                               # audit the data before training
     limit_per_class: Optional[int] = None            # cap images per class (quick runs)

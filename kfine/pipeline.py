@@ -21,11 +21,17 @@ multiplicative factors drawn from [max(0, 1 - x), 1 + x] (brightness scales pixe
 blends with the mean grey level, saturation with the greyscale image), hue is a shift drawn from
 [-x, x] of the colour circle, and the four are applied in a random order per image.
 
-Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend) and one Python
-call per training view (``tf.numpy_function``: torchvision's crop box, then the copy of only the
-crop's pixels out of the cache); every random choice is stateless, from a per-image seed that is
-a function of (seed, epoch, position in the epoch), so an epoch is the same in a resumed run. Images
-leave the pipeline as float32 0..255: the model does its own preprocessing.
+Map functions use ``tf.*`` (keras.ops break inside tf.data under the JAX backend). A training
+view is cut by one of two paths (``data.view_path``, ``graph_views``), which draw the same crop
+boxes from the same seeds, bit for bit, and so give the same views: ``python``, one Python call per
+view (``tf.numpy_function``: torchvision's crop box, then the copy of only the crop's pixels out of
+the cache), the cheaper on a few cores but holding the GIL (one process tops out near 10,000
+images/s); ``graph``, TensorFlow ops alone (the boxes of 64 images at a time, each crop sliced out
+of the cache shared with TensorFlow in place: ``ImageCache.tensors``), which scales with the cores;
+``auto`` takes it with more than 8 cores or more than one device on one pipeline. Every random
+choice is stateless, from a per-image seed that is a function of (seed, epoch, position in the
+epoch), so an epoch is the same in a resumed run. Images leave the pipeline as float32 0..255: the
+model does its own preprocessing.
 
 The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image
 (``ImageCache``). ``memory`` keeps it in RAM; ``disk`` writes it once under
@@ -229,17 +235,32 @@ def _uniform(seed, lo, hi, shape=()):
     return tf.random.stateless_uniform(shape, seed, lo, hi, dtype=tf.float32)
 
 
+_EXP_TERMS = tuple(1.0 / math.factorial(k) for k in range(13))
+
+
+def _exp(x):
+    """exp(x) for |x| <= 0.3 (CROP_RATIO's log aspect ratios: +-0.288) by its Taylor series in
+    Horner form, + and * alone, on a Python float or a float64 tensor: IEEE arithmetic, so both
+    get the same bits on every machine, where math.exp and tf.exp differ in the last bit for ~1
+    input in 10 (and tf.exp between SIMD widths). Within 1 ulp of math.exp there."""
+    y = _EXP_TERMS[-1]
+    for c in reversed(_EXP_TERMS[:-1]):
+        y = y * x + c
+    return y
+
+
 def crop_box(height: int, width: int, u, scale, ratio=CROP_RATIO, attempts: int = CROP_ATTEMPTS
              ) -> tuple[int, int, int, int]:
     """torchvision RandomResizedCrop.get_params, line for line, with its random numbers taken
     from ``u`` (``2 * attempts + 2`` uniforms in [0, 1)): (top, left, h, w) of a crop of area
     fraction in ``scale`` and aspect ratio (w/h) log-uniform in ``ratio``; up to ``attempts``
-    tries, then the centre crop with the ratio clamped."""
+    tries, then the centre crop with the ratio clamped. ``crop_box_tf`` is the same in
+    TensorFlow ops (the graph view path), bit for bit."""
     area = height * width
     log_ratio = math.log(ratio[0]), math.log(ratio[1])
     for k in range(attempts):
         target_area = area * (scale[0] + (scale[1] - scale[0]) * float(u[2 * k]))
-        aspect_ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(u[2 * k + 1]))
+        aspect_ratio = _exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(u[2 * k + 1]))
         w = int(round(math.sqrt(target_area * aspect_ratio)))
         h = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < w <= width and 0 < h <= height:   # torch.randint(0, H - h + 1), torch.randint(0, W - w + 1)
@@ -256,18 +277,52 @@ def crop_box(height: int, width: int, u, scale, ratio=CROP_RATIO, attempts: int 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def whole_box(height: int, width: int) -> tuple[int, int, int, int]:
+def crop_box_tf(height, width, u, scale, ratio=CROP_RATIO, attempts: int = CROP_ATTEMPTS):
+    """``crop_box`` in TensorFlow ops, every attempt at once, and for a batch at once: ``u``
+    (..., 2 * attempts + 2), ``height`` and ``width`` (...) -> int32 (..., 4) boxes (top, left,
+    h, w). The same float64 arithmetic in the same order (``_exp`` included; Round is half to
+    even, as Python's round), so the same uniforms give the same box, bit for bit."""
+    f64 = tf.float64
+    hf, wf = tf.cast(height, f64)[..., None], tf.cast(width, f64)[..., None]
+    u = tf.cast(u, f64)
+    log_ratio = math.log(ratio[0]), math.log(ratio[1])
+    target_area = hf * wf * (scale[0] + (scale[1] - scale[0]) * u[..., 0:2 * attempts:2])
+    aspect_ratio = _exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[..., 1:2 * attempts:2])
+    w = tf.round(tf.sqrt(target_area * aspect_ratio))
+    h = tf.round(tf.sqrt(target_area / aspect_ratio))
+    fits = (w > 0) & (w <= wf) & (h > 0) & (h <= hf)
+    first = tf.reduce_min(tf.where(fits, tf.range(attempts), attempts), axis=-1, keepdims=True)
+    pick = tf.equal(tf.range(attempts), first)   # the first attempt that fits (none: all False)
+    h, w = (tf.reduce_sum(tf.where(pick, x, 0.0), axis=-1, keepdims=True) for x in (h, w))
+    top = tf.minimum(tf.floor(u[..., -2:-1] * (hf - h + 1.0)), hf - h)
+    left = tf.minimum(tf.floor(u[..., -1:] * (wf - w + 1.0)), wf - w)
+    in_ratio = wf / hf   # the fallback: the centre crop, ratio clamped
+    fh = tf.where(in_ratio < min(ratio), tf.round(wf / min(ratio)), hf)
+    fw = tf.where(in_ratio > max(ratio), tf.round(hf * max(ratio)), wf)
+    box = tf.where(first < attempts, tf.concat([top, left, h, w], -1),
+                   tf.concat([tf.floor((hf - fh) / 2.0), tf.floor((wf - fw) / 2.0), fh, fw], -1))
+    return tf.cast(box, tf.int32)
+
+
+def whole_box(height, width):
     return 0, 0, height, width
 
 
-def crop_loader(img: tf.Tensor):
-    """``ImageCache.view``'s loader for an image already in a tensor: the box in Python, the
-    region by tf.slice."""
+WHOLE = (whole_box, whole_box)   # a loader's box: (Python, TensorFlow) functions of (height, width, *args)
+
+
+def crop_loader(img: tf.Tensor, graph: bool = False):
+    """``ImageCache.view``'s loader for an image already in a tensor: the box in Python (the
+    box's first function, one ``tf.numpy_function``) or in TensorFlow ops (``graph``: its
+    second), the region by tf.slice."""
     def load(box, *args):
         shape = tf.shape(img)
-        b = tf.numpy_function(lambda h, w, *a: np.array(box(int(h), int(w), *a), np.int32),
-                              [shape[0], shape[1], *args], tf.int32, stateful=False)
-        b.set_shape([4])
+        if graph:
+            b = tf.stack(box[1](shape[0], shape[1], *args))
+        else:
+            b = tf.numpy_function(lambda h, w, *a: np.array(box[0](int(h), int(w), *a), np.int32),
+                                  [shape[0], shape[1], *args], tf.int32, stateful=False)
+            b.set_shape([4])
         return tf.slice(img, tf.stack([b[0], b[1], 0]), tf.stack([b[2], b[3], 3]))
     return load
 
@@ -291,13 +346,19 @@ def resize_crop(crop: tf.Tensor, image_size) -> tf.Tensor:
                    lambda: tf.image.resize(crop, image_size))
 
 
-def random_resized_crop(img, seed, scale, image_size, ratio=CROP_RATIO, flip_seed=None) -> tf.Tensor:
+def random_resized_crop(img, seed, scale, image_size, ratio=CROP_RATIO, flip_seed=None, box=None) -> tf.Tensor:
     """torchvision's RandomResizedCrop of a uint8 image (a tensor, or an ``ImageCache.view``
     loader that copies only the crop out of the cache) -> float32 ``image_size``; with
     ``flip_seed`` a random horizontal flip too, done on the uint8 crop before resizing (the
-    same image as flipping after: the resize kernel is symmetric; a quarter of the bytes)."""
+    same image as flipping after: the resize kernel is symmetric; a quarter of the bytes).
+    ``box``: the crop box, int32 (4,), when it is already drawn from ``seed`` (graph loaders
+    only: make_dataset draws them for many images at once)."""
     load = img if callable(img) else crop_loader(img)
-    crop = load(functools.partial(crop_box, scale=scale, ratio=ratio), crop_uniforms(seed))
+    if box is not None:
+        crop = load((None, lambda h, w: box))
+    else:
+        crop = load((functools.partial(crop_box, scale=scale, ratio=ratio),
+                     functools.partial(crop_box_tf, scale=scale, ratio=ratio)), crop_uniforms(seed))
     if flip_seed is not None:
         crop = tf.image.stateless_random_flip_left_right(crop, flip_seed)
     return resize_crop(crop, image_size)
@@ -363,17 +424,28 @@ def _affine(img: tf.Tensor, aug, seed: tf.Tensor) -> tf.Tensor:
     return out[0]
 
 
-def train_view(cached, seed: tf.Tensor, aug, image_size, eval_transform: str) -> tf.Tensor:
+def view_seeds(seed: tf.Tensor) -> tf.Tensor:
+    """A training view's seeds (crop, flip, affine, colour) from the image's seed."""
+    return tf.random.experimental.stateless_split(seed, 4)
+
+
+def crop_draws(seed: tf.Tensor) -> tf.Tensor:
+    """The uniforms of the crop box of the training view of seed ``seed`` (``crop_box``)."""
+    return crop_uniforms(view_seeds(seed)[0])
+
+
+def train_view(cached, seed: tf.Tensor, aug, image_size, eval_transform: str, box=None) -> tf.Tensor:
     """A cached uint8 image (or its loader: ImageCache.view) -> one augmented
     float32 (*image_size, 3) view in 0..255. Stateless: ``seed`` fixes it. Order as in
-    torchvision pipelines: crop, flip, affine, colour."""
-    whole = (lambda: cached(whole_box)) if callable(cached) else (lambda: cached)
+    torchvision pipelines: crop, flip, affine, colour. ``box``: the crop box already drawn from
+    ``crop_draws(seed)`` (random_resized_crop)."""
+    whole = (lambda: cached(WHOLE)) if callable(cached) else (lambda: cached)
     if not aug.enabled:
         return eval_view(whole(), image_size, eval_transform)
-    s = tf.random.experimental.stateless_split(seed, 4)
+    s = view_seeds(seed)
     if aug.random_resized_crop:
         img = random_resized_crop(cached, s[0], tuple(aug.crop_scale), tuple(image_size),
-                                  flip_seed=s[1] if aug.flip else None)
+                                  flip_seed=s[1] if aug.flip else None, box=box)
     else:
         img = eval_view(whole(), image_size, eval_transform)
         if aug.flip:
@@ -400,6 +472,7 @@ class ImageCache:
         self.offsets, self.shapes, self.pixels = offsets, shapes, pixels
         self.cache_size, self.image_size, self.path = cache_size, tuple(image_size), path
         self.source = "mapped from the disk cache" if path is not None else "decoded"
+        self._tensors = None   # tensors(): made on first use by the graph view path
 
     def __len__(self):
         return len(self.keys)
@@ -419,29 +492,83 @@ class ImageCache:
         image = self.pixels[start:start + full_h * full_w * 3].reshape(full_h, full_w, 3)
         return np.ascontiguousarray(image[top:top + h, left:left + w])
 
-    def view(self, slot: tf.Tensor):
-        """tf.data op: slot -> a loader ``load(box, *args)`` of one region of the cached image:
-        ``box(height, width, *args) -> (top, left, h, w)`` runs in Python on the image's cached
-        size, and only the region's pixels are copied out; box and copy are one Python call."""
+    def view(self, slot: tf.Tensor, graph: bool = False):
+        """tf.data op: slot -> a loader ``load(box, *args)`` of one region of the cached image;
+        ``box`` is a pair of functions ``(height, width, *args) -> (top, left, h, w)``, in Python
+        and in TensorFlow ops (``WHOLE``, ``crop_box``/``crop_box_tf``), of the image's cached
+        size. Python path: the box's Python function and the copy of only the region's pixels
+        are one Python call (``tf.numpy_function``, under the GIL). ``graph``: the TensorFlow
+        box, and the region sliced out of ``tensors()``: no Python at all."""
         if self.pixels is None:
-            return crop_loader(self.load(slot))
+            return crop_loader(self.load(slot), graph)
+        if graph:
+            pixels, offsets, shapes = self.tensors()
+            start, hw = tf.gather(offsets, slot), tf.gather(shapes, slot)
+
+            def load_graph(box, *args):
+                top, left, h, w = tf.unstack(tf.stack(box[1](hw[0], hw[1], *args)))
+                row = tf.cast(hw[1], tf.int64) * 3
+                rows = tf.slice(pixels, tf.reshape(start + tf.cast(top, tf.int64) * row, [1]),
+                                tf.reshape(tf.cast(h, tf.int64) * row, [1]))   # the crop's rows, whole
+                return tf.slice(tf.reshape(rows, tf.stack([h, hw[1], 3])), tf.stack([0, left, 0]), tf.stack([h, w, 3]))
+            return load_graph
 
         def load(box, *args):
-            out = tf.numpy_function(lambda i, *a: self.crop(int(i), *box(*map(int, self.shapes[int(i)]), *a)),
+            out = tf.numpy_function(lambda i, *a: self.crop(int(i), *box[0](*map(int, self.shapes[int(i)]), *a)),
                                     [slot, *args], tf.uint8, stateful=False)
             out.set_shape([None, None, 3])
             return out
         return load
 
-    def load(self, slot: tf.Tensor) -> tf.Tensor:
-        """tf.data op: slot -> cached uint8 image."""
+    def load(self, slot: tf.Tensor, graph: bool = False) -> tf.Tensor:
+        """tf.data op: slot -> cached uint8 image (``graph``: sliced out of ``tensors()``)."""
         if self.pixels is None:
             paths = tf.constant(self.keys)
             img = decode_to_cache(tf.io.read_file(tf.gather(paths, slot)), self.cache_size, self.image_size)
+        elif graph:
+            img = self.view(slot, graph=True)(WHOLE)
         else:
             img = tf.numpy_function(lambda i: self.get(int(i)), [slot], tf.uint8, stateful=False)
         img.set_shape([None, None, 3])
         return img
+
+    def tensors(self) -> tuple:
+        """(pixels, offsets, shapes) for the graph view path, made once: the pixels a uint8
+        tf.Variable on the CPU that SHARES the cache's memory (DLPack, no copy; a disk cache's
+        memory map stays one, its pages read as crops need them). A variable, not a captured
+        constant: tf.data's graph rewrite copies a captured tensor (the whole cache) every time
+        an iterator starts, and a GraphDef constant stops at 2 GB. Made outside any distribution
+        strategy: under MirroredStrategy a tf.Variable would be a copy on every device."""
+        if self._tensors is None:
+            from tensorflow.python.ops.resource_variable_ops import ResourceVariable   # no strategy's creator
+            pixels = self.pixels
+            if isinstance(pixels, np.memmap) and not pixels.flags.writeable:   # DLPack refuses read-only
+                pixels = np.memmap(pixels.filename, np.uint8, mode="c", offset=pixels.offset, shape=pixels.shape)
+            if pixels.ctypes.data % TENSOR_ALIGN or not pixels.flags.c_contiguous:   # TF needs aligned memory
+                pixels = aligned_copy(pixels)
+            with tf.init_scope(), tf.device("/device:CPU:0"):
+                flat = ResourceVariable(tf.experimental.dlpack.from_dlpack(pixels.__dlpack__()), trainable=False,
+                                        name="image_cache")
+                self._tensors = (flat, tf.constant(np.asarray(self.offsets, np.int64)),
+                                 tf.constant(np.asarray(self.shapes, np.int32).reshape(-1, 2)))
+        return self._tensors
+
+
+TENSOR_ALIGN = 64   # bytes: TensorFlow's (Eigen's) alignment of tensor memory
+
+
+def aligned_empty(n: int) -> np.ndarray:
+    """An uninitialised uint8 array of ``n`` bytes starting at a TENSOR_ALIGN boundary, so that a
+    TensorFlow tensor can share it (ImageCache.tensors)."""
+    buf = np.empty(n + TENSOR_ALIGN, np.uint8)
+    start = -buf.ctypes.data % TENSOR_ALIGN
+    return buf[start:start + n]
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    out = aligned_empty(a.size)
+    out[:] = a.reshape(-1)
+    return out
 
 
 def cache_key(keys, info, cfg) -> str:
@@ -736,7 +863,7 @@ class _Buffer:
     def __init__(self, capacity: int, final: Path | None):
         self.size, self.tmp = 0, None
         if final is None:
-            self.data = np.empty(capacity, np.uint8)
+            self.data = aligned_empty(capacity)
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name), dir=final.parent))
@@ -777,7 +904,7 @@ class _Buffer:
 
     def _grow(self, capacity: int):
         if self.tmp is None:
-            new = np.empty(capacity, np.uint8)
+            new = aligned_empty(capacity)
             new[:self.size] = self.data[:self.size]
             self.data = new
         else:
@@ -788,7 +915,7 @@ class _Buffer:
 
     def finish(self):
         if self.tmp is None:
-            return self.data[:self.size].copy() if self.size < len(self.data) // 2 else self.data[:self.size]
+            return aligned_copy(self.data[:self.size]) if self.size < len(self.data) // 2 else self.data[:self.size]
         self.data.flush()
         del self.data
         with open(self.tmp / "pixels.u8", "r+b") as f:
@@ -847,10 +974,11 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
     labels = np.array([y for _, y in files], np.int32)
     size, aug = tuple(cfg.image_size), cfg.augment
     batch_size = cfg.batch_size if shard is None else shard.batch
+    graph = graph_views(cfg.view_path)
     if not train:
         ds = tf.data.Dataset.from_tensor_slices((slots, labels))
         ds = ds if shard is None else shard.split(ds, len(slots))
-        ds = ds.map(graph_fn(lambda s, y: (eval_view(cache.load(s), size, cfg.eval_transform), y)),
+        ds = ds.map(graph_fn(lambda s, y: (eval_view(cache.load(s, graph), size, cfg.eval_transform), y)),
                     num_parallel_calls=AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder) if batch else ds
         return ds.prefetch(AUTOTUNE).with_options(_options(True))
@@ -860,19 +988,38 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
     order = "file" if shuffle is False else ("balanced" if cfg.sampling == "balanced" else "uniform")
 
     @graph_fn
-    def view(i, p, key):
-        sd = tf.random.experimental.stateless_fold_in(key, i)   # the image's seed: its pass and position
-        img = train_view(cache.view(tf.gather(slots, p)), sd, aug, size, cfg.eval_transform)
+    def view(sd, p, box=None):   # sd: the image's seed, from its pass and position
+        img = train_view(cache.view(tf.gather(slots, p), graph), sd, aug, size, cfg.eval_transform, box)
         if recipe is not None:
             img = recipe(img, tf.random.experimental.stateless_fold_in(sd, 1))
         return img, tf.gather(labels, p)
+
+    # The graph path draws crop boxes BOX_CHUNK images at a time (~150 small ops per box otherwise)
+    chunked = graph and aug.enabled and aug.random_resized_crop and cache.pixels is not None
+    scale = tuple(aug.crop_scale)
+
+    @graph_fn
+    def seeded(i, p, key):   # an image's seed and its crop box's uniforms
+        sd = tf.random.experimental.stateless_fold_in(key, i)
+        return sd, p, crop_draws(sd)
+
+    @graph_fn
+    def boxes(sd, p, u):   # a chunk's boxes
+        hw = tf.gather(cache.tensors()[2], tf.gather(slots, p))
+        return sd, p, crop_box_tf(hw[:, 0], hw[:, 1], u, scale)
 
     def one_pass(e, part):
         images, batches = tf.unstack(tf.random.experimental.stateless_split(pass_key(seed, e, part), 2))
         ds = tf.data.Dataset.from_tensor_slices(pass_order(labels, seed, e, part, order)).enumerate()
         if shard is not None:
             ds = shard.split(ds, len(slots))
-        ds = ds.map(lambda i, p: view(i, p, images), num_parallel_calls=AUTOTUNE)
+        if chunked:
+            ds = ds.map(lambda i, p: seeded(i, p, images), num_parallel_calls=AUTOTUNE)
+            ds = ds.batch(BOX_CHUNK).map(boxes, num_parallel_calls=AUTOTUNE).unbatch()
+            ds = ds.map(view, num_parallel_calls=AUTOTUNE)
+        else:
+            ds = ds.map(lambda i, p: view(tf.random.experimental.stateless_fold_in(images, i), p),
+                        num_parallel_calls=AUTOTUNE)
         if batch:
             ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         if mix is not None:   # MixUp / CutMix: soft labels
@@ -888,6 +1035,29 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         ds = epoch_stream(epoch, steps, one_pass)
     # val/test keep file order (predictions.csv lines up with `files`); train follows the config
     return ds.prefetch(AUTOTUNE).with_options(_options(bool(cfg.deterministic) if shuffle is not False else True))
+
+
+BOX_CHUNK = 64                # images whose crop boxes the graph path draws at once
+GRAPH_VIEWS_ABOVE_CORES = 8   # data.view_path auto: the graph path on more cores than this
+
+
+def feeding_cores() -> int:
+    """The CPU cores this process may run on (its affinity: taskset, a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def graph_views(view_path: str) -> bool:
+    """Whether views are cut in TensorFlow ops alone (``data.view_path``). ``auto``: yes when
+    the pipeline feeds more than one local device (kfine.distribute's plan) or runs on more than
+    GRAPH_VIEWS_ABOVE_CORES cores: there the Python path's GIL caps one process near 10,000
+    images/s; on fewer cores its one Python call per view is the cheaper of the two. Both paths
+    cut the same views from the same seeds."""
+    if view_path != "auto":
+        return view_path == "graph"
+    from kfine import distribute
+    plan = distribute.active()
+    local_devices = plan.replicas // max(plan.processes, 1)
+    return local_devices > 1 or feeding_cores() > GRAPH_VIEWS_ABOVE_CORES
 
 
 def _options(deterministic: bool) -> tf.data.Options:

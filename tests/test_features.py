@@ -239,6 +239,7 @@ NOT_DRAW = {   # key: why it leaves the draw alone (or where it is handled)
     **{f"data.{k}": "how each image looks, not which: in the feature key" for k in (
         "image_size", "cache_size", "eval_transform", "cache", "cache_dir")},
     "data.check": "the audit only",
+    "data.view_path": "both view paths cut the same views from the same seeds (tests/test_pipeline.py)",
     "data.deterministic": "the cache draws what deterministic tf.data draws; off only lets neighbouring images swap",
     "data.augment": "per-image views: kfine.augment.reusable_features and the feature key; mixing keys are in DRAW",
     "data.augment.mix_off_epochs": "only with mixup/cutmix, which are refused",

@@ -595,3 +595,90 @@ def test_recent_cache_keeps_the_most_recently_used():
     recent.keep("c", 3)
     assert list(recent) == ["a", "c"] and recent.lookup("b") is None
     assert isinstance(features._RECENT, RecentCache) and isinstance(pipeline._RECENT, RecentCache)
+
+
+# ----------------------------------------------------------------------------- the graph view path
+def test_graph_crop_box_is_the_python_crop_box_bit_for_bit():
+    """crop_box_tf (TensorFlow ops, inside tf.data as the pipeline runs it, one image or a chunk
+    at once) gives torchvision's box exactly as crop_box does from the same uniforms: many seeds,
+    landscape, portrait, square, tiny and strip images (the centre-crop fallback), several scales."""
+    shapes = [(256, 341), (341, 256), (37, 49), (32, 32), (10, 200), (200, 10), (1, 1), (3, 500), (57, 43)]
+    scales = [(0.08, 1.0), (0.5, 1.0), (0.9, 1.0), (0.004, 0.004)]
+    seeds = np.random.default_rng(0).integers(0, 2 ** 31, (150, 2))
+    for scale in scales:
+        for h, w in shapes:
+            ds = tf.data.Dataset.from_tensor_slices(seeds).map(pipeline.crop_uniforms)
+            u = np.stack(list(ds.as_numpy_iterator()))
+            one = np.stack(list(ds.map(lambda x: pipeline.crop_box_tf(h, w, x, scale)).as_numpy_iterator()))
+            chunk = ds.batch(64).map(lambda x: pipeline.crop_box_tf(tf.fill(tf.shape(x)[:1], h),
+                                                                  tf.fill(tf.shape(x)[:1], w), x, scale))
+            chunk = np.concatenate(list(chunk.as_numpy_iterator()))
+            want = np.array([pipeline.crop_box(h, w, x, scale) for x in u])
+            np.testing.assert_array_equal(one, want, err_msg=f"{h}x{w} {scale}")
+            np.testing.assert_array_equal(chunk, want, err_msg=f"{h}x{w} {scale}")
+            if (h, w, scale) == (10, 200, (0.9, 1.0)):   # nothing fits: the centre-crop fallback, compared too
+                assert (want == (0, 93, 10, 13)).all()
+    # the aspect ratio's exp is computed from + and * alone, the same bits in Python and TensorFlow
+    x = np.linspace(np.log(3 / 4), np.log(4 / 3), 10001)
+    py = np.array([pipeline._exp(float(v)) for v in x])
+    np.testing.assert_array_equal(pipeline._exp(tf.constant(x, tf.float64)).numpy(), py)
+    assert np.max(np.abs(py - np.exp(x)) / np.spacing(np.exp(x))) <= 2
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk", "none"])
+def test_graph_and_python_view_paths_give_the_same_views(tmp_path, cache):
+    """data.view_path graph (no Python per view) and python cut the same training views (crop,
+    flip, jitter) and eval views from the same seeds: results do not depend on the machine's
+    choice of path. 24 images through batches of 4, two epochs of the epoch stream."""
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=8)
+    aug = AugmentConfig(crop_scale=(0.08, 1.0), flip=True, brightness=0.2)
+    out = {}
+    for path in ("python", "graph"):
+        pipeline._RECENT.clear()
+        cfg = cfg_for(root, cache=cache, cache_dir=str(tmp_path / "cache"), augment=aug, view_path=path,
+                      test_fraction=0.0)
+        ds = data.make_datasets(cfg, seed=5)
+        stream = ds.dataset("train", epoch=3, steps=4)
+        out[path] = ([np.concatenate([x.numpy() for x, _ in stream.take(8)])]
+                     + [np.concatenate([x.numpy() for x, _ in ds.train]) for _ in range(2)]
+                     + [np.concatenate([x.numpy() for x, _ in ds.val])])
+    for a, b in zip(out["python"], out["graph"]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(out["graph"][1], out["graph"][2])   # views differ pass to pass
+
+
+def test_the_graph_path_reads_the_cache_in_place(tmp_path):
+    """ImageCache.tensors() shares the memory cache's pixels (no second copy of a cache that may
+    take most of the memory) and maps a disk cache's file; both are plain CPU variables."""
+    from conftest import make_folder
+    root = make_folder(tmp_path / "d", "single", per_class=6)
+    cache = data.make_datasets(cfg_for(root), seed=0).cache
+    pixels, offsets, shapes = cache.tensors()
+    assert cache.tensors()[0] is pixels and pixels.shape == cache.pixels.shape and "CPU" in pixels.device
+    before = int(cache.pixels[7])
+    cache.pixels[7] = before ^ 0xFF
+    try:
+        assert int(pixels[7]) == before ^ 0xFF          # the same memory
+    finally:
+        cache.pixels[7] = before
+    pipeline._RECENT.clear()
+    disk = data.make_datasets(cfg_for(root, cache="disk", cache_dir=str(tmp_path / "c")), seed=0).cache
+    np.testing.assert_array_equal(disk.tensors()[0].numpy(), np.asarray(disk.pixels))
+
+
+def test_view_path_auto_picks_the_graph_path_for_many_cores_or_devices(monkeypatch):
+    from kfine import distribute
+    from kfine.config import ConfigError, load_config
+    monkeypatch.setattr(pipeline, "feeding_cores", lambda: pipeline.GRAPH_VIEWS_ABOVE_CORES)
+    assert not pipeline.graph_views("auto") and pipeline.graph_views("graph") and not pipeline.graph_views("python")
+    monkeypatch.setattr(pipeline, "feeding_cores", lambda: pipeline.GRAPH_VIEWS_ABOVE_CORES + 1)
+    assert pipeline.graph_views("auto") and not pipeline.graph_views("python")
+    monkeypatch.setattr(pipeline, "feeding_cores", lambda: 2)
+    monkeypatch.setattr(distribute, "active", lambda: distribute.Plan("mirrored", devices=("GPU:0", "GPU:1")))
+    assert pipeline.graph_views("auto")               # one pipeline feeds two devices
+    monkeypatch.setattr(distribute, "active", lambda: distribute.Plan("data_parallel", devices=("a", "b"), processes=2))
+    assert not pipeline.graph_views("auto")           # one device per process
+    assert load_config(None, ["data.view_path=graph"]).data.view_path == "graph"
+    with pytest.raises(ConfigError, match="data.view_path"):
+        load_config(None, ["data.view_path=fast"])

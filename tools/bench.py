@@ -24,6 +24,12 @@ same arithmetic as ImageNet weights, no download):
              each run's seconds per stage (run_info.json's timings), the cached run's fixed cost and
              its test evaluation's cost per image against the feature pass's.
 
+  feed       the training views' CPU cost for both view paths (data.view_path python | graph):
+             per-image CPU time of each stage from a single-threaded tf.data run, the share spent
+             holding the GIL (the Python callbacks), the images/s Amdahl predicts at 8, 16 and 64
+             cores from them, and the images/s measured on 1 and 2 cores (taskset subprocesses).
+             Needs no --data: a memory cache of random pixels at the cache size.
+
 Every result records the backend and device it ran on and, per section, the accelerator's peak
 memory so far in the process (JAX's peak_bytes_in_use; null on a CPU). ``--set key=value``
 overrides every training section's config (``train.precision=mixed_bfloat16``,
@@ -463,12 +469,218 @@ def print_command(r: dict) -> None:
           f"feature pass's {r['feature_ms_per_image']:.0f} ms/image")
     for key in ("uncached", "cached"):
         print(f"  {key}: {stage_split(r[key]['timings'])} (seconds; total {r[key]['timings']['total']:.1f})")
+# ----------------------------------------------------------------------------- feed
+FEED_STAGES = ("order", "box", "crop", "view", "batch")   # each includes the ones before it
+FEED_CORES = (8, 16, 64)
+
+
+def feed_cache(n: int, size: int, seed: int = 0):
+    """A memory ImageCache of ``n`` random images at the default cache size of a ``size`` crop,
+    half landscape (4:3), half portrait; (cache, files, DataConfig of torchvision's ImageNet recipe)."""
+    import numpy as np
+    from kfine import pipeline
+    from kfine.config import AugmentConfig, DataConfig
+    short = pipeline.default_cache_size((size, size))
+    shapes = np.array([(short, short * 4 // 3) if i % 2 else (short * 4 // 3, short) for i in range(n)], np.int32)
+    sizes = shapes.prod(axis=1) * 3
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    pixels = pipeline.aligned_empty(int(sizes.sum()))
+    pixels[:] = np.random.default_rng(seed).integers(0, 256, pixels.size, np.uint8)
+    keys = [f"img{i}" for i in range(n)]
+    cache = pipeline.ImageCache(keys, offsets, shapes, pixels, None, (size, size))
+    cfg = DataConfig(root=".", image_size=(size, size), augment=AugmentConfig(crop_scale=(0.08, 1.0), flip=True))
+    return cache, [(k, i % 10) for i, k in enumerate(keys)], cfg
+
+
+def feed_stage(stage: str, cache, files, cfg, graph: bool, seed: int = 0):
+    """The training stream of ``files`` up to ``stage`` (FEED_STAGES), for one view path: the pass
+    order and each image's seed; + the crop box; + the crop's pixels; + flip and resize (the whole
+    view, unbatched); + batching (kfine.pipeline.make_dataset itself)."""
+    import functools
+    import numpy as np
+    import tensorflow as tf
+    from dataclasses import replace
+    from kfine import pipeline
+    cfg = replace(cfg, view_path="graph" if graph else "python")
+    if stage in ("view", "batch"):
+        return pipeline.make_dataset(cache, files, cfg, seed, train=True, batch=stage == "batch")
+    slots = np.array([cache.slot[p] for p, _ in files], np.int64)
+    labels = np.array([y for _, y in files], np.int32)
+    scale = tuple(cfg.augment.crop_scale)
+    box = (functools.partial(pipeline.crop_box, scale=scale), functools.partial(pipeline.crop_box_tf, scale=scale))
+
+    key = pipeline.pass_key(seed, 0, 0)
+    ds = tf.data.Dataset.from_tensor_slices(pipeline.pass_order(labels, seed, 0, 0)).enumerate()
+    ds = ds.map(pipeline.graph_fn(lambda i, p: (tf.random.experimental.stateless_fold_in(key, i), p)))
+    if stage == "order":
+        return ds.prefetch(tf.data.AUTOTUNE)
+    if graph:   # as make_dataset: the boxes of BOX_CHUNK images at once, then the crop by slices
+        shapes = cache.tensors()[2]
+        ds = ds.map(lambda sd, p: (sd, p, pipeline.crop_draws(sd)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(pipeline.BOX_CHUNK).map(lambda sd, p, u: (sd, p, pipeline.crop_box_tf(
+            tf.gather(shapes, tf.gather(slots, p))[:, 0], tf.gather(shapes, tf.gather(slots, p))[:, 1], u, scale)),
+            num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        if stage == "crop":
+            ds = ds.map(lambda sd, p, b: cache.view(tf.gather(slots, p), True)((None, lambda h, w: b)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+    elif stage == "box":
+        ds = ds.map(lambda sd, p: tf.numpy_function(
+            lambda i, u: np.array(box[0](*map(int, cache.shapes[int(i)]), u), np.int32),
+            [tf.gather(slots, p), pipeline.crop_draws(sd)], tf.int32, stateful=False), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda sd, p: cache.view(tf.gather(slots, p))(box, pipeline.crop_draws(sd)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _single_threaded(ds):
+    import tensorflow as tf
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
+def _callback_timer():
+    """Patch tf.numpy_function so that every Python callback's time is added up (the GIL is held
+    throughout a callback): (counter dict, undo)."""
+    import tensorflow as tf
+    original, spent = tf.numpy_function, {"s": 0.0, "calls": 0}
+
+    def timed_numpy_function(func, inp, Tout, stateful=True, name=None):
+        def timed(*args):
+            t = time.perf_counter()
+            try:
+                return func(*args)
+            finally:
+                spent["s"] += time.perf_counter() - t
+                spent["calls"] += 1
+        return original(timed, inp, Tout, stateful=stateful, name=name)
+
+    tf.numpy_function = timed_numpy_function
+    return spent, lambda: setattr(tf, "numpy_function", original)
+
+
+def _cpu_per_item(make, repeats: int = 3) -> float:
+    """Process CPU seconds per element of ``make()`` single-threaded (the fastest of ``repeats``
+    passes after a warm-up one; elements of a batched dataset count their images). The stream is
+    drained by Dataset.reduce: no Python per element, as in training (Keras' iterator)."""
+    import tensorflow as tf
+    ds = _single_threaded(make())
+
+    def count(n, *x):
+        first = x[0][0] if isinstance(x[0], tuple) else x[0]
+        return n + (tf.cast(tf.shape(first)[0], tf.int64) if first.shape.rank == 4 else 1)
+
+    best = None
+    for r in range(repeats + 1):
+        t = time.process_time()
+        n = int(ds.reduce(tf.constant(0, tf.int64), count))
+        if r:
+            best = min(best or 1e9, (time.process_time() - t) / n)
+    return best
+
+
+def numpy_function_overhead(calls: int = 4000) -> float:
+    """Seconds a tf.numpy_function call costs beyond its body, per call (single-threaded tf.data:
+    an empty callback against tf.identity). PyFunc holds the GIL from before converting its inputs
+    to after converting its outputs, so this is GIL-held time (an upper bound: op dispatch counted)."""
+    import tensorflow as tf
+    base = tf.data.Dataset.range(calls)
+    py = _cpu_per_item(lambda: base.map(lambda i: tf.numpy_function(lambda x: x, [i], tf.int64, stateful=False)))
+    graph = _cpu_per_item(lambda: base.map(tf.identity))
+    return max(py - graph, 0.0)
+
+
+def amdahl(total: float, serial: float, cores: int) -> float:
+    """Images/s on ``cores`` cores when ``serial`` of each image's ``total`` CPU seconds runs one at a time."""
+    return 1.0 / (serial + (total - serial) / cores)
+
+
+def feed_rate(view_path: str, images: int, size: int, batch: int, passes: int = 3) -> float:
+    """Images/s of make_dataset's batched training stream with the process's default threading
+    (run in a taskset subprocess by bench_feed): the fastest of ``passes`` after a warm-up."""
+    from dataclasses import replace
+    from kfine import pipeline
+    cache, files, cfg = feed_cache(images, size)
+    ds = pipeline.make_dataset(cache, files, replace(cfg, batch_size=batch, view_path=view_path), 0, train=True)
+    best = 0.0
+    for r in range(passes + 1):
+        t, n = time.perf_counter(), 0
+        for x, _ in ds:
+            n += int(x.shape[0])
+        if r:
+            best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def _rate_on(cores: str, view_path: str, images: int, size: int, batch: int) -> float | None:
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from bench import feed_rate; "
+            f"print('RATE', feed_rate({view_path!r}, {images}, {size}, {batch}))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(["taskset", "-c", cores, sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RATE ")]
+    if not line:
+        print(f"bench: feed on cores {cores} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return float(line[0].split()[1])
+
+
+def bench_feed(root, size: int, batch: int, epochs: int, seed: int, images: int = 512) -> dict:
+    """Both view paths: per-image CPU time per stage (single-threaded), GIL-held time per image
+    (the Python callbacks' time + tf.numpy_function's per-call overhead), Amdahl's images/s at
+    FEED_CORES cores, and images/s measured on cores 0 and 0,1 (taskset)."""
+    from dataclasses import replace
+    from kfine import pipeline
+    cache, files, cfg = feed_cache(images, size, seed)
+    cfg = replace(cfg, batch_size=batch)
+    overhead = numpy_function_overhead()
+    out = {"images": images, "cores_here": pipeline.feeding_cores(), "numpy_function_overhead_us": overhead * 1e6}
+    for path in ("python", "graph"):
+        graph = path == "graph"
+        r = out[path] = {"cpu_us": {}}
+        for stage in FEED_STAGES:
+            spent, undo = _callback_timer()
+            try:
+                r["cpu_us"][stage] = _cpu_per_item(lambda: feed_stage(stage, cache, files, cfg, graph, seed)) * 1e6
+            finally:
+                undo()
+        seen = 4 * images   # the batch stage's warm-up and 3 timed passes
+        r["callbacks_us"] = spent["s"] / seen * 1e6
+        r["calls_per_image"] = spent["calls"] / seen
+        total = r["cpu_us"]["batch"]
+        r["gil_us"] = r["callbacks_us"] + r["calls_per_image"] * overhead * 1e6
+        r["gil_share"] = r["gil_us"] / total
+        r["predicted"] = {str(n): amdahl(total, r["gil_us"], n) * 1e6 for n in (1, 2, *FEED_CORES)}
+        r["measured"] = {"1": _rate_on("0", path, images, size, batch),
+                         "2": _rate_on("0,1", path, images, size, batch) if out["cores_here"] >= 2 else None}
+        print(f"bench: feed {path}: " + ", ".join(f"{k} {v:.0f} us" for k, v in r["cpu_us"].items())
+              + f"; GIL {r['gil_us']:.1f} us/image; measured 1 core {r['measured']['1'] or 0:.0f}, "
+              f"2 cores {r['measured']['2'] or 0:.0f} images/s", flush=True)
+    return out
+
+
+def print_feed(r: dict) -> None:
+    print(f"\ntraining views, {r['images']} images, per image (single-threaded CPU; tf.numpy_function call "
+          f"overhead {r['numpy_function_overhead_us']:.0f} us)")
+    print(f"{'':34}{'python':>10}{'graph':>10}")
+    for stage in FEED_STAGES:
+        print(f"{'cpu up to ' + stage + ' (us)':34}" + "".join(f"{r[p]['cpu_us'][stage]:10.0f}" for p in ("python", "graph")))
+    print(f"{'GIL held (us)':34}" + "".join(f"{r[p]['gil_us']:10.1f}" for p in ("python", "graph")))
+    print(f"{'GIL share':34}" + "".join(f"{r[p]['gil_share']:10.1%}" for p in ("python", "graph")))
+    for n in ("1", "2", *map(str, FEED_CORES)):
+        print(f"{'predicted images/s, ' + n + ' cores':34}" + "".join(f"{r[p]['predicted'][n]:10.0f}" for p in ("python", "graph")))
+    for n in ("1", "2"):
+        print(f"{'measured images/s, ' + n + ' core(s)':34}" + "".join(
+            f"{r[p]['measured'][n] or float('nan'):10.0f}" for p in ("python", "graph")))
 
 
 SECTIONS = {"pipeline": (bench_pipeline, print_pipeline), "head": (bench_head, print_head),
             "search": (bench_search, print_search), "full": (bench_full, print_full),
             "distribute": (bench_distribute, print_distribute),
-            "command": (bench_command, print_command)}
+            "command": (bench_command, print_command),
+            "feed": (bench_feed, print_feed)}
+NO_DATA = {"feed"}   # sections that generate their own input
 
 
 def main(argv=None) -> int:
@@ -497,8 +709,11 @@ def main(argv=None) -> int:
     if os.environ.get("KERAS_BACKEND") == "jax":   # TensorFlow feeds tf.data only: the GPU is JAX's
         import tensorflow as tf                     # (as with tensorflow-cpu, which Keras recommends)
         tf.config.set_visible_devices([], "GPU")
+    needs_data = set(args.only.split(",")) - NO_DATA
     if args.data:
         root = Path(args.data)
+    elif not needs_data:
+        root = None
     else:
         root = tiny_dataset(args.tiny_data, args.classes) if args.tiny_data else photo_dataset(args.per_class, args.classes)
     from kfine.config import load_config
