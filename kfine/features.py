@@ -51,7 +51,7 @@ from kfine.pipeline import RecentCache
 # images and weights: the crop/flip/affine/jitter or eval-transform code (kfine.pipeline), the
 # per-image recipes (kfine.augment), or the feature pass here; disk caches written by older code
 # are then recomputed, never reused.
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 SAMPLINGS = ("uniform", "balanced")   # the data.sampling draws feature_datasets makes
 
 COMPUTED = Counter()            # feature sets computed in this process
