@@ -48,9 +48,11 @@ def test_config_smoke_runs(path, tmp_path, monkeypatch):
         elif base.compare.sets:
             from kfine import compare
             assert compare.main(["--config", str(path), *overrides]) == 0
-            rows = (tmp_path / "runs" / f"{base.name}-compare" / "compare.csv").read_text().splitlines()[1:]
-            assert [r.split(",")[0] for r in rows] == list(base.compare.sets)
-            assert all(r.endswith(",done") for r in rows), rows
+            import csv
+            with open(tmp_path / "runs" / f"{base.name}-compare" / "compare.csv", newline="") as f:
+                rows = list(csv.DictReader(f))
+            assert [r["set"] for r in rows] == list(base.compare.sets)
+            assert all(r["status"] == "done" for r in rows), rows
         else:
             from kfine.train import run
             result = run(load_config(path, overrides))

@@ -77,7 +77,7 @@ def help_flags(module: str, sub: str | None) -> set[str]:
 
 # Flags of other programs the pages show (pip, pytest, docker, tools/, saved_model_cli, timm).
 # flags of other programs the pages show (pip, pytest, docker, saved_model_cli, timm's --layer-decay)
-OTHER_FLAGS = {"--no-deps", "--dist", "--mount", "--dir", "--all", "--layer-decay", "--upgrade"}
+OTHER_FLAGS = {"--no-deps", "--dist", "--durations", "--mount", "--dir", "--all", "--layer-decay", "--upgrade"}
 
 
 def tool_flags() -> set[str]:

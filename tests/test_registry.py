@@ -34,17 +34,17 @@ def test_check_config_builds_no_model(monkeypatch):
             monkeypatch.setattr(keras.applications, entry["app"], refuse)
     for backbone, stage in [("resnet50", "layer3"), ("convnext_tiny", "stage2"), ("inception_v3", "mixed9"),
                             ("efficientnetv2_s", "block5")]:
-        cfg = load_config(None, [f"model.backbone={backbone}", "data.image_size=[299,299]", "train.epochs=3",
+        cfg = load_config(None, ["data.root=data", f"model.backbone={backbone}", "data.image_size=[299,299]", "train.epochs=3",
                                  f"train.lr_multipliers={{{stage}: 0.1, head: 1.0}}",
                                  "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
                                  f" {{start_epoch: 1, freeze: {{strategy: stages, trainable_from: {stage}}}}},"
                                  f" {{start_epoch: 2, freeze: {{strategy: lora, lora_stages: [{stage}]}}}}]"])
         check_config(cfg)
-    bad = load_config(None, ["model.backbone=convnext_tiny", "train.lr_multipliers={conv4: 0.1}"])
+    bad = load_config(None, ["data.root=data", "model.backbone=convnext_tiny", "train.lr_multipliers={conv4: 0.1}"])
     with pytest.raises(ConfigError, match=r"train.lr_multipliers keys must be a stage of convnext_tiny: one of "
                                           r"\['stem', 'stage0', 'stage1', 'stage2', 'stage3'\]"):
         check_config(bad)
-    bad = load_config(None, ["train.phases=[{start_epoch: 0, freeze: {strategy: lora, lora_stages: [conv5, conv9]}}]"])
+    bad = load_config(None, ["data.root=data", "train.phases=[{start_epoch: 0, freeze: {strategy: lora, lora_stages: [conv5, conv9]}}]"])
     with pytest.raises(ConfigError, match=r"train.phases.0.freeze.lora_stages.1=.conv9"):
         check_config(bad)
 
@@ -60,14 +60,14 @@ def test_check_config_builds_no_model(monkeypatch):
      "scratch_cnn has none (model.scratch.batchnorm: false)"),
 ])
 def test_batchnorm_strategies_refused_where_there_is_no_batchnorm(backbone, phase, key, note):
-    cfg = load_config(None, [f"model.backbone={backbone}", f"train.phases=[{phase}]"])
+    cfg = load_config(None, ["data.root=data", f"model.backbone={backbone}", f"train.phases=[{phase}]"])
     with pytest.raises(ConfigError) as e:
         check_config(cfg)
     assert str(e.value).startswith(f"{key} needs BatchNorm layers; {note}")
-    ok = load_config(None, ["model.backbone=resnet50", f"train.phases=[{phase}]"])
+    ok = load_config(None, ["data.root=data", "model.backbone=resnet50", f"train.phases=[{phase}]"])
     assert check_config(ok) is ok                                       # BatchNorm there: allowed
     if backbone == "scratch_cnn":
-        with_bn = load_config(None, [f"model.backbone={backbone}", "model.scratch.batchnorm=true",
+        with_bn = load_config(None, ["data.root=data", f"model.backbone={backbone}", "model.scratch.batchnorm=true",
                                      f"train.phases=[{phase}]"])
         assert check_config(with_bn) is with_bn
 
@@ -84,10 +84,10 @@ def test_bn_and_head_refused_at_apply_time_too():
 @pytest.mark.parametrize("backbone, low", [("inception_v3", 75), ("inception_resnet_v2", 75), ("xception", 71),
                                            ("convnext_tiny", 32)])
 def test_image_size_below_the_family_minimum(backbone, low):
-    cfg = load_config(None, [f"model.backbone={backbone}", f"data.image_size=[{low - 1},{low}]"])
+    cfg = load_config(None, ["data.root=data", f"model.backbone={backbone}", f"data.image_size=[{low - 1},{low}]"])
     with pytest.raises(ConfigError, match=f"data.image_size must be two sizes >= {low}"):
         check_config(cfg)
-    ok = load_config(None, [f"model.backbone={backbone}", f"data.image_size=[{low},{low}]"])
+    ok = load_config(None, ["data.root=data", f"model.backbone={backbone}", f"data.image_size=[{low},{low}]"])
     assert check_config(ok) is ok
 
 
