@@ -230,7 +230,6 @@ def onnx_bytes(model, image_size, check_images=None) -> bytes:
     The ONNX graph has one input named ``image`` and one output named ``probabilities``.
     Raises ExportError unless onnxruntime reproduces the Keras outputs (max abs diff < 1e-4).
     """
-    import keras
     import tensorflow as tf
     tf2onnx, ort = _import_onnx()
     h, w = int(image_size[0]), int(image_size[1])
@@ -247,14 +246,20 @@ def onnx_bytes(model, image_size, check_images=None) -> bytes:
     if inputs != ["image"] or outputs != ["probabilities"]:
         raise ExportError(f"ONNX export: expected input ['image'] and output ['probabilities'], "
                           f"got {inputs} and {outputs}; the file was not written")
-    x = _check_images(image_size) if check_images is None else np.asarray(check_images, np.float32)
-    got = session.run(["probabilities"], {"image": x})[0]
-    want = keras.ops.convert_to_numpy(_probabilities(model, x))
-    diff = float(np.max(np.abs(got - want)))
-    if not diff < ONNX_TOLERANCE:
-        raise ExportError(f"ONNX export: onnxruntime differs from Keras by {diff:.2e} "
-                          f"(allowed {ONNX_TOLERANCE}); the file was not written")
+    _check_parity("ONNX export: onnxruntime", lambda x: session.run(["probabilities"], {"image": x})[0],
+                  model, image_size, check_images, ONNX_TOLERANCE)
     return data
+
+
+def _check_parity(what: str, predict, model, image_size, check_images, tolerance: float) -> None:
+    """The exported file's probabilities (``predict``) against Keras' on the check images; an
+    ExportError (the file is not written) when they differ by ``tolerance`` or more."""
+    import keras
+    x = _check_images(image_size) if check_images is None else np.asarray(check_images, np.float32)
+    diff = float(np.max(np.abs(predict(x) - keras.ops.convert_to_numpy(_probabilities(model, x)))))
+    if not diff < tolerance:
+        raise ExportError(f"{what} differs from Keras by {diff:.2e} (allowed {tolerance}); "
+                          f"the file was not written")
 
 
 # ----------------------------------------------------------------------------- LiteRT
@@ -345,13 +350,8 @@ def litert_bytes(model, image_size, quantization: str = "none", calibration=None
         raise ExportError(f"int8 LiteRT export: the uint8 input has scale/zero point {lite.input_quantization}, "
                           f"not (1.0, 0); the file was not written")
     if quantization == "none":
-        x = _check_images(image_size) if check_images is None else np.asarray(check_images, np.float32)
-        got = lite.predict(x)
-        want = keras.ops.convert_to_numpy(_probabilities(model, x))
-        diff = float(np.max(np.abs(got - want)))
-        if not diff < LITERT_TOLERANCE:
-            raise ExportError(f"LiteRT export: the interpreter differs from Keras by {diff:.2e} "
-                              f"(allowed {LITERT_TOLERANCE}); the file was not written")
+        _check_parity("LiteRT export: the interpreter", lite.predict, model, image_size, check_images,
+                      LITERT_TOLERANCE)
     return data
 
 
