@@ -117,6 +117,40 @@ def build_scratch_cnn(cfg: ScratchConfig, input_shape) -> keras.Model:
     return keras.Model(inputs, x, name="backbone")
 
 
+def build_toy_resnet(weights=None, include_top=False, input_shape=(32, 32, 3), pooling="avg",
+                     filters=(8, 8, 16, 32, 64)) -> keras.Model:
+    """A ResNet-shaped backbone that trains in milliseconds (backbone: toy_resnet), for trying a
+    config's freezing, learning rates and LoRA quickly, and for kfine's own tests: ResNet50's layer
+    names and stages (a conv1 stem with BatchNorm and max pooling, then one residual block per stage
+    conv2..conv5, strides as ResNet's), under 100,000 parameters, no pretrained weights. Called like
+    a keras.applications constructor."""
+    if weights is not None or include_top:
+        raise ValueError("toy_resnet has no pretrained weights and no top")
+    inputs = keras.Input(input_shape)
+    x = layers.ZeroPadding2D(1, name="conv1_pad")(inputs)
+    x = layers.Conv2D(filters[0], 3, strides=2, name="conv1_conv")(x)
+    x = layers.BatchNormalization(name="conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    for stage, f in enumerate(filters[1:], start=2):
+        name, stride = f"conv{stage}_block1", 1 if stage == 2 else 2
+        shortcut = layers.Conv2D(f, 1, strides=stride, name=f"{name}_0_conv")(x)
+        shortcut = layers.BatchNormalization(name=f"{name}_0_bn")(shortcut)
+        x = layers.Conv2D(f, 3, strides=stride, padding="same", name=f"{name}_1_conv")(x)
+        x = layers.BatchNormalization(name=f"{name}_1_bn")(x)
+        x = layers.Activation("relu", name=f"{name}_1_relu")(x)
+        x = layers.Conv2D(f, 3, padding="same", name=f"{name}_2_conv")(x)
+        x = layers.BatchNormalization(name=f"{name}_2_bn")(x)
+        x = layers.Add(name=f"{name}_add")([shortcut, x])
+        x = layers.Activation("relu", name=f"{name}_out")(x)
+    if pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    return keras.Model(inputs, x, name="toy_resnet")
+
+
 def _mark(backbone: keras.Model, used: str, note: str = "") -> keras.Model:
     """Record on the backbone which weights it really starts from (see ``weights_info``)."""
     backbone.weights_used, backbone.weights_note = used, note
@@ -159,11 +193,18 @@ def _quiet_download(build):
 
 def _build_application(cfg: ModelConfig, input_shape, pooling: str) -> keras.Model:
     entry = BACKBONES[cfg.backbone]
-    ctor = getattr(keras.applications, entry["app"])
+    ctor = getattr(keras.applications, entry["app"]) if entry["app"] else build_toy_resnet
     kwargs = dict(include_top=False, input_shape=input_shape, pooling=pooling)
     weights = cfg.weights
     if weights in (None, "none", "null", "random"):
         return _mark(ctor(weights=None, **kwargs), "random", "model.weights is null" if weights is None else f"model.weights: {weights}")
+    if weights == "imagenet" and not entry["app"]:
+        if cfg.weights_fallback != "random":
+            raise ModelError(f"model.weights: {cfg.backbone} has no ImageNet weights; set model.weights: null "
+                             f"(or a local .weights.h5 saved from it)")
+        print(f"kfine: {cfg.backbone} has no ImageNet weights; starting from random initialisation "
+              f"(weights_fallback: random)", flush=True)
+        return _mark(ctor(weights=None, **kwargs), "random", f"{cfg.backbone} has no ImageNet weights")
     if weights == "imagenet":
         why = _FAILED_DOWNLOADS.get(entry["app"])
         if why is None:

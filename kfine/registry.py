@@ -28,6 +28,7 @@ auto-named and whose blocks end in a named concatenation), trailing ones the las
     nasnet             stem, stage1, stage2, stage3 (normal cells between the reductions)
     convnext           stem, stage0 .. stage3                    (LayerNorm, no BatchNorm)
     scratch_cnn        block1 .. blockN (N = len(model.scratch.filters))
+    toy_resnet         conv1 .. conv5 (ResNet50's names, one small block per stage, no weights)
 """
 from __future__ import annotations
 
@@ -203,6 +204,9 @@ BACKBONES = {
     # BatchNorm follows model.scratch.batchnorm (see stage_names / has_batchnorm)
     "scratch_cnn": {"app": None, "preprocess": "unit", "min_size": 1, "stage_of": _scratch_stage, "stages": None,
                     "norm": "batchnorm", "has_batchnorm": None, "unnamed": "previous"},
+    # a ResNet-shaped network of under 100,000 parameters (kfine.model.build_toy_resnet): ResNet50's
+    # stages and layer names, for trying a config's freezing and learning rates in seconds, and tests
+    "toy_resnet": _application(None, "caffe", _resnet_stage, _CONV),
 }
 
 # PyTorch's ResNet names for the same stages (the reference projects use them).
@@ -270,7 +274,8 @@ def describe_backbone(backbone_name: str, scratch_blocks: int = 5, scratch_batch
     minimum size, normalisation; its stages in order and their aliases."""
     e = BACKBONES[backbone_name]
     stages = stage_names(backbone_name, scratch_blocks)
-    what = f"keras.applications.{e['app']}" if e["app"] else "the CNN from scratch"
+    what = (f"keras.applications.{e['app']}" if e["app"] else "the CNN from scratch" if backbone_name == "scratch_cnn"
+            else "a small ResNet-shaped network without pretrained weights")
     norm = ("BatchNorm" if has_batchnorm(backbone_name, scratch_batchnorm) else
             "no BatchNorm" + norm_note(backbone_name) + ": bn_and_head, train_bn and bn: stats | frozen do not apply")
     aliases = stage_aliases(stages)

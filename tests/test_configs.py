@@ -1,6 +1,6 @@
 """Every config in configs/ loads and runs end to end at tiny sizes (offline: generated folders,
-tfds mock data, the digits cache; weights=null): a search runs kfine.tune, a comparison
-kfine.compare, the rest kfine.train."""
+tfds mock data, the digits cache; weights=null; a ResNet config on toy_resnet, which has ResNet's
+stage names): a search runs kfine.tune, a comparison kfine.compare, the rest kfine.train."""
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,8 @@ def tiny_overrides(cfg, tmp_path):
         layout = "single" if cfg.data.layout == "auto" else cfg.data.layout
         root = make_folder(tmp_path / "data", layout, per_class=6)
         out.append(f"data.root={root}")
+    if cfg.model.backbone.startswith("resnet"):
+        out.append("model.backbone=toy_resnet")   # ResNet's stage names in a network that trains in ms
     if cfg.train.precision != "float32":
         out.append("train.precision=float32")   # the fp16 path has its own test; keep this fast
     return out

@@ -136,7 +136,7 @@ def test_unknown_backbone_and_head():
 # registered backbone in the slow run. Each model is built once per module, at its minimum size.
 SMALLEST = ["convnext_tiny", "densenet121", "efficientnetb0", "efficientnetv2_b0", "inception_resnet_v2",
             "inception_v3", "mobilenet", "mobilenetv2", "mobilenet_v3_small", "nasnet_mobile", "resnet50",
-            "resnet50v2", "vgg16", "vgg19", "xception", "scratch_cnn"]
+            "resnet50v2", "vgg16", "vgg19", "xception", "scratch_cnn", "toy_resnet"]
 OTHERS = sorted(set(BACKBONES) - set(SMALLEST))
 
 
