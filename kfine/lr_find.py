@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfine import cli
-from kfine.config import Config, ConfigError, check_config, load_config
+from kfine.checks import check_config
+from kfine.config import load_config
+from kfine.schema import Config, ConfigError
 
 BETA = 0.98          # loss smoothing
 DIVERGE = 4.0        # stop when the smoothed loss exceeds this multiple of its minimum

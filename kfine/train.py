@@ -25,10 +25,12 @@ from pathlib import Path
 
 from kfine import cli
 from kfine.checkpoint import TrainingError, read_history  # noqa: F401  (kfine.train's API too)
-from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
+from kfine.checks import check_config
+from kfine.config import load_config, replace, save_config
 from kfine.distribute import active
 from kfine.log import current_timings, timed
 from kfine.rundir import atomic_write_text, read_json, write_json
+from kfine.schema import Config, ConfigError, to_dict
 
 DEMO_CONFIG = "demo"          # a reference config (kfine.cli.find_config): configs/demo.yaml
 
@@ -45,7 +47,7 @@ class RunResult:
 # ----------------------------------------------------------------------------- phases
 def phase_spans(cfg: Config) -> list[tuple[int, int]]:
     """(first epoch, end epoch exclusive) of each phase; checks the phase list."""
-    from kfine.config import check_phases
+    from kfine.checks import check_phases
     check_phases(cfg.train.phases, cfg.train.epochs)
     starts, epochs = [p.start_epoch for p in cfg.train.phases], cfg.train.epochs
     ends = starts[1:] + [epochs]

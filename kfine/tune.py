@@ -61,8 +61,10 @@ import yaml
 
 from kfine import cli
 from kfine.checkpoint import monitor_direction
-from kfine.config import Config, ConfigError, check_config, load_config, replace, to_dict
+from kfine.checks import check_config
+from kfine.config import load_config, replace
 from kfine.rundir import atomic_write_bytes, atomic_write_text, write_csv
+from kfine.schema import Config, ConfigError, to_dict
 
 DEMO_CONFIG = "tune_demo"     # a reference config (kfine.cli.find_config): configs/tune_demo.yaml
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from kfine.config import (CHECKS, Config, ConfigError, check_config, load_config, replace, save_config,
-                          to_dict, values_at)
+from kfine.checks import CHECKS, values_at
+from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
 
 REPO = Path(__file__).parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
