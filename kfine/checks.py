@@ -206,7 +206,7 @@ def values_at(obj, key: str):
 def check_phases(phases, epochs: int | None) -> None:
     """The phase list runs in order: at least one phase, the first at epoch 0, start epochs
     increasing, the last before ``epochs`` (None: not checked, a hyperband search picks the epochs).
-    The one home of these checks: check_config and kfine.train.phase_spans call it."""
+    The one home of these checks: check_config and kfine.fit.phase_spans call it."""
     starts = [p.start_epoch for p in phases]
     if not starts:
         raise bad_value("train.phases", [], "a list of at least one phase")

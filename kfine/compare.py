@@ -109,12 +109,12 @@ def compare(cfg: Config, resume: Path | None = None, overwrite: bool = False) ->
     """Run every set of ``cfg.compare.sets`` (see the module docstring); returns the comparison's
     directory. ``resume``: that directory, to continue."""
     from kfine import checkpoint
-    from kfine.train import prepare_run_dir
     check_config(cfg)
     if not cfg.compare.sets:
         raise ConfigError("nothing to compare: give --strategies (e.g. backbone,bn_and_head,stages:conv4) "
                           "or a compare.sets section in the config")
-    compare_dir = Path(resume) if resume else prepare_run_dir(replace(cfg, [f"name={cfg.name}-compare"]), overwrite)
+    compare_dir = (Path(resume) if resume else
+                   checkpoint.prepare_run_dir(replace(cfg, [f"name={cfg.name}-compare"]), overwrite))
     lock = checkpoint.lock_run_dir(compare_dir)
     try:
         try:   # every run's config checked and the data read before the first run starts
