@@ -42,7 +42,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from kfine.config import AugmentConfig
+from kfine.schema import AugmentConfig
 
 AUGMIX_VARIANTS = 8          # traced AugMix op structures to pick from per image
 
@@ -151,7 +151,7 @@ def per_image_ops(aug: AugmentConfig, seed: int = 0):
 
     The op maps a float32 (H, W, 3) image in 0..255 and an int64[2] stateless seed to a float32
     image of the same shape, clipped to 0..255. The settings are checked with the rest of the
-    config (kfine.config.CHECKS) before any data is read."""
+    config (kfine.checks.CHECKS) before any data is read."""
     if not aug.enabled:
         return None
     recipe = RECIPES[aug.recipe](aug, seed)

@@ -1,4 +1,4 @@
-"""The Keras callbacks of a kfine run; kfine.train.make_callbacks puts them in order.
+"""The Keras callbacks of a kfine run; make_callbacks puts them in order.
 
     StopOnNaN     a non-finite value in the epoch's logs -> TrainingError, before anything of
                   that epoch is saved
@@ -22,10 +22,13 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import keras
 
 from kfine.checkpoint import TrainingError, pause_for_test
+from kfine.distribute import active
+from kfine.schema import Config, to_dict
 
 
 def current_lr(optimizer, schedule) -> float:
@@ -194,3 +197,37 @@ class PauseForTest(keras.callbacks.Callback):
     @staticmethod
     def wanted() -> bool:
         return os.environ.get("KFINE_TEST_PAUSE", "").startswith("epoch@")
+
+
+# ----------------------------------------------------------------------------- a phase's callbacks
+def make_callbacks(cfg: Config, run_dir: Path, saver, phase: int, schedule, early=None, model=None) -> list:
+    """One phase's callbacks, in the order they run at an epoch's end: the NaN check first (nothing
+    of a NaN epoch is saved), early stopping before the commit (the commit records the stop), the
+    commit (history, backup, checkpoints: kfine.checkpoint), the progress line, TensorBoard, wandb."""
+    cbs = [StopOnNaN(phase)] + ([early] if early is not None else [])
+    cbs.append(EpochCommit(saver, phase, schedule, model))
+    if fit_verbosity(cfg.train.verbose):
+        cbs.append(PhaseProgbar(cfg.train.epochs))
+    elif cfg.train.verbose:   # stdout is a file (CI, nohup, a cluster job) or verbose: 2
+        cbs.append(EpochLog(cfg.train.epochs, phase, schedule))
+    chief = active().chief   # kfine.distribute: only process 0 writes
+    if chief:
+        cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
+    if cfg.train.wandb.enabled and chief:
+        cbs.append(_wandb_callback(cfg, run_dir))
+    if PauseForTest.wanted():
+        cbs.append(PauseForTest())
+    return cbs
+
+
+def _wandb_callback(cfg: Config, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        print("kfine: train.wandb.enabled is set but wandb is not installed (pip install wandb); "
+              "logging to TensorBoard and CSV only.", flush=True)
+        return keras.callbacks.Callback()
+    if wandb.run is None:
+        wandb.init(project=cfg.train.wandb.project, entity=cfg.train.wandb.entity, name=run_dir.name,
+                   config=to_dict(cfg), dir=str(run_dir))
+    return WandbLog(wandb)

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from kfine.rundir import atomic_path, read_json, write_csv, write_json
+from kfine.schema import Config, ConfigError
 
 BACKUP, CHECKPOINTS, STATE, LOCK = "backup", "checkpoints", "state.json", ".lock"
 
@@ -458,6 +459,23 @@ def finish_backup(run_dir: Path) -> None:
         old.unlink()
 
 
+def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
+    """runs/<name>; if it exists, runs/<name>-2, -3, ... (a finished run is never overwritten)."""
+    base = cfg.run_dir
+    if overwrite and base.exists():
+        lock_run_dir(base).release()   # never remove a directory another process trains in
+        shutil.rmtree(base)
+    run_dir, i = base, 1
+    while run_dir.exists() and any(run_dir.iterdir()):
+        i += 1
+        run_dir = base.with_name(f"{base.name}-{i}")
+    if run_dir != base:
+        print(f"kfine: {base} already holds a run, so this one goes to {run_dir} (--overwrite replaces "
+              f"{base}; --resume {base} continues it; see docs/run-directory.md#resume)", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def reset_run_dir(run_dir: Path) -> None:
     """Remove what a run killed before its first commit wrote of its training (history,
     phases, checkpoints, backup), so that it starts over in place."""
@@ -480,6 +498,71 @@ def clean_temp_files(run_dir: Path) -> list[Path]:
                 p.unlink()
             removed.append(p)
     return removed
+
+
+# ----------------------------------------------------------------------------- the weights a run ships
+def restore_best(cfg: Config, datasets) -> bool:
+    """``train.restore_best`` resolved: null means true when the data has a validation split."""
+    wanted, monitor = cfg.train.restore_best, cfg.train.checkpoint.monitor
+    if wanted is None:
+        return datasets.val is not None
+    if wanted and datasets.val is None and monitor.startswith("val_"):
+        raise ConfigError(f"train.restore_best is true but the data has no validation split, so "
+                          f"train.checkpoint.monitor ({monitor}) is never logged and there is no best epoch; "
+                          f"set data.val_fraction > 0, train.restore_best=false, or a training metric as monitor")
+    return wanted
+
+
+def shipped_epoch(cfg: Config, history: list[dict], restore: bool) -> tuple[dict | None, str]:
+    """The history row of the epoch a run ships (what use_best_epoch loads: model.keras, the
+    evaluation, the export) and how it was chosen: "best", the best epoch by
+    train.checkpoint.monitor (checkpoints/best.keras), where ``restore`` (restore_best) holds and
+    the monitor was logged; else "final", the last epoch. kfine.tune scores a trial on this row."""
+    best = best_epoch(history, cfg.train.checkpoint.monitor, monitor_mode(cfg.train.checkpoint)) if restore else None
+    if best is not None:
+        return next(r for r in history if r["epoch"] == best), "best"
+    return (history[-1] if history else None), "final"
+
+
+def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], restore: bool,
+                   writes: bool = True) -> dict:
+    """The weights model.keras, the evaluation and the export get: with ``restore`` those of
+    checkpoints/best.keras (the best epoch by train.checkpoint.monitor; with train.ema its averaged
+    weights, as the model holds after training) loaded into ``model``, else the final epoch's as
+    trained. The final epoch's weights are not kept beside them (a lean run directory): a run that
+    needs them sets train.restore_best=false. Records which epoch it is as run_info.json's "model"
+    (finish_run copies it into metrics.json; the report shows it)."""
+    best, monitor = run_dir / CHECKPOINTS / "best.keras", cfg.train.checkpoint.monitor
+    final = history[-1]["epoch"] if history else None
+    used = {"epoch": final, "weights": "final", "final_epoch": final}
+    if restore and best.exists():
+        meta = read_json(best.with_name("best.json"))
+        if meta["epoch"] != final:   # the final epoch's weights are best.keras's already (EMA: both averaged)
+            load_weights(best, model)
+        used = {"epoch": meta["epoch"], "weights": "best", "final_epoch": final,
+                "monitor": monitor, "value": meta.get(monitor)}
+        print(f"kfine: the model now holds epoch {meta['epoch'] + 1}'s weights, the best by {monitor} "
+              f"(train.restore_best; checkpoints/best.keras)", flush=True)
+    elif restore:
+        print(f"kfine: train.restore_best: there is no checkpoints/best.keras ({monitor} was never logged); "
+              f"the model holds the final epoch's weights", flush=True)
+    info_path = run_dir / "run_info.json"
+    if writes:
+        info = read_json(info_path) if info_path.exists() else {}
+        write_json(info_path, {**info, "model": used})
+    return used
+
+
+def save_shipped_model(cfg: Config, run_dir: Path, model) -> None:
+    """model.keras: where the model holds checkpoints/best.keras's weights (use_best_epoch) and that
+    file has no optimizer state, a link to it (the same bytes: no second write of the model),
+    else the model saved for inference."""
+    info = read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").exists() else {}
+    best = run_dir / CHECKPOINTS / "best.keras"
+    if (info.get("model") or {}).get("weights") == "best" and best.exists() and not cfg.train.checkpoint.save_optimizer:
+        link_model(best, run_dir / "model.keras")
+    else:
+        save_model(model, run_dir / "model.keras")
 
 
 # ----------------------------------------------------------------------------- lock

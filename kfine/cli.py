@@ -83,7 +83,7 @@ def format_config_list(search: bool | None = None) -> str:
 def find_config(name_or_path: str | os.PathLike) -> Path:
     """A config file: the path if it exists, else the reference config of that name
     (``vlg50_resnet50`` or ``vlg50_resnet50.yaml``)."""
-    from kfine.config import ConfigError
+    from kfine.schema import ConfigError
     path = Path(name_or_path)
     if path.is_file():
         return path

@@ -22,7 +22,7 @@ another in this process, and every one gets:
   Frozen-backbone features (kfine.features) are kept per process too, so a later run that needs
   the same features reuses them;
 - the same seed, epochs and evaluation: a set may not change ``seed``, ``name``, ``runs_dir`` or
-  the keys that choose the data and split (kfine.config.COMPARE_FIXED); every set's run config is
+  the keys that choose the data and split (kfine.checks.COMPARE_FIXED); every set's run config is
   checked before the first run starts.
 
 Outputs beside the runs: ``compare.csv`` and ``compare.md`` (one row per set: phases, trainable
@@ -53,8 +53,10 @@ import yaml
 
 from kfine import cli
 from kfine.checkpoint import TrainingError, best_epoch, read_history
-from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config
+from kfine.checks import check_config
+from kfine.config import load_config, replace, save_config
 from kfine.rundir import atomic_write_text, read_json, write_csv, write_json
+from kfine.schema import Config, ConfigError
 
 DEFAULT_CONFIG = "inaturalist_compare"     # the freezing-strategies project's comparison
 ARGUMENT = {"fraction": "fraction", "stages": "trainable_from", "regex": "pattern"}   # strategy:ARG
@@ -107,12 +109,12 @@ def compare(cfg: Config, resume: Path | None = None, overwrite: bool = False) ->
     """Run every set of ``cfg.compare.sets`` (see the module docstring); returns the comparison's
     directory. ``resume``: that directory, to continue."""
     from kfine import checkpoint
-    from kfine.train import prepare_run_dir
     check_config(cfg)
     if not cfg.compare.sets:
         raise ConfigError("nothing to compare: give --strategies (e.g. backbone,bn_and_head,stages:conv4) "
                           "or a compare.sets section in the config")
-    compare_dir = Path(resume) if resume else prepare_run_dir(replace(cfg, [f"name={cfg.name}-compare"]), overwrite)
+    compare_dir = (Path(resume) if resume else
+                   checkpoint.prepare_run_dir(replace(cfg, [f"name={cfg.name}-compare"]), overwrite))
     lock = checkpoint.lock_run_dir(compare_dir)
     try:
         try:   # every run's config checked and the data read before the first run starts

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kfine import audit, sources
-from kfine.config import DataConfig
+from kfine.schema import DataConfig
 from kfine.sources import SPLITS, DataError, FileIndex
 
 
@@ -279,7 +279,8 @@ def _clean_command(args) -> int:
 
 
 def _check_command(args) -> int:
-    from kfine.config import check_config, load_config
+    from kfine.checks import check_config
+    from kfine.config import load_config
     seed = 0
     if Path(args.target).is_dir():
         cfg = DataConfig(root=args.target)

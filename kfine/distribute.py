@@ -53,7 +53,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kfine.config import Config, ConfigError, bad_value
+from kfine.checks import bad_value
+from kfine.schema import Config, ConfigError
 
 STRATEGIES = ("auto", "none", "mirrored", "data_parallel")
 BACKEND_OF = {"mirrored": "tensorflow", "data_parallel": "jax"}   # the backend each engine runs on
@@ -152,7 +153,7 @@ def make_plan(cfg: Config) -> Plan:
     import keras
     backend, d = keras.backend.backend(), cfg.distribute
     strategy = d.strategy
-    if strategy not in STRATEGIES:   # checked here: this runs before kfine.config.check_config
+    if strategy not in STRATEGIES:   # checked here: this runs before kfine.checks.check_config
         raise bad_value("distribute.strategy", strategy, f"one of {list(STRATEGIES)}")
     address, processes, index = processes_of(cfg)
     if processes > 1:

@@ -286,7 +286,8 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     run_dir = Path(run_dir)
     cfg = None
     if datasets is None or model is None:
-        from kfine.config import check_config, load_config, replace
+        from kfine.checks import check_config
+        from kfine.config import load_config, replace
         cfg = load_config(run_dir / "config.yaml")
         if data_root is not None:
             cfg = replace(cfg, [f"data.root={data_root}"])

@@ -313,7 +313,8 @@ def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test"
 def explain_run(run_dir, split: str = "test") -> Path | None:
     """Write plots/heatmaps_<split>.png for a finished run (its model.keras and splits.csv)."""
     from kfine import data as kdata
-    from kfine.config import check_config, load_config
+    from kfine.checks import check_config
+    from kfine.config import load_config
     from kfine.checkpoint import load_model
     from kfine.rundir import missing_run_file, read_json
     run_dir = Path(run_dir)

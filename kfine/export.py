@@ -48,7 +48,8 @@ import numpy as np
 
 # TensorFlow and Keras are imported inside the functions that use them, so that the CLI can
 # report a wrong run directory in one line (TensorFlow's import prints its own log lines).
-from kfine.config import check_config, load_config
+from kfine.checks import check_config
+from kfine.config import load_config
 from kfine.log import progress
 from kfine.rundir import atomic_write_bytes, missing_run_file, read_json, write_json
 

@@ -148,7 +148,7 @@ def _weights_hash(layers) -> str:
 
 
 def feature_key(model, datasets, cfg) -> str:
-    from kfine.config import to_dict
+    from kfine.schema import to_dict
     from kfine.model import get_backbone
     from kfine.pipeline import cache_key
     d = datasets.config

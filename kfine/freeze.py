@@ -34,10 +34,10 @@ import re
 
 import keras
 
-from kfine.config import FreezeConfig
 from kfine.model import get_backbone, head_layers, layer_stages
 from kfine.registry import BACKBONES, needs_batchnorm, norm_note, stage_aliases, stage_names
 from kfine.registry import resolve_stage as _alias_of
+from kfine.schema import FreezeConfig
 
 
 class FreezeError(ValueError):
@@ -209,7 +209,7 @@ _STOCHASTIC = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers
 
 def features_frozen(model: keras.Model, phase) -> tuple[bool, str]:
     """Whether the backbone's output in training is a pure function of the image in ``phase``
-    (a kfine.config.PhaseConfig already applied with ``apply_freeze``), so its features can be
+    (a kfine.schema.PhaseConfig already applied with ``apply_freeze``), so its features can be
     computed once and cached; and why (not). True only when no backbone variable trains, every
     BatchNorm runs in inference mode (never under ``bn: stats``) and no Dropout-like layer inside
     the backbone is active in training (EfficientNet's stochastic depth)."""

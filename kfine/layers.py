@@ -12,9 +12,9 @@ from pathlib import Path
 
 import keras
 
-from kfine.config import ModelConfig
 from kfine.model import build_model, get_backbone, layer_stages, param_count
 from kfine.registry import BACKBONES, describe_backbone
+from kfine.schema import ModelConfig
 
 
 def layer_table(model: keras.Model, backbone_name: str) -> list[dict]:
@@ -100,7 +100,9 @@ def main(argv=None) -> int:
     """python -m kfine.model layers --backbone resnet50 [--strategy S ...] | --config FILE [key=value ...]"""
     import argparse
     from kfine import cli
-    from kfine.config import FreezeConfig, check_config, load_config, replace
+    from kfine.checks import check_config
+    from kfine.config import load_config, replace
+    from kfine.schema import FreezeConfig
     ap = argparse.ArgumentParser(prog="python -m kfine.model", description="Inspect a model without training it.")
     sub = ap.add_subparsers(dest="command", required=True)
     lp = sub.add_parser("layers", help="stages, layers and parameters; what a freeze spec (or each phase) trains")

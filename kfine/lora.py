@@ -8,7 +8,7 @@ Keras ships the adapter (``layer.enable_lora(rank, lora_alpha)`` on Dense and Co
 
 so an adapted model starts out computing exactly what the pretrained one did. kfine:
 - enables adapters on the Conv2D / Dense layers of the chosen stages (``freeze.lora_stages``,
-  all by default) when the freeze spec is first applied: kfine.train.trainable_union applies every
+  all by default) when the freeze spec is first applied: kfine.fit.trainable_union applies every
   phase's spec before the optimizer is built, so the adapters exist before the optimizer is built
   and before a resume backup is loaded;
 - trains only A and B there (kernel and bias frozen), BatchNorm as ``freeze.train_bn`` says

@@ -3,7 +3,7 @@ few hundred steps while the learning rate grows exponentially, and suggest a rat
 
     python -m kfine.lr_find --config FILE [key=value ...] [--steps 200] [--start-lr 1e-7] [--end-lr 10]
 
-The model, optimizer and data are the run's own (kfine.train.build_training, the first phase's
+The model, optimizer and data are the run's own (kfine.fit.build_training, the first phase's
 freeze spec and per-stage multipliers), with the schedule replaced by an exponential ramp from
 ``start_lr`` to ``end_lr`` over ``steps`` optimizer steps. The loss of each step is smoothed
 (exponential moving average with bias correction, beta 0.98); the test stops early once the
@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfine import cli
-from kfine.config import Config, ConfigError, check_config, load_config
+from kfine.checks import check_config
+from kfine.config import load_config
+from kfine.schema import Config, ConfigError
 
 BETA = 0.98          # loss smoothing
 DIVERGE = 4.0        # stop when the smoothed loss exceeds this multiple of its minimum
@@ -77,7 +79,7 @@ def find_lr(cfg: Config, datasets=None, model=None, start_lr: float = 1e-7, end_
     """Run the range test. ``model``: start from its weights (it must be the model the config
     builds); it is copied, never trained or changed. Without it, the config's model is built
     (its ``model.weights``, e.g. ImageNet)."""
-    from kfine.train import build_training, compile_model, setup_backend
+    from kfine.fit import build_training, compile_model, setup_backend
 
     rcfg = range_config(cfg, start_lr, end_lr, steps)
     setup_backend(rcfg)

@@ -28,9 +28,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from kfine.config import HeadConfig, ModelConfig, ScratchConfig
 from kfine import lora as _lora  # noqa: F401  (registers kfine>LoRAConv2D / LoRADense: model.keras of a LoRA run)
 from kfine.registry import BACKBONES, STAGE_ALIASES, describe_backbone, min_input_size, stage_of  # noqa: F401
+from kfine.schema import HeadConfig, ModelConfig, ScratchConfig
 
 
 class ModelError(ValueError):

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import keras
 from keras import ops
 
-from kfine.config import ConfigError, EmaConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from kfine.schema import ConfigError, EmaConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -302,7 +302,7 @@ def check_train(cfg: TrainConfig) -> None:
     """The optimizer-side checks of a train section (before any data is read)."""
     check_optimizer(cfg.optimizer)
     schedule_gamma(cfg.schedule)
-    if cfg.layer_decay is not None and cfg.lr_multipliers:   # single values: kfine.config.CHECKS
+    if cfg.layer_decay is not None and cfg.lr_multipliers:   # single values: kfine.checks.CHECKS
         raise ConfigError("train.layer_decay and train.lr_multipliers both set: layer_decay is the "
                           "shorthand for a full lr_multipliers table; give one of them")
 

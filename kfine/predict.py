@@ -138,7 +138,8 @@ def _main(args) -> None:
         raise ValueError(f"--batch-size and --top-k must be >= 1. Received: --batch-size {args.batch_size} "
                          f"--top-k {args.top_k}")
     if (run / "config.yaml").is_file():   # the run's config, checked as every entry point does
-        from kfine.config import check_config, load_config
+        from kfine.checks import check_config
+        from kfine.config import load_config
         check_config(load_config(run / "config.yaml"))
     paths = collect_paths(args.images)
     if not paths:

@@ -4,7 +4,7 @@
 ``preprocess_input`` (kfine.model.Preprocess: caffe | torch | tf | none, unit for the CNN from
 scratch), the smallest input side keras accepts, whether it has BatchNorm layers, how layer names
 map to stages (``stage_of``) and the backbone's stages in order (``stages``, a static tuple that
-tests/test_registry.py checks against the built models). config.py checks stage names against
+tests/test_registry.py checks against the built models). checks.py checks stage names against
 these tuples, so checking a config builds no model. No Keras import here.
 
 Stages by layer name. A stage function returns the stage a layer's name says, or None where the

@@ -12,23 +12,29 @@ index of its first epoch; it runs until the next phase's start (or ``train.epoch
 0-based epoch indices, as Keras' callbacks do (history.csv's ``epoch`` column, checkpoints, backups,
 best.json, run_info.json's and metrics.json's ``model.epoch``); what kfine prints and the reports
 show counts epochs from 1, as Keras' progress line does ("epoch 1/6" is index 0).
+
+``run`` is the story of a run, ``fit_phases`` its phases in order; beside them: kfine.fit (the
+model, optimizer and schedule, each phase's compile, the steps per epoch, the phases' spans),
+kfine.callbacks.make_callbacks (a phase's callbacks) and kfine.checkpoint (the run directory,
+each epoch's commit, the weights a run ships).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kfine import cli
+from kfine import checkpoint, cli, fit
 from kfine.checkpoint import TrainingError, read_history  # noqa: F401  (kfine.train's API too)
-from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
+from kfine.checks import check_config
+from kfine.config import load_config, replace, save_config
 from kfine.distribute import active
 from kfine.log import current_timings, timed
 from kfine.rundir import atomic_write_text, read_json, write_json
+from kfine.schema import Config, to_dict
 
 DEMO_CONFIG = "demo"          # a reference config (kfine.cli.find_config): configs/demo.yaml
 
@@ -42,167 +48,7 @@ class RunResult:
     timings: dict = field(default_factory=dict)   # seconds per stage (kfine.log.STAGES) and "total"
 
 
-# ----------------------------------------------------------------------------- phases
-def phase_spans(cfg: Config) -> list[tuple[int, int]]:
-    """(first epoch, end epoch exclusive) of each phase; checks the phase list."""
-    from kfine.config import check_phases
-    check_phases(cfg.train.phases, cfg.train.epochs)
-    starts, epochs = [p.start_epoch for p in cfg.train.phases], cfg.train.epochs
-    ends = starts[1:] + [epochs]
-    return list(zip(starts, ends))
-
-
-def phase_at(spans: list[tuple[int, int]], epoch: int) -> int:
-    for i, (a, b) in enumerate(spans):
-        if a <= epoch < b:
-            return i
-    return len(spans) - 1
-
-
-def epoch_after_stop(cfg: Config, spans: list[tuple[int, int]], epoch: int) -> int:
-    """Where a run goes on after early stopping at ``epoch``: the next phase's first epoch
-    (``train.early_stopping.scope: phase``), or ``train.epochs``, i.e. the run is over (scope
-    ``run``, or the stop was in the last phase)."""
-    i = phase_at(spans, epoch)
-    if cfg.train.early_stopping.scope == "phase" and i + 1 < len(spans):
-        return spans[i + 1][0]
-    return cfg.train.epochs
-
-
-def phase_end(history: list[dict], index: int, end: int) -> dict:
-    """How phase ``index`` (configured to end before epoch ``end``) ended, read from the history:
-    phases.json's "stopped_early" and "stopped_epoch" (its last epoch when early stopping cut it
-    short, else null)."""
-    last = max((r["epoch"] for r in history if r["phase"] == index), default=None)
-    stopped = last is not None and last < end - 1
-    return {"stopped_early": stopped, "stopped_epoch": last if stopped else None}
-
-
-# ----------------------------------------------------------------------------- run directory
-def prepare_run_dir(cfg: Config, overwrite: bool = False) -> Path:
-    """runs/<name>; if it exists, runs/<name>-2, -3, ... (a finished run is never overwritten)."""
-    base = cfg.run_dir
-    if overwrite and base.exists():
-        from kfine.checkpoint import lock_run_dir
-        lock_run_dir(base).release()   # never remove a directory another process trains in
-        shutil.rmtree(base)
-    run_dir, i = base, 1
-    while run_dir.exists() and any(run_dir.iterdir()):
-        i += 1
-        run_dir = base.with_name(f"{base.name}-{i}")
-    if run_dir != base:
-        print(f"kfine: {base} already holds a run, so this one goes to {run_dir} (--overwrite replaces "
-              f"{base}; --resume {base} continues it; see docs/run-directory.md#resume)", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-# ----------------------------------------------------------------------------- callbacks
-def make_callbacks(cfg: Config, run_dir: Path, saver, phase: int, schedule, early=None, model=None) -> list:
-    """One phase's callbacks, in the order they run at an epoch's end: the NaN check first (nothing
-    of a NaN epoch is saved), early stopping before the commit (the commit records the stop), the
-    commit (history, backup, checkpoints: kfine.checkpoint), the progress line, TensorBoard, wandb."""
-    import keras
-    from kfine import callbacks as kc
-    cbs = [kc.StopOnNaN(phase)] + ([early] if early is not None else [])
-    cbs.append(kc.EpochCommit(saver, phase, schedule, model))
-    if kc.fit_verbosity(cfg.train.verbose):
-        cbs.append(kc.PhaseProgbar(cfg.train.epochs))
-    elif cfg.train.verbose:   # stdout is a file (CI, nohup, a cluster job) or verbose: 2
-        cbs.append(kc.EpochLog(cfg.train.epochs, phase, schedule))
-    chief = active().chief   # kfine.distribute: only process 0 writes
-    if chief:
-        cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
-    if cfg.train.wandb.enabled and chief:
-        cbs.append(_wandb_callback(cfg, run_dir))
-    if kc.PauseForTest.wanted():
-        cbs.append(kc.PauseForTest())
-    return cbs
-
-
-def _wandb_callback(cfg: Config, run_dir: Path):
-    import keras
-    from kfine.callbacks import WandbLog
-    try:
-        import wandb
-    except ImportError:
-        print("kfine: train.wandb.enabled is set but wandb is not installed (pip install wandb); "
-              "logging to TensorBoard and CSV only.", flush=True)
-        return keras.callbacks.Callback()
-    if wandb.run is None:
-        wandb.init(project=cfg.train.wandb.project, entity=cfg.train.wandb.entity, name=run_dir.name,
-                   config=to_dict(cfg), dir=str(run_dir))
-    return WandbLog(wandb)
-
-
-# ----------------------------------------------------------------------------- training
-def compile_model(model, optimizer, cfg: Config, num_classes: int, steps: int | None = None) -> None:
-    """Compile for this phase (Keras reads ``trainable`` at compile); ``steps``: the epoch's steps,
-    from which ``train.steps_per_execution: auto`` is chosen."""
-    from kfine.model import outputs_logits
-    from kfine.optim import make_loss, make_metrics
-    metrics = make_metrics(num_classes)   # sparse or soft (MixUp/CutMix) labels; logits or probabilities
-    inner = getattr(optimizer, "inner_optimizer", optimizer)   # under a LossScaleOptimizer
-    if hasattr(inner, "set_active_variables"):   # one optimizer, this phase's variables (JAX)
-        inner.set_active_variables(model.trainable_variables)
-    model.compile(optimizer=optimizer, loss=make_loss(cfg.train.label_smoothing, num_classes, outputs_logits(model)),
-                  metrics=metrics, jit_compile=cfg.train.jit_compile,
-                  steps_per_execution=execution_steps(cfg, steps) if steps else 1)
-
-
-def execution_steps(cfg: Config, steps: int, cap: int = 32) -> int:
-    """Train steps per compiled call: ``train.steps_per_execution``, or (auto) the largest divisor
-    of the epoch's steps up to ``cap``, so that an epoch ends on a call's end (Keras runs every
-    call to its full length, which would take steps from the next epoch) and kfine's callbacks,
-    which act at epoch ends only, see every epoch. Fewer host round trips per epoch: what matters
-    when a step is short (the head on cached features, a GPU)."""
-    from kfine.callbacks import PauseForTest
-    if cfg.train.steps_per_execution != "auto":
-        return int(cfg.train.steps_per_execution)
-    if PauseForTest.wanted():   # the kill tests pause mid-epoch, in a batch callback
-        return 1
-    return max(d for d in range(1, min(cap, steps) + 1) if steps % d == 0)
-
-
-def drops_remainder(cfg: Config) -> bool:
-    """train.drop_remainder, or (null) whether training steps are XLA-compiled (JAX, or the
-    TensorFlow backend on a GPU outside distribute.strategy mirrored, where Keras' jit_compile
-    "auto" turns XLA off): a last partial batch would compile a second program there. On a
-    CPU every image is seen every epoch, as PyTorch's DataLoader does by default."""
-    import keras
-    if cfg.train.drop_remainder is not None:
-        return cfg.train.drop_remainder
-    if cfg.train.jit_compile != "auto":
-        return bool(cfg.train.jit_compile)
-    if keras.backend.backend() == "jax":
-        return True
-    if active().strategy == "mirrored":   # Keras: no XLA under a tf.distribute strategy (Trainer._resolve_auto_jit_compile)
-        return False
-    import tensorflow as tf
-    return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
-
-
-def trainable_union(model, backbone_name: str, cfg: Config) -> list:
-    """Every variable that some phase trains, in model order (what the optimizer is built over)."""
-    from kfine.freeze import apply_freeze
-    ids = set()
-    for phase in cfg.train.phases:
-        apply_freeze(model, backbone_name, phase.freeze, phase.bn)
-        ids |= {id(v) for v in model.trainable_variables}
-    apply_freeze(model, backbone_name, cfg.train.phases[0].freeze, cfg.train.phases[0].bn)
-    return [v for v in model.weights if id(v) in ids]
-
-
-def class_weights(cfg: Config, counts: dict, class_names: list[str]):
-    if cfg.train.class_weight is None:
-        return None
-    if cfg.train.class_weight != "balanced":
-        raise ConfigError(f"train.class_weight: {cfg.train.class_weight!r} is not allowed; use null or balanced")
-    n = [counts.get("train", {}).get(c, 0) for c in class_names]
-    total = sum(n)
-    return {i: (total / (len(n) * k) if k else 0.0) for i, k in enumerate(n)}
-
-
+# ----------------------------------------------------------------------------- the phases, in order
 def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0,
                history: list[dict] | None = None, optimizer=None, schedule=None,
                callbacks=(), keep_checkpoints: bool = True) -> list[dict]:
@@ -228,25 +74,25 @@ def fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int = 0
 def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, saver, optimizer,
                 schedule, callbacks) -> None:
     import keras
-    from kfine import features
+    from kfine import callbacks as kc, features
     from kfine.augment import mixing_epochs
     from kfine.callbacks import EarlyStop, EpochSeeds, MixingSwitch, fit_verbosity
     from kfine.checkpoint import monitor_mode
     from kfine.freeze import apply_freeze, format_summary, trainable_summary
     from kfine.optim import stage_multipliers
 
-    spans = phase_spans(cfg)
+    spans = fit.phase_spans(cfg)
     num_classes = len(datasets.class_names)
     phases_log = read_json(run_dir / "phases.json") if (run_dir / "phases.json").exists() else []
-    cw = class_weights(cfg, datasets.counts, datasets.class_names)
+    cw = fit.class_weights(cfg, datasets.counts, datasets.class_names)
     # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
     # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
-    steps = steps_per_epoch(cfg, datasets)
+    steps = fit.steps_per_epoch(cfg, datasets)
     # epochs first, first + 1, ... (each fit iterates its dataset afresh): each epoch's order,
     # augmentations and mixing are drawn from (seed, epoch), so a resumed run trains on what the
     # uninterrupted one did (kfine.pipeline.make_dataset)
     def train_ds(first):
-        return datasets.dataset("train", drop_remainder=drops_remainder(cfg), shard=datasets.shard,
+        return datasets.dataset("train", drop_remainder=fit.drops_remainder(cfg), shard=datasets.shard,
                                 epoch=first, steps=steps,
                                 mix_until=mixing_epochs(cfg.data.augment, cfg.train.epochs))
     early, es = None, cfg.train.early_stopping
@@ -263,7 +109,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
             {"index": i, "start_epoch": phase.start_epoch, "end_epoch": end, "freeze": to_dict(phase.freeze),
              "bn": phase.bn, "summary": rows}]
         for p in phases_log[:-1]:   # the phases before: where each ended (also after a kill and --resume)
-            p.update(phase_end(saver.history, p["index"], p["end_epoch"]))
+            p.update(fit.phase_end(saver.history, p["index"], p["end_epoch"]))
         if active().chief:
             write_json(run_dir / "phases.json", phases_log)
         skipped = first - (saver.history[-1]["epoch"] + 1 if saver.history else 0)
@@ -277,17 +123,17 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
             print(f"kfine: phase {i}: {features.describe(feats, seconds)}", flush=True)
             fit_model = features.model_parts(model)[1]   # the head the evaluation reuses
             fit_train, fit_val = features.feature_datasets(feats, cfg.data.batch_size, datasets.seed, first,
-                                                           steps, drops_remainder(cfg), sampling=cfg.data.sampling)
+                                                           steps, fit.drops_remainder(cfg), sampling=cfg.data.sampling)
         else:
             print(f"kfine: phase {i}: no feature cache: {reason}", flush=True)
-        compile_model(model, optimizer, cfg, num_classes, steps)   # the full model: what is committed
+        fit.compile_model(model, optimizer, cfg, num_classes, steps)   # the full model: what is committed
         if fit_model is not model:
-            compile_model(fit_model, optimizer, cfg, num_classes, steps)
+            fit.compile_model(fit_model, optimizer, cfg, num_classes, steps)
         if es.patience:
             early = EarlyStop([r for r in saver.history if r["phase"] == i and r["epoch"] < first],
                               monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
                               mode=monitor_mode(es))
-        phase_callbacks = make_callbacks(cfg, run_dir, saver, i, schedule, early, model) + list(callbacks)
+        phase_callbacks = kc.make_callbacks(cfg, run_dir, saver, i, schedule, early, model) + list(callbacks)
         if cfg.train.ema.enabled:   # validate on the EMA weights, train on the raw ones
             phase_callbacks.append(keras.callbacks.SwapEMAWeights())
         phase_callbacks.append(EpochSeeds(model, cfg.seed))   # dropout: a function of the epoch too
@@ -298,11 +144,11 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
             fit_model.fit(fit_train, validation_data=fit_val, initial_epoch=first, epochs=end,
                           steps_per_epoch=steps, class_weight=cw, shuffle=False,   # tf.data shuffles
                           callbacks=phase_callbacks, verbose=fit_verbosity(cfg.train.verbose))
-        phases_log[-1].update(phase_end(saver.history, i, end))
+        phases_log[-1].update(fit.phase_end(saver.history, i, end))
         if active().chief:
             write_json(run_dir / "phases.json", phases_log)
         if early is not None and early.stopped_epoch > 0:
-            after = epoch_after_stop(cfg, spans, early.stopped_epoch)
+            after = fit.epoch_after_stop(cfg, spans, early.stopped_epoch)
             print(f"kfine: early stopping after epoch {early.stopped_epoch + 1} "
                   f"({cfg.train.early_stopping.monitor} stopped improving): "
                   + (f"phase {i} ends, phase {i + 1} starts at epoch {after + 1}" if after < cfg.train.epochs
@@ -328,59 +174,7 @@ def _freeze_detail(spec) -> str:
                     f"stages {list(spec.lora_stages) or 'all'})"}.get(spec.strategy, "")
 
 
-def steps_per_epoch(cfg: Config, datasets) -> int:
-    """Batches per epoch, rounded up to whole optimizer updates (train.accumulate_steps)."""
-    n = sum(datasets.counts.get("train", {}).values())
-    shard = getattr(datasets, "shard", None)
-    n = shard.kept(n) if shard is not None else n   # kfine.distribute: a multiple of the replicas
-    if not n:   # unknown size (a tfds split without metadata): count batches once
-        steps = max(1, sum(1 for _ in datasets.train))
-    else:
-        steps = n // cfg.data.batch_size if drops_remainder(cfg) else math.ceil(n / cfg.data.batch_size)
-        if steps < 1:
-            raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) is larger than the training set ({n} "
-                              f"images) and train.drop_remainder drops the partial batch: lower the batch size")
-    if cfg.train.steps_per_epoch:
-        steps = min(steps, cfg.train.steps_per_epoch)
-    a = cfg.train.accumulate_steps
-    return -(-steps // a) * a
-
-
-def setup_backend(cfg: Config) -> None:
-    import keras
-    keras.utils.set_random_seed(cfg.seed)
-    keras.mixed_precision.set_global_policy(cfg.train.precision)
-
-
-def build_training(cfg: Config, datasets):
-    """Model, optimizer (built over every variable any phase trains) and LR schedule."""
-    from kfine.distribute import scaled_schedule
-    from kfine.model import build_model
-    from kfine.optim import (build_optimizer, check_train, decay_flags, make_schedule,
-                             variable_multipliers)
-    t = cfg.train
-    check_train(t)
-    model = build_model(cfg.model, len(datasets.class_names), cfg.data.image_size)
-    schedule = make_schedule(scaled_schedule(cfg), steps_per_epoch(cfg, datasets), t.epochs, t.accumulate_steps)
-    variables = trainable_union(model, cfg.model.backbone, cfg)
-    mults = variable_multipliers(model, cfg.model.backbone, t.lr_multipliers, variables, t.layer_decay)
-    decay = decay_flags(model, t.optimizer.no_decay, variables)
-    optimizer = build_optimizer(t.optimizer, schedule, variables, mults, decay, t.ema, t.accumulate_steps)
-    if t.precision == "mixed_float16":
-        optimizer = loss_scale_optimizer(optimizer, variables)
-    return model, optimizer, schedule
-
-
-def loss_scale_optimizer(optimizer, variables):
-    """mixed_float16: one LossScaleOptimizer for the whole run. Keras' compile() wraps the
-    optimizer in a fresh one (scale back to 2**15) unless it is one already; built once, its
-    dynamic scale carries across phases and is in the resume backup."""
-    import keras
-    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(variables)
-    return optimizer
-
-
+# ----------------------------------------------------------------------------- the run
 def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> RunResult:
     """One whole run: everything lands in the run directory, which this process locks while it
     works in it (a second process on it stops with a message naming this one's PID). Its last
@@ -399,14 +193,14 @@ def run(cfg: Config, resume: Path | None = None, overwrite: bool = False) -> Run
 
 
 def _run(cfg: Config, resume: Path | None, overwrite: bool) -> RunResult:
-    from kfine import checkpoint, distribute
+    from kfine import distribute
     from kfine.optim import check_train
 
     with timed("startup"):
         plan = distribute.make_plan(cfg)   # first: several processes join before anything uses JAX
         check_config(cfg)          # every value checked before a run directory exists
         check_train(cfg.train)
-        spans = phase_spans(cfg)
+        spans = fit.phase_spans(cfg)
     if not plan.chief:   # it reads the run directory (--resume) and writes nothing
         run_dir = Path(resume) if resume is not None else distribute.share_path(plan, None)   # the chief's
         if run_dir is None:
@@ -417,7 +211,7 @@ def _run(cfg: Config, resume: Path | None, overwrite: bool) -> RunResult:
     else:
         try:
             with timed("startup"):
-                run_dir = prepare_run_dir(cfg, overwrite)
+                run_dir = checkpoint.prepare_run_dir(cfg, overwrite)
         except BaseException:
             distribute.share_path(plan, None)   # the others stop instead of waiting
             raise
@@ -430,7 +224,7 @@ def _run(cfg: Config, resume: Path | None, overwrite: bool) -> RunResult:
 
 
 def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunResult:
-    from kfine import checkpoint, distribute
+    from kfine import distribute
 
     state = None   # the last commit (kfine.checkpoint): None = train from epoch 0
     if resume:
@@ -457,10 +251,10 @@ def _run_locked(cfg: Config, run_dir: Path, resume: bool, spans, plan) -> RunRes
     distribute.barrier(plan, "kfine: trained")   # the chief's last checkpoint is written
     with timed("restore"):
         if not finished:   # every process: assigning to variables placed across processes is collective
-            use_best_epoch(cfg, run_dir, model, history, restore, writes=plan.chief)
+            checkpoint.use_best_epoch(cfg, run_dir, model, history, restore, writes=plan.chief)
         if not plan.chief:
             return result
-        save_shipped_model(cfg, run_dir, model)   # for inference: no optimizer state
+        checkpoint.save_shipped_model(cfg, run_dir, model)   # for inference: no optimizer state
         checkpoint.finish_backup(run_dir)   # model.keras has the weights; the optimizer state is spent
     if plan.strategy != "none":   # evaluate and export what was saved: on one device, every image
         model = result.model = checkpoint.load_model(run_dir / "model.keras")
@@ -475,7 +269,6 @@ def _finish_finished(cfg: Config, run_dir: Path, state: dict, plan) -> RunResult
     """--resume of a finished run: model.keras holds its weights (the backup's arrays are gone);
     only the outputs it lacks are written (missing_outputs), and the data is read only when the
     evaluation is among them."""
-    from kfine import checkpoint
     todo = missing_outputs(cfg, run_dir)
     history = state["history"]
     print(f"kfine: {run_dir} already finished training ({len(history)} epochs); " +
@@ -487,7 +280,7 @@ def _finish_finished(cfg: Config, run_dir: Path, state: dict, plan) -> RunResult
         datasets = None
         if {"evaluation", "export litert"} & set(todo):   # the run's own split (splits.csv), as kfine.evaluate reads it
             from kfine import data as kdata
-            setup_backend(cfg)
+            fit.setup_backend(cfg)
             saved = run_dir / "splits.csv"
             datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None)
         finish_run(cfg, run_dir, result.model, datasets, result, todo)
@@ -501,7 +294,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, state: dict | None, spans, 
     from kfine.optim import apply_ema_weights
     try:
         datasets, model, optimizer, schedule, start_epoch, history = _prepare(cfg, run_dir, state, spans, resume, plan)
-        restore = restore_best(cfg, datasets)
+        restore = checkpoint.restore_best(cfg, datasets)
     except BaseException:
         if not resume and plan.chief:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -517,86 +310,19 @@ def _train(cfg: Config, run_dir: Path, resume: bool, state: dict | None, spans, 
     return datasets, model, history, restore
 
 
-def restore_best(cfg: Config, datasets) -> bool:
-    """``train.restore_best`` resolved: null means true when the data has a validation split."""
-    wanted, monitor = cfg.train.restore_best, cfg.train.checkpoint.monitor
-    if wanted is None:
-        return datasets.val is not None
-    if wanted and datasets.val is None and monitor.startswith("val_"):
-        raise ConfigError(f"train.restore_best is true but the data has no validation split, so "
-                          f"train.checkpoint.monitor ({monitor}) is never logged and there is no best epoch; "
-                          f"set data.val_fraction > 0, train.restore_best=false, or a training metric as monitor")
-    return wanted
-
-
-def shipped_epoch(cfg: Config, history: list[dict], restore: bool) -> tuple[dict | None, str]:
-    """The history row of the epoch a run ships (what use_best_epoch loads: model.keras, the
-    evaluation, the export) and how it was chosen: "best", the best epoch by
-    train.checkpoint.monitor (checkpoints/best.keras), where ``restore`` (restore_best) holds and
-    the monitor was logged; else "final", the last epoch. kfine.tune scores a trial on this row."""
-    from kfine.checkpoint import best_epoch, monitor_mode
-    best = best_epoch(history, cfg.train.checkpoint.monitor, monitor_mode(cfg.train.checkpoint)) if restore else None
-    if best is not None:
-        return next(r for r in history if r["epoch"] == best), "best"
-    return (history[-1] if history else None), "final"
-
-
-def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], restore: bool,
-                   writes: bool = True) -> dict:
-    """The weights model.keras, the evaluation and the export get: with ``restore`` those of
-    checkpoints/best.keras (the best epoch by train.checkpoint.monitor; with train.ema its averaged
-    weights, as the model holds after training) loaded into ``model``, else the final epoch's as
-    trained. The final epoch's weights are not kept beside them (a lean run directory): a run that
-    needs them sets train.restore_best=false. Records which epoch it is as run_info.json's "model"
-    (finish_run copies it into metrics.json; the report shows it)."""
-    from kfine import checkpoint
-    best, monitor = run_dir / checkpoint.CHECKPOINTS / "best.keras", cfg.train.checkpoint.monitor
-    final = history[-1]["epoch"] if history else None
-    used = {"epoch": final, "weights": "final", "final_epoch": final}
-    if restore and best.exists():
-        meta = read_json(best.with_name("best.json"))
-        if meta["epoch"] != final:   # the final epoch's weights are best.keras's already (EMA: both averaged)
-            checkpoint.load_weights(best, model)
-        used = {"epoch": meta["epoch"], "weights": "best", "final_epoch": final,
-                "monitor": monitor, "value": meta.get(monitor)}
-        print(f"kfine: the model now holds epoch {meta['epoch'] + 1}'s weights, the best by {monitor} "
-              f"(train.restore_best; checkpoints/best.keras)", flush=True)
-    elif restore:
-        print(f"kfine: train.restore_best: there is no checkpoints/best.keras ({monitor} was never logged); "
-              f"the model holds the final epoch's weights", flush=True)
-    info_path = run_dir / "run_info.json"
-    if writes:
-        info = read_json(info_path) if info_path.exists() else {}
-        write_json(info_path, {**info, "model": used})
-    return used
-
-
-def save_shipped_model(cfg: Config, run_dir: Path, model) -> None:
-    """model.keras: where the model holds checkpoints/best.keras's weights (use_best_epoch) and that
-    file has no optimizer state, a link to it (the same bytes: no second write of the model),
-    else the model saved for inference."""
-    from kfine import checkpoint
-    info = read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").exists() else {}
-    best = run_dir / checkpoint.CHECKPOINTS / "best.keras"
-    if (info.get("model") or {}).get("weights") == "best" and best.exists() and not cfg.train.checkpoint.save_optimizer:
-        checkpoint.link_model(best, run_dir / "model.keras")
-    else:
-        checkpoint.save_model(model, run_dir / "model.keras")
-
-
 def _prepare(cfg: Config, run_dir: Path, state: dict | None, spans, resume: bool = False, plan=None):
     """Everything before the first epoch: the data (its split saved in splits.csv, or read back
     from it: a resumed run trains on exactly the images it started with) and its audit, model,
     optimizer, and the state of the last commit (``state``, None for a run from epoch 0).
     Under a distribution plan (kfine.distribute) only its chief writes, each process's train and
     val pipelines are its shard, and run_info.json records the devices."""
-    from kfine import checkpoint, distribute
+    from kfine import distribute
 
     plan = plan or active()
     chief = plan.chief
     info = distribute.run_info(plan, cfg)
     print(distribute.format_info(info), flush=True)
-    setup_backend(cfg)
+    fit.setup_backend(cfg)
     checkpoint.pause_for_test("data_check")
     saved = run_dir / "splits.csv"
     splits = saved if (resume or chief) and saved.exists() else None   # a new run's other processes draw it
@@ -633,11 +359,10 @@ def _prepare_data(cfg: Config, run_dir: Path, state, saved: Path, splits, plan):
 
 def _prepare_model(cfg: Config, run_dir: Path, state, spans, datasets, info: dict, plan):
     """Model, optimizer and schedule, and the last commit's weights and state on resume."""
-    from kfine import checkpoint
     from kfine.model import weights_info
     chief = plan.chief
     # on resume the weights come from the backup: no download
-    model, optimizer, schedule = build_training(replace(cfg, ["model.weights=null"]) if state else cfg, datasets)
+    model, optimizer, schedule = fit.build_training(replace(cfg, ["model.weights=null"]) if state else cfg, datasets)
     if state is None and chief:   # what the backbone really started from (the report shows it)
         write_json(run_dir / "run_info.json", {"weights": {"requested": cfg.model.weights, **weights_info(model)},
                                                **info})
@@ -649,13 +374,13 @@ def _prepare_model(cfg: Config, run_dir: Path, state, spans, datasets, info: dic
         state = checkpoint.load_backup(run_dir, model, optimizer)
         start_epoch, history = state["next_epoch"], state["history"]
         if state["stopped"]:   # early stopping ended its last epoch's phase: the next one's start, or the end
-            start_epoch = epoch_after_stop(cfg, spans, start_epoch - 1)
+            start_epoch = fit.epoch_after_stop(cfg, spans, start_epoch - 1)
         if state["finished"] or start_epoch >= cfg.train.epochs:
             print(f"kfine: {run_dir} already finished training ({len(history)} epochs); finishing outputs",
                   flush=True)
             start_epoch = cfg.train.epochs
         else:
-            print(f"kfine: resuming at epoch {start_epoch + 1} (phase {phase_at(spans, start_epoch)})", flush=True)
+            print(f"kfine: resuming at epoch {start_epoch + 1} (phase {fit.phase_at(spans, start_epoch)})", flush=True)
     return datasets, model, optimizer, schedule, start_epoch, history
 
 
@@ -675,6 +400,7 @@ def _say_shard(datasets) -> None:
               f"{shard.batch} images per batch", flush=True)
 
 
+# ----------------------------------------------------------------------------- its outputs
 def missing_outputs(cfg: Config, run_dir: Path) -> list[str]:
     """What finish_run would write that ``run_dir`` lacks (a finished run resumed writes only
     these): "history plot", "evaluation" (metrics.json, predictions.csv, its plots), "export

@@ -22,7 +22,7 @@ The `search.space` section maps ANY config key (dotted, list indices allowed) to
 
 A trial's config is ``replace(base, ["key=<yaml value>", ...])``; it is trained by the same code
 as ``python -m kfine.train`` (``build_training`` + ``fit_phases``) and scored by the objective's
-value at the epoch kfine.train ships from that config (``kfine.train.shipped_epoch``): the best
+value at the epoch kfine.train ships from that config (``kfine.checkpoint.shipped_epoch``): the best
 epoch by train.checkpoint.monitor where train.restore_best applies (by default whenever there is
 a validation split), else the final epoch. The trial's score.json and results.csv say which.
 
@@ -61,8 +61,10 @@ import yaml
 
 from kfine import cli
 from kfine.checkpoint import monitor_direction
-from kfine.config import Config, ConfigError, check_config, load_config, replace, to_dict
+from kfine.checks import check_config
+from kfine.config import load_config, replace
 from kfine.rundir import atomic_write_bytes, atomic_write_text, write_csv
+from kfine.schema import Config, ConfigError, to_dict
 
 DEMO_CONFIG = "tune_demo"     # a reference config (kfine.cli.find_config): configs/tune_demo.yaml
 
@@ -323,7 +325,7 @@ def _hypermodel_class():
     class ConfigHyperModel(kt.HyperModel):
         """build(hp) registers the whole space and returns no model: the model needs the trial's
         datasets (class count, image size, steps per epoch), so fit() builds it with
-        kfine.train.build_training and trains it with kfine.train.fit_phases."""
+        kfine.fit.build_training and trains it with kfine.train.fit_phases."""
 
         def __init__(self, cfg: Config, params: list[Param]):
             super().__init__(name="kfine")
@@ -362,7 +364,9 @@ def _run_trial_config(cfg: Config, trial_dir: Path, execution: int = 0) -> dict:
     from kfine.config import save_config
     from kfine.log import timed
     from kfine.rundir import write_json
-    from kfine.train import build_training, fit_phases, restore_best, setup_backend, shipped_epoch
+    from kfine.checkpoint import restore_best, shipped_epoch
+    from kfine.fit import build_training, setup_backend
+    from kfine.train import fit_phases
 
     keras.backend.clear_session()
     gc.collect()
@@ -631,7 +635,8 @@ def search(cfg: Config, search_dir: Path | None = None, resume: bool = False,
     """Run (or go on with) the search declared in cfg.search; everything lands in the search dir,
     which the process that writes it (a lone search, or the chief) locks as a run's (.lock)."""
     from kfine import checkpoint
-    from kfine.train import phase_spans, prepare_run_dir
+    from kfine.checkpoint import prepare_run_dir
+    from kfine.fit import phase_spans
 
     check_config(cfg)                                # every value, before the search directory exists
     params = parse_space(cfg)                        # bad keys fail here, before any training

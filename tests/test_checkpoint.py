@@ -52,7 +52,7 @@ def committed(tmp_path_factory):
     import keras
     from kfine.data import make_datasets
     from kfine.freeze import apply_freeze
-    from kfine.train import build_training, compile_model
+    from kfine.fit import build_training, compile_model
     tmp = tmp_path_factory.mktemp("committed")
     cfg = load_config(None, tiny(tmp, "train.epochs=4", TWO_PHASES, "train.checkpoint.every_epochs=1",
                                  "train.checkpoint.keep=5"))
@@ -91,7 +91,7 @@ def test_the_backup_restores_the_committed_epoch_exactly(committed):
     """Into a freshly built model and optimizer, by key: the values of epoch 1's end, not the
     values training moved on to."""
     import keras
-    from kfine.train import build_training
+    from kfine.fit import build_training
     keras.utils.set_random_seed(1)
     fresh, fresh_opt, _ = build_training(committed["cfg"], committed["ds"])
     state = load_backup(committed["run"], fresh, fresh_opt)
@@ -141,7 +141,7 @@ def test_a_frozen_variable_that_changed_during_its_phase_is_an_error(committed, 
 
 def test_a_backup_refuses_a_model_with_another_variable_and_names_it(committed):
     import keras
-    from kfine.train import build_training
+    from kfine.fit import build_training
     fresh, fresh_opt, _ = build_training(committed["cfg"], committed["ds"])
     fresh.get_layer("head_dense0").enable_lora(2)        # the model gained two variables
     before = np.array(fresh.get_layer("head_logits").kernel.numpy())
@@ -162,7 +162,7 @@ def test_the_loss_scale_is_kept_across_phases_and_in_the_backup(tmp_path):
     import keras
     from kfine.data import make_datasets
     from kfine.freeze import apply_freeze
-    from kfine.train import build_training, compile_model
+    from kfine.fit import build_training, compile_model
     try:
         cfg = load_config(None, tiny(tmp_path, "train.epochs=4", TWO_PHASES, "train.precision=mixed_float16",
                                      "train.checkpoint.every_epochs=0"))
@@ -271,7 +271,8 @@ def test_resume_after_the_last_commit_writes_the_ema_weights(tmp_path):
     run's optimizer, restored from the backup, not in model.optimizer)."""
     import keras
     from kfine.data import make_datasets
-    from kfine.train import build_training, compile_model, run
+    from kfine.fit import build_training, compile_model
+    from kfine.train import run
     cfg = load_config(None, tiny(tmp_path, "train.epochs=1", "train.restore_best=false",
                                  "train.ema={enabled: true, momentum: 0.5}"))
     ds = make_datasets(cfg.data, cfg.seed)
@@ -319,7 +320,7 @@ def test_a_run_interrupted_after_an_epoch_and_resumed_ends_with_the_uninterrupte
     epochs the process has run (the resumed process used to replay epoch 0's order and
     augmentations at epoch 2)."""
     import keras
-    from kfine import train
+    from kfine import callbacks, train
     over = tiny(tmp_path, "train.epochs=5", "train.restore_best=false", "export.enabled=false",
                 "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]", "train.steps_per_epoch=2",
                 "data.augment.enabled=true", "data.augment.random_resized_crop=true", "data.augment.flip=true",
@@ -333,12 +334,12 @@ def test_a_run_interrupted_after_an_epoch_and_resumed_ends_with_the_uninterrupte
             if epoch == 1:
                 raise KeyboardInterrupt
 
-    make = train.make_callbacks
-    monkeypatch.setattr(train, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
+    make = callbacks.make_callbacks
+    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
     cfg = load_config(None, over + ["name=cut"])
     with pytest.raises(KeyboardInterrupt):
         train.run(cfg)
-    monkeypatch.setattr(train, "make_callbacks", make)
+    monkeypatch.setattr(callbacks, "make_callbacks", make)
     assert read_json(tmp_path / "runs" / "cut" / "backup" / "state.json")["next_epoch"] == 2
     resumed = train.run(cfg, resume=tmp_path / "runs" / "cut")
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3, 4]

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from kfine.config import (CHECKS, Config, ConfigError, check_config, load_config, replace, save_config,
-                          to_dict, values_at)
+from kfine.checks import CHECKS, values_at
+from kfine.config import Config, ConfigError, check_config, load_config, replace, save_config, to_dict
 
 REPO = Path(__file__).parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -274,7 +274,7 @@ def test_an_override_key_with_an_empty_part_is_reported_whole():
 
 def test_phases_out_of_order_is_a_short_line_naming_the_key_and_the_start_epochs():
     """One home for the phase-list checks: check_config and kfine.train.phase_spans say the same."""
-    from kfine.train import phase_spans
+    from kfine.fit import phase_spans
     phases = ("train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 5, freeze: {strategy: "
               "stages, trainable_from: conv4}}, {start_epoch: 3, freeze: {strategy: regex, pattern: 'conv5_.*'}}]")
     cfg = load_config(None, ["data.root=x", phases])

@@ -127,7 +127,8 @@ def test_a_process_other_than_the_chief_writes_nothing(tmp_path):
     from kfine.checkpoint import read_history
     from kfine.data import make_datasets
     from kfine.distribute import Plan
-    from kfine.train import build_training, fit_phases, setup_backend
+    from kfine.fit import build_training, setup_backend
+    from kfine.train import fit_phases
     root = make_folder(tmp_path / "data", "sketch", per_class=4)
     cfg = load_config(None, tiny(root, tmp_path, "train.epochs=2", "train.checkpoint.every_epochs=1",
                                  "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 1}]"))
@@ -182,7 +183,8 @@ import keras, numpy as np
 from kfine import distribute, data as kdata
 from kfine.config import load_config
 from kfine.rundir import read_json
-from kfine.train import build_training, compile_model, fit_phases, run, setup_backend
+from kfine.fit import build_training, compile_model, setup_backend
+from kfine.train import fit_phases, run
 strategy = {"tensorflow": "mirrored", "jax": "data_parallel"}[backend]
 base = [f"data.root={root}", "data.image_size=[32,32]", f"data.batch_size={batch}", "model.weights=null",
         "model.backbone=scratch_cnn", "model.scratch.filters=[4,4,8,8,8]", "model.scratch.dropout=0.0",
@@ -294,7 +296,8 @@ import hashlib, json, sys
 import numpy as np
 from kfine import distribute, data as kdata
 from kfine.config import load_config
-from kfine.train import run, setup_backend, steps_per_epoch
+from kfine.fit import setup_backend, steps_per_epoch
+from kfine.train import run
 cfg = load_config(sys.argv[1], sys.argv[3:])
 plan = distribute.make_plan(cfg)   # joins the other process; run() below finds it joined
 setup_backend(cfg)
@@ -439,7 +442,7 @@ def test_mirrored_keeps_the_partial_batch_as_keras_compiles_it_without_xla(monke
         pytest.skip("mirrored runs on the TensorFlow backend")
     import tensorflow as tf
     from kfine import distribute
-    from kfine.train import drops_remainder
+    from kfine.fit import drops_remainder
     cfg = load_config(None, ["data.batch_size=8"])
     assert cfg.train.drop_remainder is None and cfg.train.jit_compile == "auto"
     strategy, devices = distribute._mirrored()

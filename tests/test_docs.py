@@ -339,7 +339,7 @@ def test_no_weights_offline_names_the_docs(monkeypatch):
 
 def test_locked_and_existing_run_dirs_name_the_docs(tmp_path, capsys):
     from kfine.checkpoint import lock_run_dir
-    from kfine.train import TrainingError, prepare_run_dir
+    from kfine.checkpoint import TrainingError, prepare_run_dir
     cfg = kconfig.load_config(None, [f"runs_dir={tmp_path}", "name=mine"])
     first = prepare_run_dir(cfg)
     lock = lock_run_dir(first)

@@ -133,7 +133,7 @@ def test_augmented_views_are_computed_per_view(tmp_path, folder):
 
 
 def test_steps_per_execution_gives_the_same_history(tmp_path, folder):
-    from kfine.train import execution_steps
+    from kfine.fit import execution_steps
     common = overrides(tmp_path, folder, *SCRATCH, "train.epochs=2", "data.augment.enabled=false",
                        "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]")
     cfg = load_config(None, common)
@@ -194,7 +194,7 @@ def image_draw(cfg, ds, batches: int) -> list[np.ndarray]:
     """Positions in ds.files["train"] of the images in the first ``batches`` batches of the
     uncached training pipeline, built as kfine.train builds it (augmentation off: each image is
     its eval view, found again by its pixels)."""
-    from kfine.train import drops_remainder, steps_per_epoch
+    from kfine.fit import drops_remainder, steps_per_epoch
     pipe = ds.dataset("train", drop_remainder=drops_remainder(cfg), epoch=0, steps=steps_per_epoch(cfg, ds))
     ref = np.stack([x.numpy().ravel() for x, _ in ds.dataset("train", train=False, batch=False)])
     out = []
@@ -206,7 +206,7 @@ def image_draw(cfg, ds, batches: int) -> list[np.ndarray]:
 
 def feature_draw(cfg, ds, batches: int) -> list[np.ndarray]:
     """The same for the cached-feature pipeline: feature i of image i is i."""
-    from kfine.train import drops_remainder, steps_per_epoch
+    from kfine.fit import drops_remainder, steps_per_epoch
     n = len(ds.files["train"])
     feats = features.Features(np.arange(n, dtype=np.float32).reshape(1, n, 1),
                               np.array([y for _, y in ds.files["train"]], np.int32), None, None, "draw")
@@ -267,7 +267,7 @@ def test_the_cache_draws_what_uncached_training_draws_or_is_refused(tmp_path, fo
     from kfine import data
     from kfine.freeze import apply_freeze
     from kfine.model import build_model
-    from kfine.train import steps_per_epoch
+    from kfine.fit import steps_per_epoch
     extra, refused = DRAW[key]
     cfg = load_config(None, overrides(tmp_path, folder, *SCRATCH, HEAD_ONLY, "train.epochs=3",
                                       "data.augment.enabled=false", *extra))

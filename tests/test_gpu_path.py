@@ -53,9 +53,9 @@ class Interrupted(Exception):
 def test_xla_two_phase_run_with_feature_cache_resume_and_export(tmp_path, monkeypatch, precision):
     import keras
     import tensorflow as tf
-    from kfine import callbacks, train
+    from kfine import callbacks, fit, train
     seen = {"optimizers": [], "scale_at_commit": {}}
-    compile_model, commit = train.compile_model, callbacks.EpochCommit.on_epoch_end
+    compile_model, commit = fit.compile_model, callbacks.EpochCommit.on_epoch_end
 
     def recording_compile(model, optimizer, *a, **kw):
         seen["optimizers"].append(optimizer)
@@ -71,7 +71,7 @@ def test_xla_two_phase_run_with_feature_cache_resume_and_export(tmp_path, monkey
 
     cfg = load_config(None, gpu_like(tmp_path, f"train.precision={precision}"))
     try:
-        monkeypatch.setattr(train, "compile_model", recording_compile)
+        monkeypatch.setattr(fit, "compile_model", recording_compile)
         monkeypatch.setattr(callbacks.EpochCommit, "on_epoch_end", commit_then_die)
         with pytest.raises(Interrupted):
             train.run(cfg)
@@ -95,7 +95,7 @@ def test_xla_two_phase_run_with_feature_cache_resume_and_export(tmp_path, monkey
     model = result.model
     assert model.jit_compile is True                     # XLA: what train.jit_compile asked for
     assert model.steps_per_execution == STEPS            # auto: the epoch's 4 steps in one call
-    assert train.drops_remainder(cfg)                    # auto follows XLA: no second program
+    assert fit.drops_remainder(cfg)                      # auto follows XLA: no second program
     assert model.get_layer("head_logits").compute_dtype == precision.split("_")[-1]
     phases = read_json(rd / "phases.json")
     assert [p["index"] for p in phases] == [0, 1]
@@ -125,7 +125,7 @@ def test_the_loss_scale_falls_on_overflow_and_grows_back(tmp_path):
     ``dynamic_growth_steps`` finite steps the scale doubles."""
     import keras
     from kfine.data import make_datasets
-    from kfine.train import build_training, compile_model
+    from kfine.fit import build_training, compile_model
     cfg = load_config(None, gpu_like(tmp_path, "train.precision=mixed_float16", "train.phases=[{start_epoch: 0}]",
                                      "train.steps_per_epoch=1", "train.optimizer.name=sgd"))
     try:
@@ -158,7 +158,7 @@ def test_mixed_precision_follows_the_float32_trajectory(tmp_path):
     significant bits) and 6% (bfloat16, 7 bits) of float32's, relative."""
     import keras
     from kfine.data import make_datasets
-    from kfine.train import build_training, compile_model
+    from kfine.fit import build_training, compile_model
     losses, start = {}, None
     for precision in ("float32", "mixed_float16", "mixed_bfloat16"):
         cfg = load_config(None, gpu_like(tmp_path, f"train.precision={precision}", "train.phases=[{start_epoch: 0}]",

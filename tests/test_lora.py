@@ -164,7 +164,7 @@ def test_resume_backup_restores_the_adapters(lora_run, tmp_path):
     into a freshly built model and optimizer."""
     from kfine.data import make_datasets
     from kfine.checkpoint import CheckpointSaver, load_backup
-    from kfine.train import build_training
+    from kfine.fit import build_training
     cfg = lora_run["cfg"]
     trained = lora_run["result"].model
     # the run finished (its backup arrays are gone: model.keras holds the weights), so

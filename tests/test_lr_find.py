@@ -32,7 +32,7 @@ def tiny(tmp_path):
 
 def test_ramp_suggestion_and_the_model_passed_in_is_unchanged(tmp_path):
     from kfine.data import make_datasets
-    from kfine.train import build_training
+    from kfine.fit import build_training
     cfg = load_config(None, tiny(tmp_path))
     datasets = make_datasets(cfg.data, cfg.seed)
     model, _, _ = build_training(cfg, datasets)

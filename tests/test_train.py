@@ -13,7 +13,8 @@ import pytest
 from conftest import make_folder
 from kfine.config import ConfigError, load_config
 from kfine.rundir import read_json
-from kfine.train import TrainingError, class_weights, read_history, run
+from kfine.fit import class_weights
+from kfine.train import TrainingError, read_history, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -330,7 +331,7 @@ def test_drop_remainder_counts_whole_batches_and_yields_only_full_ones(tmp_path)
     is full; false (null on a CPU with TensorFlow): the partial batch is trained as well."""
     import keras
     from kfine.data import make_datasets
-    from kfine.train import drops_remainder, steps_per_epoch
+    from kfine.fit import drops_remainder, steps_per_epoch
     root = make_folder(tmp_path / "data", "inat", per_class=7)
     base = [f"data.root={root}", "data.image_size=[32,32]", "data.batch_size=8", "data.check=false"]
     for drop in (True, False):
@@ -425,9 +426,9 @@ def test_restore_best_assigns_the_best_weights_to_the_same_model_in_place(tmp_pa
     model object the run returns (and evaluates, saves) is the one trained, holding best.keras's
     weights, and no second model is deserialized from the file."""
     import keras
-    from kfine import train
+    from kfine import checkpoint
     seen, loads = {}, []
-    load_model, use_best = keras.saving.load_model, train.use_best_epoch
+    load_model, use_best = keras.saving.load_model, checkpoint.use_best_epoch
 
     def spy_use_best(cfg, run_dir, model, *a, **k):
         seen["model"], seen["variables"] = model, [id(v) for v in model.weights]
@@ -436,7 +437,7 @@ def test_restore_best_assigns_the_best_weights_to_the_same_model_in_place(tmp_pa
             return use_best(cfg, run_dir, model, *a, **k)
         finally:
             monkeypatch.setattr(keras.saving, "load_model", load_model)
-    monkeypatch.setattr(train, "use_best_epoch", spy_use_best)
+    monkeypatch.setattr(checkpoint, "use_best_epoch", spy_use_best)
     result = _restore_run(tmp_path, "true")
     assert not loads
     assert result.model is seen["model"] and [id(v) for v in result.model.weights] == seen["variables"]

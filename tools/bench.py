@@ -205,12 +205,12 @@ def _config(root: Path, size: int, batch: int, runs: str, *extra):
 
 def _fit_seconds(cfg, datasets=None) -> tuple[float, list[dict]]:
     """Wall time of kfine's training loop (build, features where used, every epoch, bookkeeping)."""
-    from kfine import data, train
+    from kfine import checkpoint, data, fit, train
     datasets = datasets or data.make_datasets(cfg.data, cfg.seed)
     t = time.perf_counter()
-    train.setup_backend(cfg)
-    model, optimizer, schedule = train.build_training(cfg, datasets)
-    history = train.fit_phases(model, cfg, datasets, train.prepare_run_dir(cfg), optimizer=optimizer,
+    fit.setup_backend(cfg)
+    model, optimizer, schedule = fit.build_training(cfg, datasets)
+    history = train.fit_phases(model, cfg, datasets, checkpoint.prepare_run_dir(cfg), optimizer=optimizer,
                                schedule=schedule)
     return time.perf_counter() - t, history
 
@@ -302,7 +302,7 @@ def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps:
     training thread's per-epoch bookkeeping (kfine.checkpoint's commit)."""
     import tempfile
     import keras
-    from kfine import checkpoint, data, train
+    from kfine import checkpoint, data, fit, train
     from kfine.model import build_model
     timings = []
     commit = checkpoint.CheckpointSaver.commit_epoch
@@ -320,7 +320,7 @@ def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps:
         for name in ("plain", "kfine", "plain", "kfine"):
             timer = epoch_timer()
             if name == "plain":
-                train.setup_backend(cfg)   # the seed and train.precision's dtype policy, as kfine's
+                fit.setup_backend(cfg)   # the seed and train.precision's dtype policy, as kfine's
                 model = build_model(cfg.model, len(datasets.class_names), (size, size))
                 model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                               metrics=["accuracy"])
@@ -329,9 +329,9 @@ def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps:
             else:
                 checkpoint.CheckpointSaver.commit_epoch = timed_commit
                 try:
-                    train.setup_backend(cfg)
-                    model, optimizer, schedule = train.build_training(cfg, datasets)
-                    train.fit_phases(model, cfg, datasets, train.prepare_run_dir(cfg), optimizer=optimizer,
+                    fit.setup_backend(cfg)
+                    model, optimizer, schedule = fit.build_training(cfg, datasets)
+                    train.fit_phases(model, cfg, datasets, checkpoint.prepare_run_dir(cfg), optimizer=optimizer,
                                      schedule=schedule, callbacks=[timer])
                 finally:
                     checkpoint.CheckpointSaver.commit_epoch = commit
@@ -358,7 +358,7 @@ def bench_distribute(root: Path, size: int, batch: int, epochs: int, seed: int, 
     devices there are; steady-state images/s (the fastest later epoch)."""
     import tempfile
     import keras
-    from kfine import data, distribute, train
+    from kfine import checkpoint, data, distribute, fit, train
     other = {v: k for k, v in distribute.BACKEND_OF.items()}[keras.backend.backend()]
     out = {"strategies": {}}
     with tempfile.TemporaryDirectory() as runs:
@@ -367,10 +367,10 @@ def bench_distribute(root: Path, size: int, batch: int, epochs: int, seed: int, 
                           f"train.epochs={epochs}", f"train.steps_per_epoch={steps}", f"distribute.strategy={strategy}")
             plan, timer = distribute.make_plan(cfg), epoch_timer()
             with plan.scope():
-                train.setup_backend(cfg)
+                fit.setup_backend(cfg)
                 datasets = data.make_datasets(cfg.data, cfg.seed, shard=plan.shard)
-                model, optimizer, schedule = train.build_training(cfg, datasets)
-                train.fit_phases(model, cfg, datasets, train.prepare_run_dir(cfg), optimizer=optimizer,
+                model, optimizer, schedule = fit.build_training(cfg, datasets)
+                train.fit_phases(model, cfg, datasets, checkpoint.prepare_run_dir(cfg), optimizer=optimizer,
                                  schedule=schedule, callbacks=[timer])
             out[strategy] = timer.times
             out["strategies"][strategy] = {"replicas": plan.replicas, "devices": list(plan.devices)}
