@@ -63,7 +63,10 @@ class Preprocess(layers.Layer):
     def call(self, x):
         x = ops.cast(x, "float32")
         if self.mode == "caffe":
-            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN, "float32")
+            # RGB -> BGR as a gather, not ops.flip: LiteRT's int8 converter gives flip's ReverseV2
+            # an output scale of its own that the kernel (a plain copy) ignores, so every pixel
+            # reached the backbone shifted (a ResNet50 lost 31 points); a gather keeps the scale.
+            return ops.take(x, [2, 1, 0], axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN, "float32")
         if self.mode == "torch":
             mean = ops.convert_to_tensor(_TORCH_MEAN, "float32")
             std = ops.convert_to_tensor(_TORCH_STD, "float32")

@@ -1,7 +1,8 @@
-"""LiteRT export: a short scratch_cnn run exports a float .tflite file while training finishes and an
+"""LiteRT export: a short scratch_cnn run (with ResNet's and VGG's "caffe" preprocessing in front:
+RGB -> BGR, minus the ImageNet mean) exports a float .tflite file while training finishes and an
 int8 one through the CLI; both answer the test split, the float one as Keras does (1e-4 on
-probabilities), the int8 one within a stated margin of its accuracy; the app-side helper applies
-the eval transform to files and refuses malformed arrays."""
+probabilities), the int8 one within a stated margin of the float file's accuracy; the app-side
+helper applies the eval transform to files and refuses malformed arrays."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ from kfine.config import ConfigError, check_config, load_config
 from kfine.export import ExportError, LiteRTModel, export_model, litert_predict, main as export_main, transform_of
 from kfine.rundir import read_json
 
-# int8 weights and activations on a tiny model: its test accuracy stays within this of the float model's
-INT8_MARGIN = 0.15
+# int8 weights and activations: the test accuracy stays within this of the float file's (1 of the
+# ~15 test images; with the colour flip quantized as a ReverseV2 the int8 file fell to 67%)
+INT8_MARGIN = 0.07
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,10 @@ def lite_run(tmp_path_factory):
                              "train.optimizer.name=adam", "train.schedule.learning_rate=0.01",
                              "train.epochs=6", "train.verbose=0", "data.augment.enabled=false",
                              "export.formats=[litert]", "name=lite"])
-    rd = run(cfg).run_dir
+    from kfine.registry import BACKBONES
+    with pytest.MonkeyPatch.context() as mp:   # the caffe preprocessing, the mode int8 got wrong
+        mp.setitem(BACKBONES["scratch_cnn"], "preprocess", "caffe")
+        rd = run(cfg).run_dir
     float_metrics = read_json(rd / "metrics.json")
     assert export_main(["--run", str(rd), "--format", "litert", "--quantization", "int8",
                         "--representative-images", "24"]) == 0
@@ -70,7 +75,7 @@ def test_int8_file_from_the_cli_answers_the_test_split(lite_run):
     assert info["quantization"] == "int8" and info["input"]["dtype"] == "uint8"
     assert info["bytes"] == path.stat().st_size < (rd / "export" / "model.tflite").stat().st_size
     assert info["keras_accuracy"] >= 0.8                       # the task was learnt
-    assert info["accuracy"] >= info["keras_accuracy"] - INT8_MARGIN
+    assert info["accuracy"] >= lite_run["float_metrics"]["export"]["litert"]["accuracy"] - INT8_MARGIN
     assert read_json(rd / "metrics.json")["export"]["litert"]["quantization"] == "int8"
     html = (rd / "report.html").read_text()   # rewritten by the CLI: the Exports table shows the int8 file
     exports = html[html.index("<section id=exports>"):]
