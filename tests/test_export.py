@@ -1,7 +1,8 @@
 """Export: the SavedModel, ONNX file and .keras copy give the Keras model's outputs.
 
-One ResNet50 at 32x32 (weights=None, BatchNorm statistics set from data) is exported once by
-the CLI (module fixture); a fresh Python process that never imports kfine loads the SavedModel and the ONNX file and runs them on PNG
+One toy_resnet at 32x32 (ResNet50's layers in small: caffe preprocessing, convolutions, BatchNorm
+with statistics set from data, residual adds; weights=None) is exported once by the CLI (module
+fixture); a fresh Python process that never imports kfine loads the SavedModel and the ONNX file and runs them on PNG
 and JPEG bytes, a tensor batch, and a batch mixing good and malformed bytes. The parent compares
 with the Keras model fed the same decoded + resized pixels.
 """
@@ -125,12 +126,12 @@ def exported(tmp_path_factory):
     run = root / "run"
     run.mkdir()
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(backbone="resnet50", weights=None), num_classes=3, image_size=SIZE)
+    model = build_model(ModelConfig(backbone="toy_resnet", weights=None), num_classes=3, image_size=SIZE)
     _calibrate(model, np.random.default_rng(1).uniform(0, 255, (32, 32, 32, 3)).astype("float32"))
     rng = np.random.default_rng(0)
     model.save(run / "model.keras")
     write_json(run / "class_names.json", CLASSES)
-    save_config(load_config(None, ["data.root=data", "data.image_size=[32,32]", "model.weights=null",
+    save_config(load_config(None, ["data.root=data", "data.image_size=[32,32]", "model.weights=null", "model.backbone=toy_resnet",
                                    f"export.formats=[saved_model,{'onnx,' if HAVE_ONNX else ''}keras]"]),
                 run / "config.yaml")
 
@@ -296,7 +297,7 @@ def test_onnx_is_not_written_when_onnxruntime_disagrees(exported, tmp_path, monk
 
     import onnxruntime
     monkeypatch.setattr(ex, "_import_onnx", lambda: (type("T", (), {"convert": FakeConvert}), onnxruntime))
-    other = build_model(ModelConfig(backbone="resnet50", weights=None), num_classes=3, image_size=SIZE)
+    other = build_model(ModelConfig(backbone="toy_resnet", weights=None), num_classes=3, image_size=SIZE)
     with pytest.raises(ExportError, match="differs from Keras"):
         export_model(other, CLASSES, SIZE, tmp_path / "export", formats=("onnx",))
     assert not (tmp_path / "export" / "model.onnx").exists()
