@@ -24,7 +24,6 @@ A heatmap is only as fine as the feature map: ResNet50 at 224 px has a 7x7 map, 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -356,4 +355,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)
