@@ -313,7 +313,9 @@ def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test"
         probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(probabilities(model, images[i:i + 64])))
                                 for i in range(0, len(images), 64)])
         idx = pick_images(labels, probs)
-    heat, _ = explain_images(model, images[idx], probs[idx].argmax(axis=1), probs=probs[idx])
+    # one batch (at most GRID_TOP_LOSS + GRID_PER_CLASS_MAX images): one input shape for the eager backbone
+    heat, _ = explain_images(model, images[idx], probs[idx].argmax(axis=1), batch_size=max(1, len(idx)),
+                             probs=probs[idx])
     n_loss = min(GRID_TOP_LOSS, len(images))
     titles = ["high loss" if k < n_loss else "correct" for k in range(len(idx))]
     return plot_heatmap_grid(images[idx], heat, labels[idx], probs[idx], class_names,
