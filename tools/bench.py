@@ -37,7 +37,9 @@ overrides every training section's config (``train.precision=mixed_bfloat16``,
 ``--tiny-data N`` writes N tiny random JPEGs per class instead of photos (smoke runs: tools/gpu_check.sh).
 
 Without --data it writes (once) an iNaturalist-12K-shaped set of ~800x600 JPEG photos with
-../shared/tools/make_photo_dataset.py (needs scikit-image) into ~/.cache/kfine/bench_photos_*.
+shared/tools/make_photo_dataset.py (needs scikit-image; looked for in the checkout and every
+folder above it, e.g. ../shared beside it, or named by $KFINE_PHOTO_MAKER) into
+~/.cache/kfine/bench_photos_*.
 Ratios are reference time / kfine time: above 1, kfine is faster. The machine is whatever runs
 this: report the CPU count with the figures.
 """
