@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,8 +31,8 @@ from kfine.sources import SPLITS, DataError, FileIndex
 
 @dataclass
 class Datasets:
-    """The pipelines of one data section, and what they were built from."""
-    train: object
+    """The pipelines of one data section, and what they were built from. ``train`` is built on
+    first use: a run whose head trains on cached features (kfine.features) never needs it."""
     val: object | None
     test: object | None
     class_names: list[str]
@@ -46,6 +45,18 @@ class Datasets:
     seed: int = 0
     mixing: object = None         # tf.Variable: MixUp/CutMix on (False in the last mix_off_epochs)
     shard: object = None          # kfine.distribute.Shard that ``train`` and ``val`` were built with
+    _train: object = field(default=None, repr=False)
+
+    @property
+    def train(self):
+        """The training pipeline (one pass per iteration, this process's shard), built once."""
+        if self._train is None:
+            self._train = self.dataset("train", shard=self.shard)
+        return self._train
+
+    @train.setter
+    def train(self, value) -> None:
+        self._train = value
 
     def dataset(self, split: str, train: bool | None = None, batch: bool = True, shuffle: bool | None = None,
                 seed: int | None = None, drop_remainder: bool = False, shard=None, epoch: int | None = None,
@@ -85,11 +96,11 @@ def make_datasets(cfg: DataConfig, seed: int = 0, splits=None, verbose: bool = F
     if not index.files.get("train"):
         raise DataError("the data has no training images (no train split); check data.root / data.train_split")
     import tensorflow as tf
-    ds = Datasets(None, None, None, index.class_names, files={s: index.files[s] for s in SPLITS if index.files.get(s)},
+    ds = Datasets(None, None, index.class_names, files={s: index.files[s] for s in SPLITS if index.files.get(s)},
                   counts=index.counts(), skipped=skipped, index=index, cache=cache, config=cfg, seed=seed,
                   mixing=tf.Variable(True, trainable=False, name="mixing"), shard=shard)
-    ds.train, ds.val, ds.test = (ds.dataset(s, shard=shard if s != "test" else None) if s in ds.files else None
-                                 for s in SPLITS)
+    ds.val, ds.test = (ds.dataset(s, shard=shard if s != "test" else None) if s in ds.files else None
+                       for s in ("val", "test"))
     return ds
 
 
@@ -310,4 +321,5 @@ def _check_command(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)

@@ -401,4 +401,5 @@ def _main(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)

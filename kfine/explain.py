@@ -24,7 +24,6 @@ A heatmap is only as fine as the feature map: ResNet50 at 224 px has a 7x7 map, 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,11 @@ def _last_feature_map(backbone):
     return idx[-1]
 
 
-def cam_parts(model):
-    """(features, classify): image -> last conv feature map, feature map -> logits."""
+def cam_parts(model, check: bool = True):
+    """(features, classify): image -> last conv feature map, feature map -> logits. ``check``: run
+    one random image through both halves and the model and compare (ExplainError if they differ);
+    a caller that has the model's probabilities of the images it explains compares against those
+    instead (parts_agree), with no extra model pass."""
     from kfine.model import get_backbone, outputs_logits, probabilities
     backbone = get_backbone(model)
     last = _last_feature_map(backbone)
@@ -73,15 +75,19 @@ def cam_parts(model):
             x = layer(x, training=False) if _takes_training(layer) else layer(x)
         return x
 
-    # The two halves must be the model: one image through both against the model's probabilities.
-    h, w = (int(d) if d else 32 for d in model.input_shape[1:3])
-    x = ops.convert_to_tensor(np.random.default_rng(0).uniform(0, 255, (1, h, w, 3)).astype(np.float32))
-    got = ops.convert_to_numpy(ops.softmax(ops.cast(classify(features(x)), "float32"), axis=-1))
-    want = ops.convert_to_numpy(probabilities(model, x))
-    if not np.allclose(got, want, atol=1e-2):
-        raise ExplainError(f"the heatmap model (backbone up to {conv.name!r}, then "
-                           f"{[l.name for l in chain]}) does not reproduce the model's outputs")
+    if check:   # the two halves must be the model: one image through both against the model's probabilities
+        h, w = (int(d) if d else 32 for d in model.input_shape[1:3])
+        x = ops.convert_to_tensor(np.random.default_rng(0).uniform(0, 255, (1, h, w, 3)).astype(np.float32))
+        got = ops.convert_to_numpy(ops.softmax(ops.cast(classify(features(x)), "float32"), axis=-1))
+        if not parts_agree(got, ops.convert_to_numpy(probabilities(model, x))):
+            raise ExplainError(f"the heatmap model (backbone up to {conv.name!r}, then "
+                               f"{[l.name for l in chain]}) does not reproduce the model's outputs")
     return features, classify
+
+
+def parts_agree(got, want) -> bool:
+    """Whether the heatmap model's probabilities ``got`` are the model's ``want``."""
+    return bool(np.allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-2))
 
 
 def _takes_training(layer) -> bool:
@@ -147,10 +153,13 @@ def gradcam(model, images, classes=None, parts=None, pooled: bool = False) -> tu
     return np.clip(cam, 0.0, 1.0).astype(np.float32), probs
 
 
-def explain_images(model, images, classes=None, batch_size: int = 16):
-    """``gradcam`` over batches of ``images``: (heatmaps [N, H, W], probabilities [N, C])."""
-    parts = cam_parts(model)
-    maps, probs = [], []
+def explain_images(model, images, classes=None, batch_size: int = 16, probs=None):
+    """``gradcam`` over batches of ``images``: (heatmaps [N, H, W], probabilities [N, C]).
+    ``probs``: the model's probabilities of ``images`` (an evaluation's): the heatmap model is
+    checked against them (parts_agree) instead of by a model pass of its own (which still
+    decides when they differ)."""
+    parts = cam_parts(model, check=probs is None)
+    given, maps, probs = probs, [], []
     images = np.asarray(images, np.float32)
     for start in range(0, len(images), batch_size):
         c = None if classes is None else np.asarray(classes)[start:start + batch_size]
@@ -160,6 +169,8 @@ def explain_images(model, images, classes=None, batch_size: int = 16):
     if not maps:
         h, w = images.shape[1:3] if images.ndim == 4 else (0, 0)
         return np.zeros((0, h, w), np.float32), np.zeros((0, model.output_shape[-1]), np.float32)
+    if given is not None and not parts_agree(np.concatenate(probs), given):
+        cam_parts(model)   # the model's own check decides (the given figures may be another precision's)
     return np.concatenate(maps), np.concatenate(probs)
 
 
@@ -302,7 +313,9 @@ def write_heatmap_grid(run_dir, model, dataset, class_names, split: str = "test"
         probs = np.concatenate([np.asarray(keras.ops.convert_to_numpy(probabilities(model, images[i:i + 64])))
                                 for i in range(0, len(images), 64)])
         idx = pick_images(labels, probs)
-    heat, _ = explain_images(model, images[idx], probs[idx].argmax(axis=1))
+    # one batch (at most GRID_TOP_LOSS + GRID_PER_CLASS_MAX images): one input shape for the eager backbone
+    heat, _ = explain_images(model, images[idx], probs[idx].argmax(axis=1), batch_size=max(1, len(idx)),
+                             probs=probs[idx])
     n_loss = min(GRID_TOP_LOSS, len(images))
     titles = ["high loss" if k < n_loss else "correct" for k in range(len(idx))]
     return plot_heatmap_grid(images[idx], heat, labels[idx], probs[idx], class_names,
@@ -345,4 +358,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)

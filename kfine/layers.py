@@ -140,5 +140,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)

@@ -180,34 +180,50 @@ def per_class_figure(accuracies, class_names, support=None) -> Figure:
 
 # ----------------------------------------------------------------------------- predictions grid
 def plot_predictions_grid(images_uint8, true, pred, class_names, out_path, n: int = 30, seed: int = 0,
-                          cols: int = 6) -> Path:
-    """Up to ``n`` random images titled 'predicted / true'; wrong predictions in red with a red frame."""
+                          cols: int = 6, cell: int = 192) -> Path:
+    """Up to ``n`` random images titled 'predicted / true'; wrong predictions in red with a red frame.
+    Drawn with PIL (as kfine.explain's heatmap grid): milliseconds, where a matplotlib figure of
+    30 images took seconds."""
+    from PIL import Image, ImageDraw, ImageFont
     images = np.asarray(images_uint8)
     true, pred = np.asarray(true).reshape(-1), np.asarray(pred).reshape(-1)
     count = len(images)
     pick = np.sort(np.random.default_rng(seed).choice(count, size=min(n, count), replace=False)) if count else []
     rows = max(1, math.ceil(len(pick) / cols))
-    fig = Figure(figsize=(2.1 * cols, 2.5 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    font, big = ImageFont.load_default(size=13), ImageFont.load_default(size=16)
+    pad, caption, header = 10, 36, 34
+    sheet = Image.new("RGB", (pad + cols * (cell + pad), header + rows * (caption + cell + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
     n_right = 0
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.axis("off")
-    for ax, i in zip(axes, pick):
+    for k, i in enumerate(pick):
+        r, c = divmod(k, cols)
+        x0, y0 = pad + c * (cell + pad), header + r * (caption + cell + pad)
         ok = int(true[i]) == int(pred[i])
         n_right += ok
-        ax.axis("on")
-        ax.imshow(images[i].astype(np.uint8))
         color = RIGHT if ok else WRONG
-        ax.set_title(f"pred: {class_names[int(pred[i])]}\ntrue: {class_names[int(true[i])]}",
-                     fontsize=8, color=color)
-        for side in ax.spines.values():
-            side.set_edgecolor(color)
-            side.set_linewidth(1 if ok else 3)
-    fig.suptitle(f"{n_right} of {len(pick)} correct (wrong ones in red)", fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, out_path)
+        for line, text in enumerate((f"pred: {class_names[int(pred[i])]}", f"true: {class_names[int(true[i])]}")):
+            draw.text((x0 + cell // 2, y0 + 2 + 16 * line), _fit(draw, text, font, cell), fill=color, font=font,
+                      anchor="ma")
+        tile = Image.fromarray(np.clip(images[i], 0, 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)
+        sheet.paste(tile, (x0, y0 + caption))
+        width = 1 if ok else 3
+        draw.rectangle((x0 - width, y0 + caption - width, x0 + cell + width - 1, y0 + caption + cell + width - 1),
+                       outline=color, width=width)
+    draw.text((sheet.width // 2, 8), f"{n_right} of {len(pick)} correct (wrong ones in red)", fill="black",
+              font=big, anchor="ma")
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", compress_level=1)
+    atomic_write_bytes(out_path, buf.getvalue())
+    return Path(out_path)
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text`` cut (with ...) to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 # ----------------------------------------------------------------------------- data samples

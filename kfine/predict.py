@@ -168,4 +168,5 @@ def write_explanations(model, paths, image_size, run: Path, out_csv: Path) -> No
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)

@@ -115,7 +115,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
         skipped = first - (saver.history[-1]["epoch"] + 1 if saver.history else 0)
         if skipped > 0 and optimizer is not None:   # after an early-stopped phase
             _skip_epochs(optimizer, skipped, steps)
-        fit_model, fit_train, fit_val = model, train_ds(first), datasets.val
+        fit_model, fit_val = model, datasets.val
         reason = features.cache_reason(model, cfg, phase, end - first)
         if reason is None:   # the head trains on backbone features computed once (kfine.features)
             with timed("features"):
@@ -124,7 +124,8 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
             fit_model = features.model_parts(model)[1]   # the head the evaluation reuses
             fit_train, fit_val = features.feature_datasets(feats, cfg.data.batch_size, datasets.seed, first,
                                                            steps, fit.drops_remainder(cfg), sampling=cfg.data.sampling)
-        else:
+        else:   # the image pipeline is built only for a phase that trains on images
+            fit_train = train_ds(first)
             print(f"kfine: phase {i}: no feature cache: {reason}", flush=True)
         fit.compile_model(model, optimizer, cfg, num_classes, steps)   # the full model: what is committed
         if fit_model is not model:
@@ -534,4 +535,5 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)

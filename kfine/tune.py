@@ -52,7 +52,6 @@ import io
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -763,4 +762,5 @@ def _main(args, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)

@@ -37,7 +37,9 @@ overrides every training section's config (``train.precision=mixed_bfloat16``,
 ``--tiny-data N`` writes N tiny random JPEGs per class instead of photos (smoke runs: tools/gpu_check.sh).
 
 Without --data it writes (once) an iNaturalist-12K-shaped set of ~800x600 JPEG photos with
-../shared/tools/make_photo_dataset.py (needs scikit-image) into ~/.cache/kfine/bench_photos_*.
+shared/tools/make_photo_dataset.py (needs scikit-image; looked for in the checkout and every
+folder above it, e.g. ../shared beside it, or named by $KFINE_PHOTO_MAKER) into
+~/.cache/kfine/bench_photos_*.
 Ratios are reference time / kfine time: above 1, kfine is faster. The machine is whatever runs
 this: report the CPU count with the figures.
 """
@@ -54,10 +56,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
-MAKER = REPO.parent / "shared" / "tools" / "make_photo_dataset.py"
-# Where else the photo maker may be: $KFINE_PHOTO_MAKER, a shared/ folder inside the checkout
-# (what travels to a lent GPU machine), then ../shared beside it.
-MAKERS = [Path(p) for p in (os.environ.get("KFINE_PHOTO_MAKER"),) if p] + [REPO / "shared" / "tools" / MAKER.name, MAKER]
+# Where the photo maker may be: $KFINE_PHOTO_MAKER, then shared/tools/make_photo_dataset.py in the
+# checkout (what travels to a lent GPU machine) or in any folder above it (../shared beside the
+# checkout, ../../shared beside a folder of worktrees).
+MAKERS = [Path(p) for p in (os.environ.get("KFINE_PHOTO_MAKER"),) if p] + [
+    d / "shared" / "tools" / "make_photo_dataset.py" for d in (REPO, *REPO.parents)]
 OVERRIDES: list[str] = []   # --set key=value: every training section's config
 
 
@@ -66,8 +69,9 @@ def photo_dataset(per_class: int, classes: int) -> Path:
     if not (root / "train").is_dir():
         maker = next((m for m in MAKERS if m.is_file()), None)
         if maker is None:
-            sys.exit(f"bench: no --data given and make_photo_dataset.py is in none of {[str(m) for m in MAKERS]}; "
-                     f"pass --data DIR (layout ROOT/train/<class>/) or set KFINE_PHOTO_MAKER")
+            sys.exit(f"bench: no --data given and no make_photo_dataset.py found (KFINE_PHOTO_MAKER unset or "
+                     f"missing; none in shared/tools/ of {REPO} or a folder above it); pass --data DIR "
+                     f"(layout ROOT/train/<class>/) or set KFINE_PHOTO_MAKER=/path/to/make_photo_dataset.py")
         subprocess.run([sys.executable, str(maker), str(root), "--per-class", str(per_class),
                         "--classes", str(classes), "--layout", "inat"], check=True)
     return root
