@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -173,10 +170,11 @@ def test_evaluate_run_with_given_model_falls_back_to_val(tiny_model, tmp_path, c
     assert (run / "predictions_val.csv").is_file()
 
 
-def test_evaluate_cli_end_to_end(tiny_model, tmp_path):
-    """One subprocess: the run's config points at a folder that has moved; --data finds it."""
+def test_evaluate_cli_end_to_end(tiny_model, tmp_path, capsys):
+    """The command line (in process): the run's config points at a folder that has moved; --data finds it."""
     from conftest import make_folder
     from kfine.config import load_config, save_config
+    from kfine.evaluate import main
     data_root = make_folder(tmp_path / "data", "single", per_class=10)
     run = tmp_path / "run"
     run.mkdir()
@@ -186,11 +184,8 @@ def test_evaluate_cli_end_to_end(tiny_model, tmp_path):
     save_config(cfg, run / "config.yaml")
     tiny_model.save(run / "model.keras")
     (run / "class_names.json").write_text(json.dumps(["cat", "dog", "fox"]))
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "kfine.evaluate", "--run", str(run), "--data", str(data_root)],
-                          capture_output=True, text=True, env=env, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["--run", str(run), "--data", str(data_root)]) == 0
+    said = capsys.readouterr()
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics) == ["test"]
     m = metrics["test"]
@@ -203,8 +198,8 @@ def test_evaluate_cli_end_to_end(tiny_model, tmp_path):
     assert {w["file"] for w in m["highest_loss"]} <= {r["file"] for r in rows}
     assert (run / "plots" / "confusion_test.png").exists()
     assert "confusion_test.png" in (run / "report.html").read_text()
-    assert "test (" in proc.stdout and "accuracy" in proc.stdout
-    assert "\x1b[" not in proc.stdout + proc.stderr          # a pipe: no terminal codes
+    assert "test (" in said.out and "accuracy" in said.out
+    assert "\x1b[" not in said.out + said.err          # not a terminal: no terminal codes
 
 
 def test_a_model_saved_with_a_softmax_output_still_gives_its_probabilities(tiny_model, tmp_path):
