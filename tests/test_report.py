@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -166,13 +165,11 @@ def test_report_shows_only_what_exists(tmp_path):
 
 
 def test_report_cli(tmp_path):
+    from kfine.report import main
     run = make_full_run(tmp_path / "r")
-    proc = subprocess.run([sys.executable, "-m", "kfine.report", str(run)], capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr
+    assert main([str(run)]) == 0
     assert (run / "report.html").stat().st_size > 3000
-    assert subprocess.run([sys.executable, "-m", "kfine.report", str(tmp_path / "missing")],
-                          capture_output=True, timeout=60, cwd=Path(__file__).resolve().parents[1]).returncode == 2
+    assert main([str(tmp_path / "missing")]) == 2
 
 
 def _chromium():
