@@ -393,25 +393,20 @@ def _temporaries(rd):
     return [p for p in rd.rglob(".*") if checkpoint._TEMP_NAME.match(p.name)]
 
 
-def _kill_and_resume(tmp_path, point, epochs=3, extra=()):
-    """Start a run, SIGKILL it at ``point`` (a KFINE_TEST_PAUSE point, or "export": while the
-    SavedModel is being written), --resume it; returns (run dir, the resume's CompletedProcess)."""
+def _kill_and_resume(tmp_path, point, epochs, extra=()):
+    """Start a run (no export), SIGKILL it at ``point`` (a KFINE_TEST_PAUSE point), --resume it in
+    a fresh process; returns (run dir, the resume's CompletedProcess)."""
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("name: t\n")
-    args = ["--config", str(cfg_file), *tiny(tmp_path, f"train.epochs={epochs}", "export.enabled=true",
-                                             "train.checkpoint.every_epochs=1", TWO_PHASES, *extra)]
+    args = ["--config", str(cfg_file), *tiny(tmp_path, f"train.epochs={epochs}", "train.checkpoint.every_epochs=1",
+                                             TWO_PHASES, *extra)]
     marker = tmp_path / "paused"
     rd = tmp_path / "runs" / "t"
-    env = _env() if point == "export" else _env(KFINE_TEST_PAUSE=point, KFINE_TEST_PAUSE_MARKER=str(marker))
     with open(tmp_path / "first.log", "w") as log:
-        proc = _start(args, env, log)
-        if point == "export":
-            _wait_for(lambda: list((rd / "export" / "saved_model").glob(".tmp-*/sm/variables")), proc, point)
-        else:
-            _wait_for(marker.exists, proc, point)
+        proc = _start(args, _env(KFINE_TEST_PAUSE=point, KFINE_TEST_PAUSE_MARKER=str(marker)), log)
+        _wait_for(marker.exists, proc, point)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert not (rd / "export" / "saved_model" / "1").exists()   # killed before the end
     return rd, _resume(rd)
 
 
@@ -458,49 +453,62 @@ def test_a_resume_after_an_early_stopped_phase_goes_on_with_the_next_phase(tmp_p
     assert read_json(rd / "backup" / "state.json")["finished"] and (rd / "model.keras").exists()
 
 
-def test_resume_after_a_kill_between_the_commit_and_history_csv(tmp_path):
-    """Killed after epoch 1's backup was committed but before history.csv and its checkpoints were
-    written: --resume writes them from the commit and goes on at epoch 2, in phase 1."""
-    rd, resumed = _kill_and_resume(tmp_path, "after_commit@1")
-    assert "resuming at epoch 3 (phase 1)" in resumed.stdout
-    _assert_complete(rd, resumed)
+# The moments a run is killed at, in the order one run passes them, each with what the --resume
+# after a kill there must print (the run's first process has no resume before it).
+CHAIN = [("data_check", None), ("epoch@0", "starting it over in place"),
+         ("before_commit@0", "starting it over in place"), ("after_commit@0", "starting it over in place"),
+         ("epoch@1", "resuming at epoch 2 (phase 0)"), ("after_commit@1", "resuming at epoch 2 (phase 0)"),
+         ("export", "resuming at epoch 3 (phase 1)")]
 
 
-def test_a_second_process_stops_naming_the_first_and_a_stale_lock_is_taken_over(tmp_path):
-    """A --resume while the run is alive (here: paused in its data check) stops with the lock
-    message; after a SIGKILL, --resume takes the lock over and starts the run over in place."""
+def test_resume_after_sigkill_at_every_moment_and_the_run_directory_lock(tmp_path):
+    """One run SIGKILLed at each moment in turn: in its data check, after epoch 0's first batch,
+    before and after epoch 0's commit, after epoch 1's first batch, after epoch 1's commit (phase
+    0's last epoch; before history.csv and its checkpoints are written), and while the SavedModel
+    is written. Each --resume after a kill is a fresh process, itself paused (KFINE_TEST_PAUSE) and
+    killed at the next moment, and says what a resume after the previous kill must: nothing
+    committed, "starting it over in place"; epoch 0 committed, "resuming at epoch 2 (phase 0)";
+    epoch 1 committed, "resuming at epoch 3 (phase 1)". The --resume after the kill in the export
+    finds training finished and writes the outputs; the run then has every epoch once (history.csv
+    and checkpoints written from the commits), all its outputs, no temporaries, and a backup with
+    no arrays (_assert_complete).
+
+    The lock: a --resume while the first process is alive (paused in its data check) stops with
+    the lock message naming it; after its SIGKILL, the next --resume takes the stale lock over and
+    starts the run over in place, in the same run directory."""
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("name: t\n")
-    marker, rd = tmp_path / "paused", tmp_path / "runs" / "t"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = _start(["--config", str(cfg_file), *tiny(tmp_path, "train.epochs=1")],
-                      _env(KFINE_TEST_PAUSE="data_check", KFINE_TEST_PAUSE_MARKER=str(marker)), log)
-        _wait_for(marker.exists, proc, "the data check")
-        second = _resume(rd)
-        assert second.returncode == 2 and f"PID {proc.pid}" in second.stderr and "Traceback" not in second.stderr
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    third = _resume(rd)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert f"took over {rd / '.lock'} from process {proc.pid}" in third.stdout
-    assert "starting it over in place" in third.stdout
-    assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0] and (rd / "model.keras").exists()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("point", ["data_check", "epoch@0", "before_commit@0", "after_commit@0", "epoch@1",
-                                   "export"])
-def test_resume_after_sigkill_at_every_moment(tmp_path, point):
-    rd, resumed = _kill_and_resume(tmp_path, point)
-    if point in ("data_check", "epoch@0", "before_commit@0"):
-        assert "starting it over in place" in resumed.stdout
-    elif point == "export":
-        assert "already finished training (3 epochs)" in resumed.stdout
-    else:
-        assert "resuming at epoch 2 (phase 0)" in resumed.stdout
+    rd = tmp_path / "runs" / "t"
+    args = ["--config", str(cfg_file), *tiny(tmp_path, "train.epochs=3", "export.enabled=true",
+                                             "train.checkpoint.every_epochs=1", TWO_PHASES)]
+    first_pid = None
+    for i, (point, said) in enumerate(CHAIN):
+        marker = tmp_path / f"paused{i}"
+        env = _env() if point == "export" else _env(KFINE_TEST_PAUSE=point, KFINE_TEST_PAUSE_MARKER=str(marker))
+        log_path = tmp_path / f"{i}.log"
+        with open(log_path, "w") as log:
+            proc = _start(args if i == 0 else ["--resume", str(rd)], env, log)
+            if point == "export":
+                _wait_for(lambda: list((rd / "export" / "saved_model").glob(".tmp-*/sm/variables")), proc, point)
+            else:
+                _wait_for(marker.exists, proc, point)
+            if i == 0:   # a second process while the first is alive
+                first_pid = proc.pid
+                second = _resume(rd)
+                assert second.returncode == 2 and f"PID {proc.pid}" in second.stderr, second.stderr[-3000:]
+                assert "Traceback" not in second.stderr
+                assert proc.poll() is None
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        out = log_path.read_text()
+        assert said is None or said in out, f"the --resume killed at {point}:\n{out[-3000:]}"
+        if i == 1:
+            assert f"took over {rd / '.lock'} from process {first_pid}" in out, out[-3000:]
+        assert not (rd / "export" / "saved_model" / "1").exists()   # killed before the end
+    resumed = _resume(rd)
+    assert "already finished training (3 epochs)" in resumed.stdout
     _assert_complete(rd, resumed)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t"]
 
 
 @pytest.mark.parametrize("name, want", [("val_accuracy", "max"), ("val_AUC", "max"), ("val_top5", "min"),
