@@ -20,8 +20,9 @@ def variables(*values):
 
 @pytest.fixture(scope="module")
 def resnet():
+    """toy_resnet: ResNet50's layer names and stages in small (the same stage table)."""
     keras.utils.set_random_seed(0)
-    return build_model(ModelConfig(weights=None), 3, (32, 32))
+    return build_model(ModelConfig(backbone="toy_resnet", weights=None), 3, (32, 32))
 
 
 # ----------------------------------------------------------------------------- learning rates
@@ -48,31 +49,31 @@ def test_gradient_scaling_would_not_do_it_for_adam():
 
 def test_multipliers_follow_stages(resnet):
     model = resnet
-    apply_freeze(model, "resnet50", FreezeConfig("none"))
+    apply_freeze(model, "toy_resnet", FreezeConfig("none"))
     variables_ = model.trainable_variables
-    mults = variable_multipliers(model, "resnet50", {"layer3": 0.1, "conv5": 0.3, "head": 2.0}, variables_)
+    mults = variable_multipliers(model, "toy_resnet", {"layer3": 0.1, "conv5": 0.3, "head": 2.0}, variables_)
     by_path = dict(zip([v.path for v in variables_], mults))
     assert by_path[model.get_layer("head_logits").kernel.path] == 2.0
     bb = get_backbone(model)
     assert by_path[bb.get_layer("conv4_block1_1_conv").kernel.path] == 0.1
-    assert by_path[bb.get_layer("conv5_block3_3_bn").gamma.path] == 0.3
+    assert by_path[bb.get_layer("conv5_block1_2_bn").gamma.path] == 0.3
     assert by_path[bb.get_layer("conv2_block1_1_conv").kernel.path] == 1.0
     with pytest.raises(ValueError, match="unknown stage"):
-        variable_multipliers(model, "resnet50", {"conv9": 0.1}, variables_)
+        variable_multipliers(model, "toy_resnet", {"conv9": 0.1}, variables_)
 
 
 def test_layer_decay_gives_the_documented_multipliers_and_prints_them(resnet):
     model = resnet
-    table = stage_multipliers(model, "resnet50", {}, layer_decay=0.5)
+    table = stage_multipliers(model, "toy_resnet", {}, layer_decay=0.5)
     assert table == {"head": 1.0, "conv5": 0.5, "conv4": 0.25, "conv3": 0.125, "conv2": 0.0625, "conv1": 0.03125}
-    apply_freeze(model, "resnet50", FreezeConfig("none"))
+    apply_freeze(model, "toy_resnet", FreezeConfig("none"))
     vs = model.trainable_variables
-    by_path = dict(zip([v.path for v in vs], variable_multipliers(model, "resnet50", {}, vs, layer_decay=0.5)))
+    by_path = dict(zip([v.path for v in vs], variable_multipliers(model, "toy_resnet", {}, vs, layer_decay=0.5)))
     bb = get_backbone(model)
-    assert by_path[bb.get_layer("conv4_block2_2_conv").kernel.path] == 0.25
+    assert by_path[bb.get_layer("conv4_block1_2_conv").kernel.path] == 0.25
     assert by_path[bb.get_layer("conv1_conv").kernel.path] == 0.03125
     assert by_path[model.get_layer("head_logits").bias.path] == 1.0
-    rows = trainable_summary(model, "resnet50", table)
+    rows = trainable_summary(model, "toy_resnet", table)
     assert {r["stage"]: r["lr_mult"] for r in rows} == table
     text = format_summary(rows)
     assert "lr x" in text and any(line.startswith("conv4") and line.endswith("0.25") for line in text.splitlines())
@@ -129,7 +130,7 @@ def test_weight_decay_step_matches_the_hand_computed_one(name, mode):
 
 def test_no_decay_defaults_to_norm_and_bias(resnet):
     model = resnet
-    apply_freeze(model, "resnet50", FreezeConfig("none"))
+    apply_freeze(model, "toy_resnet", FreezeConfig("none"))
     vs = model.trainable_variables
     flags = dict(zip([v.path for v in vs], decay_flags(model, ("bn", "bias"), vs)))
     bb = get_backbone(model)
@@ -337,22 +338,22 @@ def test_optimizer_state_carries_across_phases(resnet):
     model = resnet
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     y = np.array([0, 1, 2, 0])
-    apply_freeze(model, "resnet50", FreezeConfig("none"))
+    apply_freeze(model, "toy_resnet", FreezeConfig("none"))
     union = list(model.trainable_variables)
     opt = build_optimizer(OptimizerConfig("adam"), 1e-3, union)
     head = model.get_layer("head_logits").kernel
     m_index = opt._get_variable_index(head)
 
-    apply_freeze(model, "resnet50", FreezeConfig("backbone"))
+    apply_freeze(model, "toy_resnet", FreezeConfig("backbone"))
     opt.set_active_variables(model.trainable_variables)
     model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))   # kfine models end in logits
     model.train_on_batch(x, y)
     m_after_phase0 = np.array(opt._momentums[m_index].numpy())
     assert int(opt.iterations.numpy()) == 1 and np.any(m_after_phase0 != 0)
-    conv5 = get_backbone(model).get_layer("conv5_block3_3_conv").kernel
+    conv5 = get_backbone(model).get_layer("conv5_block1_2_conv").kernel
     assert not np.any(opt._momentums[opt._get_variable_index(conv5)].numpy())
 
-    apply_freeze(model, "resnet50", FreezeConfig("stages", trainable_from="conv5"))
+    apply_freeze(model, "toy_resnet", FreezeConfig("stages", trainable_from="conv5"))
     opt.set_active_variables(model.trainable_variables)
     model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))   # kfine models end in logits
     import tensorflow as tf
