@@ -234,22 +234,24 @@ def test_jax_two_phase_run_killed_resumed_and_exported(tmp_path, precision):
     proc.wait()
     rd = tmp_path / "runs" / "g"
     assert (rd / "backup").is_dir()                        # epoch 1 committed; history.csv may lag
+    # one JAX process resumes (kfine.train's command-line entry point, as `python -m kfine.train
+    # --resume`), then loads the model.keras it saved afresh and writes its output for x
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    resume_then_predict = (
+        "import sys, numpy as np, keras\n"
+        "from kfine.train import main\n"
+        "assert main(['--resume', sys.argv[1]]) == 0, 'the resumed run failed'\n"
+        "m = keras.saving.load_model(sys.argv[1] + '/model.keras', compile=False)\n"
+        "np.save(sys.argv[3], keras.ops.convert_to_numpy(keras.ops.cast(m(np.load(sys.argv[2])), 'float32')))\n")
     env = {**os.environ, **JAX_ENV}
-    p = subprocess.run([sys.executable, "-m", "kfine.train", "--resume", str(rd)], cwd=REPO, env=env,
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", resume_then_predict, str(rd), str(tmp_path / "x.npy"),
+                        str(tmp_path / "p.npy")], cwd=REPO, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming at epoch" in p.stdout
     hist = read_history(rd / "history.csv")
     assert [(r["epoch"], r["phase"]) for r in hist] == [(0, 0), (1, 0), (2, 1)]
     assert all(np.isfinite(r["loss"]) for r in hist)
-    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    predict = ("import sys, numpy as np, keras, kfine.model\n"
-               "m = keras.saving.load_model(sys.argv[1], compile=False)\n"
-               "np.save(sys.argv[3], keras.ops.convert_to_numpy(keras.ops.cast(m(np.load(sys.argv[2])), 'float32')))\n")
-    p = subprocess.run([sys.executable, "-c", predict, str(rd / "model.keras"), str(tmp_path / "x.npy"),
-                        str(tmp_path / "p.npy")], cwd=REPO, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
     want = np.load(tmp_path / "p.npy")
     if not np.allclose(want.sum(1), 1, atol=1e-3):      # logits out of the model: softmax at the edge
         e = np.exp(want - want.max(1, keepdims=True))

@@ -300,7 +300,7 @@ def epoch_timer():
     return EpochTimer()
 
 
-def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps: int = 8) -> dict:
+def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps: int = 8, rounds: int = 2) -> dict:
     """A full fine-tune (every layer trains): kfine's loop against a plain model.fit of the same
     model on the same tf.data pipeline; steady-state images/s (the fastest later epoch) and the
     training thread's per-epoch bookkeeping (kfine.checkpoint's commit)."""
@@ -321,7 +321,7 @@ def bench_full(root: Path, size: int, batch: int, epochs: int, seed: int, steps:
         cfg = _config(root, size, batch, runs, "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]",
                       f"train.epochs={epochs}", f"train.steps_per_epoch={steps}", "train.checkpoint.every_epochs=1")
         datasets = data.make_datasets(cfg.data, cfg.seed)
-        for name in ("plain", "kfine", "plain", "kfine"):
+        for name in ("plain", "kfine") * rounds:   # alternated: both see the machine's drift alike
             timer = epoch_timer()
             if name == "plain":
                 fit.setup_backend(cfg)   # the seed and train.precision's dtype policy, as kfine's
@@ -699,6 +699,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--steps", type=int, default=8, help="full, distribute: training steps an epoch")
+    ap.add_argument("--rounds", type=int, default=2, help="full: plain/kfine fits alternated this many times each")
     ap.add_argument("--head-epochs", type=int, default=10)
     ap.add_argument("--head-augment", default="off,on", help="head: augmentation settings to measure (off, on)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -729,7 +730,7 @@ def main(argv=None) -> int:
     results = {"data": str(root), "image_size": args.image_size, "batch_size": args.batch_size,
                **info, "cpus": os.cpu_count(), "precision": cfg.train.precision, "backbone": cfg.model.backbone,
                "overrides": args.set}
-    kwargs = {"full": {"steps": args.steps}, "distribute": {"steps": args.steps},
+    kwargs = {"full": {"steps": args.steps, "rounds": args.rounds}, "distribute": {"steps": args.steps},
               "head": {"head_epochs": args.head_epochs, "augs": tuple(args.head_augment.split(","))}}
     for name in args.only.split(","):
         run, show = SECTIONS[name]

@@ -11,8 +11,8 @@
 #   distribute  the full fine-tune under distribute.strategy data_parallel (JAX; mirrored on
 #               TensorFlow) on the one device against distribute.strategy none
 #   and after each, the accelerator's peak memory (JAX: peak_bytes_in_use; null on a CPU).
-# --smoke: the same sections at toy sizes (a few 48x40 random JPEGs, 32 px, 2 epochs of 2 steps,
-# 3 head-only epochs, the scratch_cnn backbone): about a minute of 2 idle CPU cores, so that the suite
+# --smoke: the same sections at toy sizes (5 48x40 random JPEGs a class, 32 px, 2 epochs of 1 step,
+# one round of the full fine-tune, 3 head-only epochs, a scratch_cnn of 4-8 filters): about a minute of 2 idle CPU cores, so that the suite
 # (tests/test_tools.py) proves the whole path before GPU time is spent on it.
 #
 # Backend: KERAS_BACKEND=jax wherever jax imports (the model on the GPU; TensorFlow-CPU feeds
@@ -72,8 +72,11 @@ if ! "$py" -c "$versions" 2>/dev/null; then
 fi
 
 if [ "$smoke" = 1 ]; then
-  sizes=(--tiny-data 6 --classes 2 --image-size 32 --batch-size 4 --epochs 2 --steps 2 --head-epochs 3
-         --set model.backbone=scratch_cnn)
+  # 5 JPEGs a class: 4 train (whole batches of 4: no second program for a partial one), 1 val;
+  # 2 epochs: the steady state is the later one; 3 head-only epochs: the fewest that cache K=2 views;
+  # one plain and one kfine full fine-tune (a GPU run alternates them twice)
+  sizes=(--tiny-data 5 --classes 2 --image-size 32 --batch-size 4 --epochs 2 --steps 1 --head-epochs 3 --rounds 1
+         --set model.backbone=scratch_cnn --set "model.scratch.filters=[4,4,8,8,8]" --set model.scratch.dense_units=8)
 else
   sizes=(--per-class 100 --classes 10 --image-size 224 --batch-size 32 --epochs 3 --steps 40 --head-epochs 10)
 fi
