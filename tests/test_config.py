@@ -216,20 +216,26 @@ def _cli(module, args, cwd):
                           text=True, timeout=300)
 
 
-def test_cli_bad_configs_are_one_line_and_leave_no_directory(tmp_path):
-    """Through the command line: exit status 2, exactly one line on stderr (no TensorFlow start-up
-    lines either, though TensorFlow is imported), nothing created in the working folder."""
+def test_cli_bad_configs_are_one_line_and_leave_no_directory(tmp_path, monkeypatch, capsys):
+    """Exit status 2, exactly one line on stderr, nothing created in the working folder. Through
+    a real process for the first (no TensorFlow start-up lines either, though TensorFlow is
+    imported), in process (main(argv)) for the others."""
+    from kfine import train, tune
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("name: x\ndata:\n  batch_size: 8\n   image_size: [32, 32]\n")
-    for module, args, words in [
-        ("kfine.train", ["--config", str(bad_yaml)], f"{bad_yaml}:4:"),
-        ("kfine.train", ["data.batch_size=0"], "data.batch_size must be >= 1. Received: data.batch_size=0"),
-        ("kfine.tune", ["train.lr_multipliers.conv9=0.1"], "Received: train.lr_multipliers.conv9=0.1"),
+    p = _cli("kfine.train", ["--config", str(bad_yaml)], tmp_path)
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kfine: error: ") and f"{bad_yaml}:4:" in lines[0], p.stderr[-3000:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.yaml"]
+    monkeypatch.chdir(tmp_path)
+    for main, args, words in [
+        (train.main, ["data.batch_size=0"], "data.batch_size must be >= 1. Received: data.batch_size=0"),
+        (tune.main, ["train.lr_multipliers.conv9=0.1"], "Received: train.lr_multipliers.conv9=0.1"),
     ]:
-        p = _cli(module, args, tmp_path)
-        assert p.returncode == 2, p.stderr[-3000:]
-        lines = p.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("kfine: error: ") and words in lines[0], p.stderr[-3000:]
+        assert main(args) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kfine: error: ") and words in lines[0], lines
         assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.yaml"]
 
 
