@@ -56,12 +56,14 @@ def exit_main(main) -> None:
     import atexit
     status = [1]
 
-    def leave():   # registered before TensorFlow and Keras register theirs: runs after them
-        if "logging" in sys.modules:
-            sys.modules["logging"].shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status[0])
+    def leave():   # atexit runs handlers last-in first-out: those registered after this one run before it
+        try:           # (ones registered earlier, by modules imported before this call, are skipped)
+            if "logging" in sys.modules:
+                sys.modules["logging"].shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:       # a closed pipe (`| head`) must not bring the slow teardown back
+            os._exit(status[0])
 
     atexit.register(leave)
     try:

@@ -271,6 +271,14 @@ def write_plots(run_dir: Path, split: str, metrics: dict, class_names, labels, p
     return paths
 
 
+def eval_views(datasets, split: str):
+    """``split``'s eval views in file order (None where the data has no such split): the train
+    split's own pipeline draws augmented views in a shuffled order."""
+    if split == "train":
+        return datasets.dataset("train", train=False, shuffle=False) if datasets.files.get("train") else None
+    return getattr(datasets, split, None)
+
+
 def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_root: str | None = None,
                  report: bool = True, tta: str | None = None, predicted: dict | None = None,
                  extra: dict | None = None) -> dict:
@@ -307,7 +315,7 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     if names_file.exists() and read_json(names_file) != class_names:
         raise ValueError(f"the data's classes {class_names} differ from the run's {names_file} "
                          f"{read_json(names_file)}: evaluate on data with the same class folders")
-    dataset = getattr(datasets, split, None)
+    dataset = eval_views(datasets, split)
     if dataset is None and split == "test" and getattr(datasets, "val", None) is not None:
         print("kfine: no test split; evaluating on the validation split instead (its numbers "
               "are optimistic: it was used to pick checkpoints and settings)", flush=True)

@@ -337,7 +337,8 @@ def explain_run(run_dir, split: str = "test") -> Path | None:
     cfg = check_config(load_config(run_dir / "config.yaml"))
     saved = run_dir / "splits.csv"
     datasets = kdata.make_datasets(cfg.data, cfg.seed, splits=saved if saved.exists() else None)
-    dataset = getattr(datasets, split, None)
+    from kfine.evaluate import eval_views
+    dataset = eval_views(datasets, split)
     if dataset is None:
         raise ExplainError(f"the run's data has no {split!r} split")
     model, class_names = load_model(run_dir / "model.keras"), read_json(run_dir / "class_names.json")

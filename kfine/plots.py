@@ -204,8 +204,10 @@ def plot_predictions_grid(images_uint8, true, pred, class_names, out_path, n: in
         for line, text in enumerate((f"pred: {class_names[int(pred[i])]}", f"true: {class_names[int(true[i])]}")):
             draw.text((x0 + cell // 2, y0 + 2 + 16 * line), _fit(draw, text, font, cell), fill=color, font=font,
                       anchor="ma")
-        tile = Image.fromarray(np.clip(images[i], 0, 255).astype(np.uint8)).resize((cell, cell), Image.BILINEAR)
-        sheet.paste(tile, (x0, y0 + caption))
+        tile = Image.fromarray(np.clip(images[i], 0, 255).astype(np.uint8))
+        scale = cell / max(tile.size)   # the image's own aspect ratio, centred in its cell
+        tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), Image.BILINEAR)
+        sheet.paste(tile, (x0 + (cell - tile.width) // 2, y0 + caption + (cell - tile.height) // 2))
         width = 1 if ok else 3
         draw.rectangle((x0 - width, y0 + caption - width, x0 + cell + width - 1, y0 + caption + cell + width - 1),
                        outline=color, width=width)

@@ -279,7 +279,7 @@ def test_an_override_key_with_an_empty_part_is_reported_whole():
 
 
 def test_phases_out_of_order_is_a_short_line_naming_the_key_and_the_start_epochs():
-    """One home for the phase-list checks: check_config and kfine.train.phase_spans say the same."""
+    """One home for the phase-list checks: check_config and kfine.fit.phase_spans say the same."""
     from kfine.fit import phase_spans
     phases = ("train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 5, freeze: {strategy: "
               "stages, trainable_from: conv4}}, {start_epoch: 3, freeze: {strategy: regex, pattern: 'conv5_.*'}}]")

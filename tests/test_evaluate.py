@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import eval_reference
 from kfine.evaluate import compute_metrics, evaluate_model, evaluate_run, prediction_rows
 
 NAMES = ["a", "b", "c", "d", "e", "f"]
@@ -308,3 +309,30 @@ def test_metrics_json_of_many_classes_is_written_compactly(tmp_path):
             assert text.count("\n") == lines
         else:
             assert text.count("\n") > c * c
+
+
+def test_the_train_split_is_evaluated_on_its_eval_views_in_file_order(tiny_model, tmp_path):
+    """--split train: the training files through the eval transform, in file order, the same
+    probabilities every time (the training pipeline would crop, flip and shuffle them anew)."""
+    from conftest import make_folder
+    from kfine.config import load_config, save_config
+    root = make_folder(tmp_path / "data", "single", per_class=10)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(None, [f"data.root={root}", "data.layout=single", "data.image_size=[32,32]",
+                                   "data.batch_size=4", "model.backbone=scratch_cnn", "model.weights=null",
+                                   "data.augment.enabled=true", "data.augment.crop_scale=[0.08,1.0]",
+                                   "data.augment.flip=true"]), run / "config.yaml")
+    tiny_model.save(run / "model.keras")
+    (run / "class_names.json").write_text(json.dumps(["cat", "dog", "fox"]))
+    tables = []
+    for _ in range(2):
+        evaluate_run(run, split="train", report=False)
+        with open(run / "predictions_train.csv") as f:
+            tables.append(list(csv.DictReader(f)))
+    assert tables[0] == tables[1] and len(tables[0]) > 8
+    assert all(Path(r["file"]).parent.name == r["true_class"] for r in tables[0])   # each row its file's
+    images = np.stack([eval_reference(Path(r["file"]).read_bytes()) for r in tables[0]]).astype(np.float32)
+    expect = _probabilities(tiny_model, images)
+    np.testing.assert_allclose([float(r["confidence"]) for r in tables[0]], expect.max(axis=1), atol=1e-4)
+    assert [r["predicted_class"] for r in tables[0]] == [["cat", "dog", "fox"][i] for i in expect.argmax(axis=1)]

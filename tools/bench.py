@@ -707,6 +707,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-data", type=int, metavar="N", help="N tiny random JPEGs per class instead of photos")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table of the results at the end")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds: at least 1 (received {args.rounds})")
     unknown = [n for n in args.only.split(",") if n not in SECTIONS]
     if unknown:
         ap.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
