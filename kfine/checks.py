@@ -366,9 +366,21 @@ def _data_source_given(cfg: Config) -> None:
         raise bad_value("data.cache", d.cache, "memory or disk for data.source tfds (its examples are not files)")
 
 
+def _weights_exist(cfg: Config) -> None:
+    """toy_resnet has no pretrained weights: model.weights imagenet is refused here, before any
+    data is read (unless model.weights_fallback: random, which starts from random weights)."""
+    from kfine.registry import BACKBONES
+    m = cfg.model
+    if (m.backbone != "scratch_cnn" and not BACKBONES[m.backbone]["app"] and m.weights == "imagenet"
+            and m.weights_fallback != "random"):
+        raise bad_value("model.weights", m.weights, f"null or a local .weights.h5 file: {m.backbone} has no "
+                                                    f"ImageNet weights")
+
+
 RULES = [_process_id_in_range, _phases_in_order, _fractions_sum, _cache_holds_the_crop, _augment_mixing,
          _image_size_fits_backbone,
-         _freeze_specs_complete, _stage_names, _batchnorm_where_needed, _compare_sets, _data_source_given]
+         _freeze_specs_complete, _stage_names, _batchnorm_where_needed, _compare_sets, _data_source_given,
+         _weights_exist]
 
 
 def check_config(cfg: Config) -> Config:

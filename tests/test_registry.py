@@ -114,3 +114,15 @@ def test_one_epoch_run_on_a_new_family(tmp_path, tiny_overrides):
     saved = keras.saving.load_model(result.run_dir / "model.keras")
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(saved.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_toy_resnet_without_imagenet_weights_is_refused_by_the_config_check():
+    """model.weights: imagenet on toy_resnet stops at the check (nothing read yet), unless
+    weights_fallback: random starts it from random weights."""
+    bad = load_config(None, ["data.root=data", "model.backbone=toy_resnet"])
+    with pytest.raises(ConfigError, match=r"model.weights must be null or a local .weights.h5 file: toy_resnet "
+                                          r"has no ImageNet weights. Received: model.weights='imagenet'"):
+        check_config(bad)
+    for extra in ("model.weights=null", "model.weights_fallback=random"):
+        ok = load_config(None, ["data.root=data", "model.backbone=toy_resnet", extra])
+        assert check_config(ok) is ok
