@@ -185,9 +185,7 @@ def overlay(image, heatmap, alpha: float = 0.45) -> np.ndarray:
 def write_overlays(images, heatmaps, names, out_dir, taken=()) -> list[Path]:
     """One PNG per image in ``out_dir``: the overlay, named after ``names`` (file stems; a stem
     already used, here or in ``taken``, gets _2, _3, ...)."""
-    from PIL import Image
-    from kfine.rundir import atomic_write_bytes
-    import io
+    from kfine.rundir import atomic_write_png
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, seen = [], {}
@@ -199,11 +197,7 @@ def write_overlays(images, heatmaps, names, out_dir, taken=()) -> list[Path]:
         seen[stem] = seen.get(stem, 0) + 1
         if seen[stem] > 1:   # two files with the same name in different folders
             stem = f"{stem}_{seen[stem]}"
-        buf = io.BytesIO()
-        Image.fromarray(overlay(image, heat)).save(buf, format="PNG")
-        path = out_dir / f"{stem}.png"
-        atomic_write_bytes(path, buf.getvalue())
-        paths.append(path)
+        paths.append(atomic_write_png(overlay(image, heat), out_dir / f"{stem}.png"))
     return paths
 
 
@@ -243,9 +237,8 @@ def plot_heatmap_grid(images, heatmaps, labels, probs, class_names, path, titles
     """A PNG grid of (image, overlay) pairs, 4 pairs a row, each captioned with its title, true
     class, predicted class and probability (green when right, red when wrong). Drawn with PIL:
     a report's grid costs milliseconds, not a matplotlib figure."""
-    import io
     from PIL import Image, ImageDraw
-    from kfine.rundir import atomic_write_bytes
+    from kfine.rundir import atomic_write_png
     n, cols, caption, pad = len(images), 4, 30, 6
     rows = max(1, -(-n // cols))
     width = cols * (2 * cell + pad) + pad
@@ -262,12 +255,7 @@ def plot_heatmap_grid(images, heatmaps, labels, probs, class_names, path, titles
         draw.text((x0, y0 + cell + 2), head[:2 * cell // 6], fill="black")
         draw.text((x0, y0 + cell + 15), f"pred {class_names[pred]} {probs[k][pred]:.2f}"[:2 * cell // 6],
                   fill=(0, 130, 0) if pred == true else (200, 0, 0))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return atomic_write_png(sheet, path)
 
 
 def feature_map_size(model) -> tuple[int, int]:

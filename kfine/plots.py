@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from kfine.rundir import atomic_write_bytes  # noqa: E402
+from kfine.rundir import atomic_write_bytes, atomic_write_png  # noqa: E402
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"    # green / red
 
@@ -213,10 +213,7 @@ def plot_predictions_grid(images_uint8, true, pred, class_names, out_path, n: in
                        outline=color, width=width)
     draw.text((sheet.width // 2, 8), f"{n_right} of {len(pick)} correct (wrong ones in red)", fill="black",
               font=big, anchor="ma")
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG", compress_level=1)
-    atomic_write_bytes(out_path, buf.getvalue())
-    return Path(out_path)
+    return atomic_write_png(sheet, out_path, compress_level=1)
 
 
 def _fit(draw, text: str, font, width: int) -> str:

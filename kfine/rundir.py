@@ -66,6 +66,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_write_png(image, path: str | os.PathLike, compress_level: int | None = None) -> Path:
+    """A PIL image (or a uint8 array) as a PNG file, written atomically; ``compress_level``: zlib's
+    (None: PIL's default; 1 takes about half the time for photos, files ~20% larger)."""
+    from PIL import Image
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **({} if compress_level is None else {"compress_level": compress_level}))
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
