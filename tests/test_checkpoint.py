@@ -393,21 +393,31 @@ def _temporaries(rd):
     return [p for p in rd.rglob(".*") if checkpoint._TEMP_NAME.match(p.name)]
 
 
-def _kill_and_resume(tmp_path, point, epochs, extra=()):
-    """Start a run (no export), SIGKILL it at ``point`` (a KFINE_TEST_PAUSE point), --resume it in
-    a fresh process; returns (run dir, the resume's CompletedProcess)."""
+def _interrupt_and_resume(tmp_path, monkeypatch, capsys, epoch, epochs, extra=()):
+    """Run (no export) in process, interrupted right after epoch ``epoch``'s commit (a callback
+    after kfine's raises), then --resume it in process; returns (run dir, the resume's stdout)."""
+    import keras
+    from kfine import callbacks
+    from kfine.train import main
+
+    class Interrupt(keras.callbacks.Callback):   # after EpochCommit and EarlyStopping
+        def on_epoch_end(self, e, logs=None):
+            if e == epoch:
+                raise KeyboardInterrupt
+
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("name: t\n")
     args = ["--config", str(cfg_file), *tiny(tmp_path, f"train.epochs={epochs}", "train.checkpoint.every_epochs=1",
                                              TWO_PHASES, *extra)]
-    marker = tmp_path / "paused"
+    make = callbacks.make_callbacks
+    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
+    assert main(args) == 130   # "kfine: interrupted", as after Ctrl-C
+    monkeypatch.setattr(callbacks, "make_callbacks", make)
     rd = tmp_path / "runs" / "t"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = _start(args, _env(KFINE_TEST_PAUSE=point, KFINE_TEST_PAUSE_MARKER=str(marker)), log)
-        _wait_for(marker.exists, proc, point)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    return rd, _resume(rd)
+    assert read_json(rd / "backup" / "state.json")["next_epoch"] == epoch + 1
+    capsys.readouterr()
+    assert main(["--resume", str(rd)]) == 0
+    return rd, capsys.readouterr().out
 
 
 def _assert_complete(rd, resumed, epochs=3):
@@ -425,27 +435,26 @@ def _assert_complete(rd, resumed, epochs=3):
     assert best["val_accuracy"] == max(r["val_accuracy"] for r in hist)
 
 
-def test_early_stopping_patience_counts_on_across_a_resume(tmp_path):
-    """Nothing improves by 1000 after epoch 0, patience 2: the run stops at epoch 2. Killed after
-    epoch 1's commit, the resumed run still stops at epoch 2 (Keras alone would count afresh from
-    the resume and stop at epoch 4)."""
-    rd, resumed = _kill_and_resume(tmp_path, "after_commit@1", epochs=6, extra=(
+def test_early_stopping_patience_counts_on_across_a_resume(tmp_path, monkeypatch, capsys):
+    """Nothing improves by 1000 after epoch 0, patience 2: the run stops at epoch 2. Interrupted
+    after epoch 1's commit, the resumed run still stops at epoch 2 (Keras alone would count afresh
+    from the resume and stop at epoch 4). (A SIGKILL at that moment: the kill chain below.)"""
+    rd, out = _interrupt_and_resume(tmp_path, monkeypatch, capsys, 1, epochs=6, extra=(
         "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]", "train.early_stopping.patience=2",
         "train.early_stopping.min_delta=1000"))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming at epoch 3 (phase 0)" in resumed.stdout   # printed epochs count from 1
-    assert "early stopping after epoch 3" in resumed.stdout
+    assert "resuming at epoch 3 (phase 0)" in out   # printed epochs count from 1
+    assert "early stopping after epoch 3" in out
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1, 2]
 
 
-def test_a_resume_after_an_early_stopped_phase_goes_on_with_the_next_phase(tmp_path):
+def test_a_resume_after_an_early_stopped_phase_goes_on_with_the_next_phase(tmp_path, monkeypatch, capsys):
     """Phase 0 (epochs 0..2) stops early at epoch 1 (nothing improves by 1000, patience 1); the
-    run is killed right after that commit. --resume neither redoes phase 0 nor ends the run: it
-    starts phase 1 at epoch 3, which runs to its end."""
-    rd, resumed = _kill_and_resume(tmp_path, "after_commit@1", epochs=5, extra=(
+    run is interrupted right after that commit. --resume neither redoes phase 0 nor ends the run:
+    it starts phase 1 at epoch 3, which runs to its end."""
+    rd, out = _interrupt_and_resume(tmp_path, monkeypatch, capsys, 1, epochs=5, extra=(
         "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}, {start_epoch: 3, freeze: {strategy: none}}]",
         "train.early_stopping.patience=1", "train.early_stopping.min_delta=1000"))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming at epoch 4 (phase 1)" in out, out[-3000:]
     hist = read_history(rd / "history.csv")
     assert [(r["epoch"], r["phase"]) for r in hist] == [(0, 0), (1, 0), (3, 1), (4, 1)]
     phases = read_json(rd / "phases.json")

@@ -1,11 +1,7 @@
 """kfine.train end to end: phases, the freezing claims on the trained model, checkpoints,
-resume after SIGKILL, precision, NaN, the CLI and the demo."""
-import os
-import signal
-import subprocess
+resume after an interruption, precision, NaN, the CLI and the demo."""
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +12,6 @@ from kfine.rundir import read_json
 from kfine.fit import class_weights
 from kfine.train import TrainingError, read_history, run
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny(tmp_path, *extra, layout="single"):
@@ -126,12 +121,6 @@ def test_class_weights_balanced():
     assert w[0] == pytest.approx(40 / 60) and w[1] == pytest.approx(40 / 20)
 
 
-def _cli(args, env=None, **kw):
-    e = {**os.environ, "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kfine.train", *args], capture_output=True, text=True,
-                          env=e, cwd=REPO, **kw)
-
-
 def test_cli_end_to_end(tmp_path, capsys):
     """kfine.train's command line, in process (main(argv))."""
     from kfine.train import main
@@ -158,31 +147,33 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "unknown key train.epoch" in err and "Traceback" not in err
 
 
-def test_resume_after_sigkill(tmp_path):
-    """Kill a run with SIGKILL mid-training; --resume finishes it with every epoch once."""
+def test_resume_after_an_interruption_finishes_every_epoch_once(tmp_path, monkeypatch, capsys):
+    """A run interrupted after epoch 1's commit (in process; SIGKILL at every moment of a run is
+    tests/test_checkpoint.py's kill chain); --resume finishes it with every epoch once, the phases
+    as configured and the schedule where it was."""
+    import keras
+    from kfine import callbacks
+    from kfine.train import main
     args = tiny(tmp_path, "train.epochs=6", "train.schedule.name=cosine", "model.backbone=scratch_cnn",
                 "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
                 " {start_epoch: 3, freeze: {strategy: stages, trainable_from: block4}}]",
                 "data.augment.enabled=true")
-    env = {**os.environ, "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     (tmp_path / "c.yaml").write_text("name: t\n")   # not the demo: a plain config
-    proc = subprocess.Popen([sys.executable, "-m", "kfine.train", "--config", str(tmp_path / "c.yaml"), *args],
-                            cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "runs" / "t" / "backup" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.exists() and read_json(state)["next_epoch"] >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    class Interrupt(keras.callbacks.Callback):   # after kfine's: epoch 1 is committed
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    make = callbacks.make_callbacks
+    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
+    assert main(["--config", str(tmp_path / "c.yaml"), *args]) == 130
+    monkeypatch.setattr(callbacks, "make_callbacks", make)
     rd = tmp_path / "runs" / "t"
-    killed_at = read_json(state)["next_epoch"]
-    assert 2 <= killed_at < 6 and not (rd / "model.keras").exists()
-    p = _cli(["--resume", str(rd)])
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert f"resuming at epoch {killed_at + 1}" in p.stdout   # counted from 1
+    assert read_json(rd / "backup" / "state.json")["next_epoch"] == 2 and not (rd / "model.keras").exists()
+    capsys.readouterr()
+    assert main(["--resume", str(rd)]) == 0
+    assert "resuming at epoch 3" in capsys.readouterr().out   # counted from 1
     hist = read_history(rd / "history.csv")
     assert [r["epoch"] for r in hist] == list(range(6))
     assert [r["phase"] for r in hist] == [0, 0, 0, 1, 1, 1]
