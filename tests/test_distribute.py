@@ -342,13 +342,23 @@ def _logs(tmp_path, tag) -> str:
     return "\n".join(f"--- {tag}{i}\n" + (tmp_path / f"{tag}{i}.log").read_text()[-3000:] for i in (0, 1))
 
 
-@pytest.mark.slow   # ~2-3 min: two JAX processes start, train, are killed and resume
+@pytest.mark.slow   # ~1-2 min: two JAX processes start, train, are killed and resume
 def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path):
+    """Two JAX processes (one CPU device each): each feeds its half of the same permutation; only
+    process 0 writes, in the run directory it chose (an earlier run of the same name is in its
+    runs_dir, so the new run goes to t-2; process 1's own runs_dir is empty, so t-2 can only come
+    from the chief); killed in epoch 1 and resumed by two fresh processes."""
     pytest.importorskip("jax")
     from kfine.checkpoint import read_state
     from kfine.train import read_history
     root = make_folder(tmp_path / "data", "sketch", per_class=8)
     (root / "train_set" / "cat" / "000.png").unlink()                 # 23 training images: 22 used per epoch
+    earlier = tmp_path / "runs0" / "t"   # an earlier run of the same name: the new one goes to t-2
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "config.yaml").write_text("name: t\n")
+    (earlier / "checkpoints" / "best.keras").write_bytes(b"the earlier run's weights")   # not a model
+    (earlier / "checkpoints" / "best.json").write_text('{"epoch": 7}')
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
     (tmp_path / "c.yaml").write_text("name: t\n")
     overrides = [f"data.root={root}", "data.image_size=[32,32]", "data.batch_size=8", "model.weights=null",
                  "model.backbone=scratch_cnn", "model.scratch.filters=[4,4,8,8,8]", "train.verbose=2",
@@ -359,7 +369,7 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
     pause = {"KFINE_TEST_PAUSE": "epoch@1", "KFINE_TEST_PAUSE_MARKER": str(tmp_path / "paused{i}")}
     procs = _launch(["-c", MULTI, str(tmp_path / "c.yaml"), str(tmp_path / "shard{i}.json"), *overrides],
                     tmp_path, "first", pause)
-    rd = tmp_path / "runs0" / "t"
+    rd = tmp_path / "runs0" / "t-2"
     deadline = time.monotonic() + 400
     try:   # both paused in epoch 1, and epoch 0 committed by process 0
         while not ((tmp_path / "paused0").exists() and (tmp_path / "paused1").exists()
@@ -382,7 +392,10 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
         assert set(parts[0]) | set(parts[1]) <= train                   # disjoint halves of 22 of the 23
     assert shards[0]["epochs"][0]["files"] != shards[0]["epochs"][1]["files"]   # reshuffled each epoch
     assert not (tmp_path / "runs1").exists()                           # process 1 wrote nothing
-    assert sorted(p.name for p in (tmp_path / "runs0").iterdir()) == ["t"]
+    assert sorted(p.name for p in (tmp_path / "runs0").iterdir()) == ["t", "t-2"]
+    firsts = [(tmp_path / f"first{i}.log").read_text() for i in (0, 1)]
+    assert f"kfine: run directory {rd} (process 0 of 2" in firsts[0], _logs(tmp_path, "first")
+    assert f"process 0 writes the run directory {rd}\n" in firsts[1], _logs(tmp_path, "first")
 
     procs = _launch(["-m", "kfine.train", "--resume", str(rd)], tmp_path, "resume")
     try:
@@ -400,36 +413,9 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
     assert (info["processes"], info["replicas"], info["per_process_batch"]) == (2, 2, 4)
     assert (rd / "model.keras").exists() and json.loads((rd / "metrics.json").read_text())["test"]["n"] == 6
     assert not (tmp_path / "runs1").exists()
-
-
-@pytest.mark.slow   # ~1 min: two JAX processes start and train one epoch
-def test_two_processes_use_the_run_directory_the_chief_chose(tmp_path):
-    pytest.importorskip("jax")
-    root = make_folder(tmp_path / "data", "sketch", per_class=4)
-    earlier = tmp_path / "runs" / "t"   # an earlier run of the same name: the new one goes to t-2
-    (earlier / "checkpoints").mkdir(parents=True)
-    (earlier / "config.yaml").write_text("name: t\n")
-    (earlier / "checkpoints" / "best.keras").write_bytes(b"the earlier run's weights")   # not a model
-    (earlier / "checkpoints" / "best.json").write_text('{"epoch": 7}')
-    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
-    (tmp_path / "c.yaml").write_text("name: t\n")
-    overrides = tiny(root, tmp_path, "train.epochs=1", "distribute.strategy=data_parallel")
-    procs = _launch(["-m", "kfine.train", "--config", str(tmp_path / "c.yaml"), *overrides], tmp_path, "rd")
-    try:
-        for p in procs:
-            assert p.wait(timeout=400) == 0, _logs(tmp_path, "rd")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    logs = [(tmp_path / f"rd{i}.log").read_text() for i in (0, 1)]
-    new = tmp_path / "runs" / "t-2"
-    assert f"kfine: run directory {new} (process 0 of 2" in logs[0], _logs(tmp_path, "rd")
-    assert f"process 0 writes the run directory {new}\n" in logs[1], _logs(tmp_path, "rd")
-    assert "the model now holds epoch 1's weights, the best" in logs[1]   # t-2's best.keras, not epoch 7
+    best = json.loads((rd / "checkpoints" / "best.json").read_text())["epoch"]   # t-2's, not the earlier 7
+    assert f"the model now holds epoch {best + 1}'s weights, the best" in logs[1], _logs(tmp_path, "resume")
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before   # untouched
-    assert (new / "model.keras").exists() and (new / "metrics.json").exists()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t", "t-2"]
 
 
 def test_mirrored_keeps_the_partial_batch_as_keras_compiles_it_without_xla(monkeypatch):
