@@ -1,7 +1,7 @@
 """The path a GPU takes by default, run on the CPU: XLA-compiled steps (`train.jit_compile: true`,
 which XLA also compiles on a CPU), partial batches dropped (`drop_remainder` auto follows XLA),
 several steps per compiled call, float32 / mixed_float16 / mixed_bfloat16, over a two-phase run
-whose first phase trains the head on cached features, killed after an epoch's commit, resumed,
+whose first phase trains the head on cached features, interrupted after an epoch's commit, resumed,
 evaluated and exported; the same on the JAX backend. Mixed precision is checked for what matters:
 the dynamic loss scale falls on an overflow (and the step is skipped), grows back after its
 period, is one object across phases and comes back from the backup; float16 and bfloat16 follow
@@ -9,10 +9,8 @@ float32's loss trajectory within a stated tolerance."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -213,42 +211,47 @@ def test_private_keras_attributes_kfine_relies_on():
 JAX_ENV = {"KERAS_BACKEND": "jax", "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
 
 
+# argv: run dir, x.npy, p.npy, then kfine.train's arguments. One JAX process: the run as `python -m
+# kfine.train` starts it, interrupted right after epoch 1's commit (exit 130, as after Ctrl-C; a
+# SIGKILL of JAX processes: test_distribute's loopback test), resumed with --resume, then the
+# model.keras it saved loaded afresh and its output for x written
+INTERRUPT_RESUME_PREDICT = """
+import sys, numpy as np, keras
+from kfine import callbacks
+from kfine.train import main
+assert keras.backend.backend() == "jax"
+class Interrupt(keras.callbacks.Callback):   # after kfine's callbacks: epoch 1 is committed
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+make = callbacks.make_callbacks
+callbacks.make_callbacks = lambda *a, **k: make(*a, **k) + [Interrupt()]
+assert main(sys.argv[4:]) == 130, "the run was not interrupted"
+callbacks.make_callbacks = make
+assert main(["--resume", sys.argv[1]]) == 0, "the resumed run failed"
+m = keras.saving.load_model(sys.argv[1] + "/model.keras", compile=False)
+np.save(sys.argv[3], keras.ops.convert_to_numpy(keras.ops.cast(m(np.load(sys.argv[2])), "float32")))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["mixed_bfloat16"])   # float32 on JAX: tests/test_jax.py
-def test_jax_two_phase_run_killed_resumed_and_exported(tmp_path, precision):
-    """On JAX (XLA always): the same run in a subprocess, SIGKILLed after epoch 1's commit,
-    resumed, exported by kfine's TensorFlow subprocess; the export serves the JAX model's output."""
+def test_jax_two_phase_run_interrupted_resumed_and_exported(tmp_path, precision):
+    """On JAX (XLA always): the same run, interrupted after epoch 1's commit, resumed, exported by
+    kfine's TensorFlow subprocess; the export serves the JAX model's output."""
     pytest.importorskip("jax")
     import tensorflow as tf
     (tmp_path / "c.yaml").write_text("name: g\n")
-    args = [sys.executable, "-m", "kfine.train", "--config", str(tmp_path / "c.yaml"),
-            *gpu_like(tmp_path, f"train.precision={precision}", "train.jit_compile=auto")]
-    marker = tmp_path / "paused"
-    env = {**os.environ, **JAX_ENV, "KFINE_TEST_PAUSE": "after_commit@1", "KFINE_TEST_PAUSE_MARKER": str(marker)}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no pause"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     rd = tmp_path / "runs" / "g"
-    assert (rd / "backup").is_dir()                        # epoch 1 committed; history.csv may lag
-    # one JAX process resumes (kfine.train's command-line entry point, as `python -m kfine.train
-    # --resume`), then loads the model.keras it saved afresh and writes its output for x
     x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    resume_then_predict = (
-        "import sys, numpy as np, keras\n"
-        "from kfine.train import main\n"
-        "assert main(['--resume', sys.argv[1]]) == 0, 'the resumed run failed'\n"
-        "m = keras.saving.load_model(sys.argv[1] + '/model.keras', compile=False)\n"
-        "np.save(sys.argv[3], keras.ops.convert_to_numpy(keras.ops.cast(m(np.load(sys.argv[2])), 'float32')))\n")
-    env = {**os.environ, **JAX_ENV}
-    p = subprocess.run([sys.executable, "-c", resume_then_predict, str(rd), str(tmp_path / "x.npy"),
-                        str(tmp_path / "p.npy")], cwd=REPO, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resuming at epoch" in p.stdout
+    args = ["--config", str(tmp_path / "c.yaml"), *gpu_like(tmp_path, f"train.precision={precision}",
+                                                           "train.jit_compile=auto")]
+    p = subprocess.run([sys.executable, "-c", INTERRUPT_RESUME_PREDICT, str(rd), str(tmp_path / "x.npy"),
+                        str(tmp_path / "p.npy"), *args], cwd=REPO, env={**os.environ, **JAX_ENV},
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "resuming at epoch 3 (phase 1)" in p.stdout
     hist = read_history(rd / "history.csv")
     assert [(r["epoch"], r["phase"]) for r in hist] == [(0, 0), (1, 0), (2, 1)]
     assert all(np.isfinite(r["loss"]) for r in hist)
