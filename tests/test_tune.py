@@ -304,7 +304,7 @@ def ended_trials(sd: Path) -> set[str]:
     return done - ongoing
 
 
-def test_resume_after_sigkill_skips_finished_trials(tmp_path):
+def test_resume_after_sigkill_skips_finished_trials(tmp_path, capsys):
     path = write_config(tmp_path, max_trials=3, epochs=2)
     sd = tmp_path / "runs" / "t-search"
     cmd = [sys.executable, "-m", "kfine.tune", "--config", str(path)]
@@ -336,10 +336,12 @@ def test_resume_after_sigkill_skips_finished_trials(tmp_path):
     rows = read_csv(sd / "results.csv")
     assert [r["trial_id"] for r in rows] == ["0", "1", "2"] and {r["status"] for r in rows} == {"COMPLETED"}
     assert (sd / "best.yaml").exists()
-    # a finished search resumed again runs nothing
-    third = subprocess.run([sys.executable, "-m", "kfine.tune", "--resume", str(sd)], cwd=REPO, env=env(),
-                           capture_output=True, text=True, timeout=120)
-    assert third.returncode == 0 and started_trials(third.stdout) == []
+    # a finished search resumed again runs nothing (in process: main(argv))
+    from kfine.tune import main
+    capsys.readouterr()
+    assert main(["--resume", str(sd)]) == 0
+    out = capsys.readouterr().out
+    assert f"kfine: search directory {sd}" in out and started_trials(out) == [], out[-3000:]
 
 
 def free_port() -> int:

@@ -27,7 +27,8 @@ same arithmetic as ImageNet weights, no download):
   feed       the training views' CPU cost for both view paths (data.view_path python | graph):
              per-image CPU time of each stage from a single-threaded tf.data run, the share spent
              holding the GIL (the Python callbacks), the images/s Amdahl predicts at 8, 16 and 64
-             cores from them, and the images/s measured on 1 and 2 cores (taskset subprocesses).
+             cores from them, and, measured on 1 and 2 cores (taskset subprocesses) over passes of
+             2048 images, the images/s of a whole pass and the wait for a pass's first batch.
              Needs no --data: a memory cache of random pixels at the cache size.
 
 Every result records the backend and device it ran on and, per section, the accelerator's peak
@@ -601,45 +602,57 @@ def amdahl(total: float, serial: float, cores: int) -> float:
     return 1.0 / (serial + (total - serial) / cores)
 
 
-def feed_rate(view_path: str, images: int, size: int, batch: int, passes: int = 3) -> float:
-    """Images/s of make_dataset's batched training stream with the process's default threading
-    (run in a taskset subprocess by bench_feed): the fastest of ``passes`` after a warm-up."""
+def feed_rate(view_path: str, images: int, size: int, batch: int, passes: int = 3) -> tuple:
+    """make_dataset's batched training stream with the process's default threading (run in a
+    taskset subprocess by bench_feed): (images/s over a whole pass, first batch's wait included,
+    the fastest of ``passes`` after a warm-up; seconds to a pass's first batch, the median). A
+    training epoch is one pass: the first batch's wait is paid once an epoch (tf.data's parallel
+    maps work ahead meanwhile, so the rate after it would flatter the slower start)."""
+    import statistics
     from dataclasses import replace
     from kfine import pipeline
     cache, files, cfg = feed_cache(images, size)
     ds = pipeline.make_dataset(cache, files, replace(cfg, batch_size=batch, view_path=view_path), 0, train=True)
-    best = 0.0
+    best, firsts = 0.0, []
     for r in range(passes + 1):
-        t, n = time.perf_counter(), 0
-        for x, _ in ds:
+        t = time.perf_counter()
+        it = iter(ds)
+        next(it)
+        first, n = time.perf_counter(), batch
+        for x, _ in it:
             n += int(x.shape[0])
         if r:
             best = max(best, n / (time.perf_counter() - t))
-    return best
+            firsts.append(first - t)
+    return best, statistics.median(firsts)
 
 
-def _rate_on(cores: str, view_path: str, images: int, size: int, batch: int) -> float | None:
+def _rate_on(cores: str, view_path: str, images: int, size: int, batch: int) -> tuple:
+    """feed_rate in a subprocess on ``cores`` (taskset): (images/s, first batch s), Nones if it failed."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from bench import feed_rate; "
-            f"print('RATE', feed_rate({view_path!r}, {images}, {size}, {batch}))")
+            f"print('RATE', *feed_rate({view_path!r}, {images}, {size}, {batch}))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(["taskset", "-c", cores, sys.executable, "-c", code], capture_output=True, text=True, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RATE ")]
     if not line:
         print(f"bench: feed on cores {cores} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
-        return None
-    return float(line[0].split()[1])
+        return None, None
+    return tuple(float(v) for v in line[0].split()[1:])
 
 
-def bench_feed(root, size: int, batch: int, epochs: int, seed: int, images: int = 512) -> dict:
-    """Both view paths: per-image CPU time per stage (single-threaded), GIL-held time per image
-    (the Python callbacks' time + tf.numpy_function's per-call overhead), Amdahl's images/s at
-    FEED_CORES cores, and images/s measured on cores 0 and 0,1 (taskset)."""
+def bench_feed(root, size: int, batch: int, epochs: int, seed: int, images: int = 512,
+               rate_images: int = 2048) -> dict:
+    """Both view paths: per-image CPU time per stage (single-threaded, ``images`` images), GIL-held
+    time per image (the Python callbacks' time + tf.numpy_function's per-call overhead), Amdahl's
+    images/s at FEED_CORES cores, and measured on cores 0 and 0,1 (taskset), passes of
+    ``rate_images``: images/s over a pass, and the wait for a pass's first batch."""
     from dataclasses import replace
     from kfine import pipeline
     cache, files, cfg = feed_cache(images, size, seed)
     cfg = replace(cfg, batch_size=batch)
     overhead = numpy_function_overhead()
-    out = {"images": images, "cores_here": pipeline.feeding_cores(), "numpy_function_overhead_us": overhead * 1e6}
+    out = {"images": images, "rate_images": rate_images, "cores_here": pipeline.feeding_cores(),
+           "numpy_function_overhead_us": overhead * 1e6}
     for path in ("python", "graph"):
         graph = path == "graph"
         r = out[path] = {"cpu_us": {}}
@@ -656,8 +669,10 @@ def bench_feed(root, size: int, batch: int, epochs: int, seed: int, images: int 
         r["gil_us"] = r["callbacks_us"] + r["calls_per_image"] * overhead * 1e6
         r["gil_share"] = r["gil_us"] / total
         r["predicted"] = {str(n): amdahl(total, r["gil_us"], n) * 1e6 for n in (1, 2, *FEED_CORES)}
-        r["measured"] = {"1": _rate_on("0", path, images, size, batch),
-                         "2": _rate_on("0,1", path, images, size, batch) if out["cores_here"] >= 2 else None}
+        rates = {"1": _rate_on("0", path, rate_images, size, batch),
+                 "2": _rate_on("0,1", path, rate_images, size, batch) if out["cores_here"] >= 2 else (None, None)}
+        r["measured"] = {k: v[0] for k, v in rates.items()}
+        r["first_batch_s"] = {k: v[1] for k, v in rates.items()}
         print(f"bench: feed {path}: " + ", ".join(f"{k} {v:.0f} us" for k, v in r["cpu_us"].items())
               + f"; GIL {r['gil_us']:.1f} us/image; measured 1 core {r['measured']['1'] or 0:.0f}, "
               f"2 cores {r['measured']['2'] or 0:.0f} images/s", flush=True)
@@ -674,9 +689,12 @@ def print_feed(r: dict) -> None:
     print(f"{'GIL share':34}" + "".join(f"{r[p]['gil_share']:10.1%}" for p in ("python", "graph")))
     for n in ("1", "2", *map(str, FEED_CORES)):
         print(f"{'predicted images/s, ' + n + ' cores':34}" + "".join(f"{r[p]['predicted'][n]:10.0f}" for p in ("python", "graph")))
+    print(f"measured on 1 and 2 cores (taskset), passes of {r['rate_images']} images:")
     for n in ("1", "2"):
-        print(f"{'measured images/s, ' + n + ' core(s)':34}" + "".join(
+        print(f"{'images/s, ' + n + ' core(s)':34}" + "".join(
             f"{r[p]['measured'][n] or float('nan'):10.0f}" for p in ("python", "graph")))
+        print(f"{'first batch of a pass (ms), ' + n + ' core(s)':34}" + "".join(
+            f"{1000 * (r[p]['first_batch_s'][n] or float('nan')):10.0f}" for p in ("python", "graph")))
 
 
 SECTIONS = {"pipeline": (bench_pipeline, print_pipeline), "head": (bench_head, print_head),
