@@ -314,21 +314,24 @@ def test_unknown_format_is_an_error(exported, tmp_path):
         export_model(exported["model"], CLASSES, SIZE, tmp_path, formats=("tflite",))
 
 
-def test_cli_run_without_model_exits_2_with_one_line(tmp_path):
+def test_cli_run_without_model_exits_2_with_one_line(tmp_path, capsys):
+    """In process (main(argv)); the module fixture runs the command as a real process."""
+    from kfine.export import main
     run = tmp_path / "run"
     run.mkdir()
     write_json(run / "class_names.json", CLASSES)
-    proc = _cli("--run", str(run), cwd=tmp_path)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kfine: error:"), proc.stderr
+    assert main(["--run", str(run)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kfine: error:"), lines
     assert str(run / "model.keras") in lines[0]
     assert not (run / "export").exists()
 
 
-def test_cli_unknown_format_is_a_usage_error(tmp_path):
-    proc = _cli("--run", str(tmp_path), "--format", "tflite", cwd=tmp_path)
-    assert proc.returncode == 2 and "invalid choice: 'tflite'" in proc.stderr
+def test_cli_unknown_format_is_a_usage_error(tmp_path, capsys):
+    from kfine.export import main
+    with pytest.raises(SystemExit) as e:   # argparse's usage error
+        main(["--run", str(tmp_path), "--format", "tflite"])
+    assert e.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
 
 
 def test_export_run_formats_and_out_dir(exported, tmp_path):

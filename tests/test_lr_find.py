@@ -3,10 +3,7 @@ in left bit-identical, and the CLI's override line (tiny scratch CNN)."""
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,6 @@ from conftest import make_folder
 from kfine.config import load_config
 from kfine.lr_find import find_lr, smooth
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny(tmp_path):
@@ -65,15 +61,13 @@ def test_smoothing_is_bias_corrected():
     assert smooth([1.0, 3.0], beta=0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])
 
 
-def test_cli_prints_the_override_line(tmp_path):
+def test_cli_prints_the_override_line(tmp_path, capsys):
+    """kfine.lr_find's command line, in process (main(argv))."""
+    from kfine.lr_find import main
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: lr\n")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
-    p = subprocess.run([sys.executable, "-m", "kfine.lr_find", "--config", str(cfg), "--steps", "30",
-                        "--start-lr", "1e-5", "--end-lr", "10", *tiny(tmp_path)],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    last = p.stdout.strip().splitlines()[-1]
+    assert main(["--config", str(cfg), "--steps", "30", "--start-lr", "1e-5", "--end-lr", "10", *tiny(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
     m = re.fullmatch(r"train\.schedule\.learning_rate=([0-9.]+e[+-][0-9]+)", last)
     assert m, last
     assert 1e-5 <= float(m.group(1)) <= 10
