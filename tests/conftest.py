@@ -1,6 +1,7 @@
 """Shared fixtures: offline guard, small generated image folders, tiny configs."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -58,6 +59,26 @@ def make_folder(root: Path, layout: str = "single", classes=("cat", "dog", "fox"
             for i in range(n):
                 write_image(root / split / cls / f"{i:03d}.png", rng, base_color=CLASS_COLORS[ci % 5])
     return root
+
+
+@contextlib.contextmanager
+def interrupted_after_epoch(monkeypatch, epoch: int):
+    """Inside: a run stops with KeyboardInterrupt (as after Ctrl-C) at the end of epoch ``epoch``,
+    after kfine's callbacks (the epoch is committed; early stopping has had its say)."""
+    import keras
+    from kfine import callbacks
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, e, logs=None):
+            if e == epoch:
+                raise KeyboardInterrupt
+
+    make = callbacks.make_callbacks
+    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(callbacks, "make_callbacks", make)
 
 
 @pytest.fixture

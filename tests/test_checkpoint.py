@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_folder
+from conftest import interrupted_after_epoch, make_folder
 from kfine import checkpoint
 from kfine.checkpoint import CheckpointSaver, TrainingError, keyed_variables, load_backup, read_history
 from kfine.config import load_config
@@ -320,7 +320,7 @@ def test_a_run_interrupted_after_an_epoch_and_resumed_ends_with_the_uninterrupte
     epochs the process has run (the resumed process used to replay epoch 0's order and
     augmentations at epoch 2)."""
     import keras
-    from kfine import callbacks, train
+    from kfine import train
     over = tiny(tmp_path, "train.epochs=5", "train.restore_best=false", "export.enabled=false",
                 "train.phases=[{start_epoch: 0, freeze: {strategy: none}}]", "train.steps_per_epoch=2",
                 "data.augment.enabled=true", "data.augment.random_resized_crop=true", "data.augment.flip=true",
@@ -329,17 +329,9 @@ def test_a_run_interrupted_after_an_epoch_and_resumed_ends_with_the_uninterrupte
                 "data.augment.cutmix.probability=0.5", "data.augment.mix_off_epochs=1", "data.deterministic=true")
     whole = train.run(load_config(None, over + ["name=whole"]))
 
-    class Interrupt(keras.callbacks.Callback):   # after EpochCommit: epoch 1 is committed
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    make = callbacks.make_callbacks
-    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
     cfg = load_config(None, over + ["name=cut"])
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch(monkeypatch, 1), pytest.raises(KeyboardInterrupt):   # epoch 1 is committed
         train.run(cfg)
-    monkeypatch.setattr(callbacks, "make_callbacks", make)
     assert read_json(tmp_path / "runs" / "cut" / "backup" / "state.json")["next_epoch"] == 2
     resumed = train.run(cfg, resume=tmp_path / "runs" / "cut")
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3, 4]
@@ -396,23 +388,13 @@ def _temporaries(rd):
 def _interrupt_and_resume(tmp_path, monkeypatch, capsys, epoch, epochs, extra=()):
     """Run (no export) in process, interrupted right after epoch ``epoch``'s commit (a callback
     after kfine's raises), then --resume it in process; returns (run dir, the resume's stdout)."""
-    import keras
-    from kfine import callbacks
     from kfine.train import main
-
-    class Interrupt(keras.callbacks.Callback):   # after EpochCommit and EarlyStopping
-        def on_epoch_end(self, e, logs=None):
-            if e == epoch:
-                raise KeyboardInterrupt
-
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("name: t\n")
     args = ["--config", str(cfg_file), *tiny(tmp_path, f"train.epochs={epochs}", "train.checkpoint.every_epochs=1",
                                              TWO_PHASES, *extra)]
-    make = callbacks.make_callbacks
-    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
-    assert main(args) == 130   # "kfine: interrupted", as after Ctrl-C
-    monkeypatch.setattr(callbacks, "make_callbacks", make)
+    with interrupted_after_epoch(monkeypatch, epoch):
+        assert main(args) == 130   # "kfine: interrupted", as after Ctrl-C
     rd = tmp_path / "runs" / "t"
     assert read_json(rd / "backup" / "state.json")["next_epoch"] == epoch + 1
     capsys.readouterr()

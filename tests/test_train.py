@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import make_folder
+from conftest import interrupted_after_epoch, make_folder
 from kfine.config import ConfigError, load_config
 from kfine.rundir import read_json
 from kfine.fit import class_weights
@@ -151,8 +151,6 @@ def test_resume_after_an_interruption_finishes_every_epoch_once(tmp_path, monkey
     """A run interrupted after epoch 1's commit (in process; SIGKILL at every moment of a run is
     tests/test_checkpoint.py's kill chain); --resume finishes it with every epoch once, the phases
     as configured and the schedule where it was."""
-    import keras
-    from kfine import callbacks
     from kfine.train import main
     args = tiny(tmp_path, "train.epochs=6", "train.schedule.name=cosine", "model.backbone=scratch_cnn",
                 "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}},"
@@ -160,15 +158,8 @@ def test_resume_after_an_interruption_finishes_every_epoch_once(tmp_path, monkey
                 "data.augment.enabled=true")
     (tmp_path / "c.yaml").write_text("name: t\n")   # not the demo: a plain config
 
-    class Interrupt(keras.callbacks.Callback):   # after kfine's: epoch 1 is committed
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    make = callbacks.make_callbacks
-    monkeypatch.setattr(callbacks, "make_callbacks", lambda *a, **k: make(*a, **k) + [Interrupt()])
-    assert main(["--config", str(tmp_path / "c.yaml"), *args]) == 130
-    monkeypatch.setattr(callbacks, "make_callbacks", make)
+    with interrupted_after_epoch(monkeypatch, 1):   # epoch 1 is committed
+        assert main(["--config", str(tmp_path / "c.yaml"), *args]) == 130
     rd = tmp_path / "runs" / "t"
     assert read_json(rd / "backup" / "state.json")["next_epoch"] == 2 and not (rd / "model.keras").exists()
     capsys.readouterr()

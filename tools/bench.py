@@ -28,7 +28,8 @@ same arithmetic as ImageNet weights, no download):
              per-image CPU time of each stage from a single-threaded tf.data run, the share spent
              holding the GIL (the Python callbacks), the images/s Amdahl predicts at 8, 16 and 64
              cores from them, and, measured on 1 and 2 cores (taskset subprocesses) over passes of
-             2048 images, the images/s of a whole pass and the wait for a pass's first batch.
+             2048 images, the images/s of a whole pass and the wait for a pass's first batch
+             (the two paths in turn, --rounds times; the median).
              Needs no --data: a memory cache of random pixels at the cache size.
 
 Every result records the backend and device it ran on and, per section, the accelerator's peak
@@ -641,11 +642,13 @@ def _rate_on(cores: str, view_path: str, images: int, size: int, batch: int) -> 
 
 
 def bench_feed(root, size: int, batch: int, epochs: int, seed: int, images: int = 512,
-               rate_images: int = 2048) -> dict:
+               rate_images: int = 2048, rounds: int = 2) -> dict:
     """Both view paths: per-image CPU time per stage (single-threaded, ``images`` images), GIL-held
     time per image (the Python callbacks' time + tf.numpy_function's per-call overhead), Amdahl's
     images/s at FEED_CORES cores, and measured on cores 0 and 0,1 (taskset), passes of
-    ``rate_images``: images/s over a pass, and the wait for a pass's first batch."""
+    ``rate_images``: images/s over a pass, and the wait for a pass's first batch; the two paths
+    measured in turn ``rounds`` times (python first, then graph first, ...), the median kept."""
+    import statistics
     from dataclasses import replace
     from kfine import pipeline
     cache, files, cfg = feed_cache(images, size, seed)
@@ -669,13 +672,24 @@ def bench_feed(root, size: int, batch: int, epochs: int, seed: int, images: int 
         r["gil_us"] = r["callbacks_us"] + r["calls_per_image"] * overhead * 1e6
         r["gil_share"] = r["gil_us"] / total
         r["predicted"] = {str(n): amdahl(total, r["gil_us"], n) * 1e6 for n in (1, 2, *FEED_CORES)}
-        rates = {"1": _rate_on("0", path, rate_images, size, batch),
-                 "2": _rate_on("0,1", path, rate_images, size, batch) if out["cores_here"] >= 2 else (None, None)}
-        r["measured"] = {k: v[0] for k, v in rates.items()}
-        r["first_batch_s"] = {k: v[1] for k, v in rates.items()}
         print(f"bench: feed {path}: " + ", ".join(f"{k} {v:.0f} us" for k, v in r["cpu_us"].items())
-              + f"; GIL {r['gil_us']:.1f} us/image; measured 1 core {r['measured']['1'] or 0:.0f}, "
-              f"2 cores {r['measured']['2'] or 0:.0f} images/s", flush=True)
+              + f"; GIL {r['gil_us']:.1f} us/image", flush=True)
+    cores = {"1": "0", "2": "0,1"} if out["cores_here"] >= 2 else {"1": "0"}
+    runs = {(p, n): [] for p in ("python", "graph") for n in cores}
+    for i in range(rounds):   # in turn, so that a change in the machine's speed hits both paths alike
+        for path in ("python", "graph")[::1 if i % 2 == 0 else -1]:
+            for n, which in cores.items():
+                runs[path, n].append(_rate_on(which, path, rate_images, size, batch))
+                print(f"bench: feed {path} on {n} core(s): {runs[path, n][-1][0] or 0:.0f} images/s", flush=True)
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+    for path in ("python", "graph"):
+        r = out[path]
+        r["measured"] = {n: median([v[0] for v in runs.get((path, n), [])]) for n in ("1", "2")}
+        r["measured_runs"] = {n: [v[0] for v in runs.get((path, n), [])] for n in ("1", "2")}
+        r["first_batch_s"] = {n: median([v[1] for v in runs.get((path, n), [])]) for n in ("1", "2")}
     return out
 
 
@@ -689,7 +703,8 @@ def print_feed(r: dict) -> None:
     print(f"{'GIL share':34}" + "".join(f"{r[p]['gil_share']:10.1%}" for p in ("python", "graph")))
     for n in ("1", "2", *map(str, FEED_CORES)):
         print(f"{'predicted images/s, ' + n + ' cores':34}" + "".join(f"{r[p]['predicted'][n]:10.0f}" for p in ("python", "graph")))
-    print(f"measured on 1 and 2 cores (taskset), passes of {r['rate_images']} images:")
+    print(f"measured on 1 and 2 cores (taskset), passes of {r['rate_images']} images, median of "
+          f"{len(r['python']['measured_runs']['1'])} in turn:")
     for n in ("1", "2"):
         print(f"{'images/s, ' + n + ' core(s)':34}" + "".join(
             f"{r[p]['measured'][n] or float('nan'):10.0f}" for p in ("python", "graph")))
@@ -717,7 +732,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--steps", type=int, default=8, help="full, distribute: training steps an epoch")
-    ap.add_argument("--rounds", type=int, default=2, help="full: plain/kfine fits alternated this many times each")
+    ap.add_argument("--rounds", type=int, default=2, help="full: plain/kfine fits, feed: python/graph rates, alternated this many times each")
     ap.add_argument("--head-epochs", type=int, default=10)
     ap.add_argument("--head-augment", default="off,on", help="head: augmentation settings to measure (off, on)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -751,6 +766,7 @@ def main(argv=None) -> int:
                **info, "cpus": os.cpu_count(), "precision": cfg.train.precision, "backbone": cfg.model.backbone,
                "overrides": args.set}
     kwargs = {"full": {"steps": args.steps, "rounds": args.rounds}, "distribute": {"steps": args.steps},
+              "feed": {"rounds": args.rounds},
               "head": {"head_epochs": args.head_epochs, "augs": tuple(args.head_augment.split(","))}}
     for name in args.only.split(","):
         run, show = SECTIONS[name]
