@@ -618,8 +618,8 @@ def feed_rate(view_path: str, images: int, size: int, batch: int, passes: int = 
     for r in range(passes + 1):
         t = time.perf_counter()
         it = iter(ds)
-        next(it)
-        first, n = time.perf_counter(), batch
+        n = int(next(it)[0].shape[0])
+        first = time.perf_counter()
         for x, _ in it:
             n += int(x.shape[0])
         if r:
