@@ -413,7 +413,7 @@ def test_two_processes_on_loopback_shard_the_data_write_once_and_resume(tmp_path
     assert (info["processes"], info["replicas"], info["per_process_batch"]) == (2, 2, 4)
     assert (rd / "model.keras").exists() and json.loads((rd / "metrics.json").read_text())["test"]["n"] == 6
     assert not (tmp_path / "runs1").exists()
-    best = json.loads((rd / "checkpoints" / "best.json").read_text())["epoch"]   # t-2's, not the earlier 7
+    best = json.loads((rd / "checkpoints" / "best.json").read_text())["epoch"]   # the new run's best epoch
     assert f"the model now holds epoch {best + 1}'s weights, the best" in logs[1], _logs(tmp_path, "resume")
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before   # untouched
 
