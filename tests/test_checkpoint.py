@@ -387,7 +387,9 @@ def _temporaries(rd):
 
 def _interrupt_and_resume(tmp_path, monkeypatch, capsys, epoch, epochs, extra=()):
     """Run (no export) in process, interrupted right after epoch ``epoch``'s commit (a callback
-    after kfine's raises), then --resume it in process; returns (run dir, the resume's stdout)."""
+    after kfine's raises), left as a SIGKILL right after that commit leaves it (history.csv and
+    the epoch's checkpoints not yet written: in process, the writer finished them on the way
+    out), then --resume it in process; returns (run dir, the resume's stdout)."""
     from kfine.train import main
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("name: t\n")
@@ -397,6 +399,11 @@ def _interrupt_and_resume(tmp_path, monkeypatch, capsys, epoch, epochs, extra=()
         assert main(args) == 130   # "kfine: interrupted", as after Ctrl-C
     rd = tmp_path / "runs" / "t"
     assert read_json(rd / "backup" / "state.json")["next_epoch"] == epoch + 1
+    checkpoint.write_history(rd / "history.csv", read_history(rd / "history.csv")[:epoch])
+    (rd / "checkpoints" / f"epoch_{epoch:04d}.keras").unlink()
+    if read_json(rd / "checkpoints" / "best.json")["epoch"] == epoch:
+        for name in ("best.keras", "best.json"):
+            (rd / "checkpoints" / name).unlink()
     capsys.readouterr()
     assert main(["--resume", str(rd)]) == 0
     return rd, capsys.readouterr().out
@@ -426,6 +433,7 @@ def test_early_stopping_patience_counts_on_across_a_resume(tmp_path, monkeypatch
         "train.early_stopping.min_delta=1000"))
     assert "resuming at epoch 3 (phase 0)" in out   # printed epochs count from 1
     assert "early stopping after epoch 3" in out
+    assert (rd / "checkpoints" / "epoch_0001.keras").exists()   # caught up from the commit
     assert [r["epoch"] for r in read_history(rd / "history.csv")] == [0, 1, 2]
 
 
