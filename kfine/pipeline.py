@@ -26,12 +26,12 @@ view is cut by one of two paths (``data.view_path``, ``graph_views``), which dra
 boxes from the same seeds, bit for bit, and so give the same views: ``python``, one Python call per
 view (``tf.numpy_function``: torchvision's crop box, then the copy of only the crop's pixels out of
 the cache), the less CPU per view but holding the GIL (one process tops out at a few thousand
-images/s: tools/bench.py --only feed); ``graph``, TensorFlow ops alone (the boxes of 64 images at a time, each crop sliced out
-of the cache shared with TensorFlow in place: ``ImageCache.tensors``), which scales with the cores;
-``auto`` takes it with more than 8 cores or more than one device on one pipeline. Every random
-choice is stateless, from a per-image seed that is a function of (seed, epoch, position in the
-epoch), so an epoch is the same in a resumed run. Images leave the pipeline as float32 0..255: the
-model does its own preprocessing.
+images/s: tools/bench.py --only feed); ``graph``, TensorFlow ops alone (the boxes of 64 images at
+a time, each crop sliced out of the cache shared with TensorFlow in place: ``ImageCache.tensors``),
+which scales with the cores; ``auto`` takes it with more than 8 cores or more than one device on
+one pipeline. Every random choice is stateless, from a per-image seed that is a function of
+(seed, epoch, position in the epoch), so an epoch is the same in a resumed run. Images leave the
+pipeline as float32 0..255: the model does its own preprocessing.
 
 The cache holds every image of the index, flat: one uint8 buffer, an offset and a shape per image
 (``ImageCache``). ``memory`` keeps it in RAM; ``disk`` writes it once under
@@ -1051,8 +1051,7 @@ def graph_views(view_path: str) -> bool:
     the pipeline feeds more than one local device (kfine.distribute's plan) or runs on more than
     GRAPH_VIEWS_ABOVE_CORES cores: there the Python path's GIL caps one process at a few
     thousand images/s; on fewer cores its one Python call per view costs less CPU, and the two
-    paths measure about the same. Both paths
-    cut the same views from the same seeds."""
+    paths measure about the same. Both paths cut the same views from the same seeds."""
     if view_path != "auto":
         return view_path == "graph"
     from kfine import distribute
