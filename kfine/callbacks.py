@@ -98,7 +98,8 @@ class EpochCommit(keras.callbacks.Callback):
         full = self.full or self.model
         row = {"epoch": epoch, "phase": self.phase, "lr": current_lr(self.model.optimizer, self.schedule),
                **{k: float(v) for k, v in (logs or {}).items()}}
-        self.saver.commit_epoch(full, epoch, self.phase, row, stopped=bool(self.model.stop_training))
+        self.saver.commit_epoch(full, epoch, self.phase, row, stopped=bool(self.model.stop_training),
+                                defer_best=full is not self.model)   # the head on cached features
 
     def on_train_end(self, logs=None):
         self.saver.end_phase(self.full or self.model)

@@ -25,6 +25,12 @@ place); killed after it, ``--resume`` restores epoch E's state and first writes 
 (history.csv from state.json, epoch E's checkpoints from the restored model): an epoch is either
 committed, with everything that follows from it, or repeated.
 
+In a phase whose head trains on cached features (kfine.features) an epoch takes milliseconds and
+writing the whole model as best.keras each time the monitor improves would be most of the phase.
+There best.keras is written once, at the phase's end (or when training stops), from the host copy
+of the best epoch: until then the commit keeps that epoch's arrays (state.json's
+``best_pending``), so a kill in between loses nothing: ``--resume`` writes best.keras from them.
+
 Checkpoints and model.keras are for inference: the model without optimizer state, unless
 ``train.checkpoint.save_optimizer`` (then a checkpoint is the model itself with its optimizer,
 saved on the training thread). The backup holds the only copy of the optimizer state. When
@@ -213,9 +219,12 @@ class CheckpointSaver:
         self._frozen: _Frozen | None = None
         self._view = None     # the model for inference (inference_view)
         self._shadow = None   # its clone and the clone's variables by key, for checkpoints
+        self._best = None     # best.keras not written yet (a phase on cached features): its epoch, files, arrays
 
     # -- at each epoch's end, on the training thread
-    def commit_epoch(self, model, epoch: int, phase: int, row: dict, stopped: bool = False) -> None:
+    def commit_epoch(self, model, epoch: int, phase: int, row: dict, stopped: bool = False,
+                     defer_best: bool = False) -> None:
+        """``defer_best``: the phase trains on cached features; best.keras waits for its end."""
         self.history = [r for r in self.history if r["epoch"] < epoch] + [row]
         if not self.keep_files:
             if self.writes:
@@ -223,20 +232,37 @@ class CheckpointSaver:
             return
         keyed = keyed_variables(model, model.optimizer)
         if self._frozen is None or self._frozen.phase != phase:
+            self.flush_best()   # a phase ended without end_phase (it cannot, but never lose a best)
             self._frozen = _Frozen(phase, f"frozen_p{phase:02d}_e{epoch:04d}.npz",
                                    {k: _to_numpy(keyed[k]) for k in frozen_keys(model, keyed)})
         changed = {k: _to_numpy(v) for k, v in keyed.items() if k not in self._frozen.arrays}
         names, tmp = self.due(epoch), None
+        files = [self._frozen.name, f"epoch_{epoch:04d}.npz"]
         # train.ema: checkpoints hold the averaged weights (the backup keeps the raw ones)
         ema = {f"model/{v.path}": _to_numpy(a) for v, a in ema_pairs(model)} if names else {}
+        if "best.keras" in names and defer_best and not self.cfg.save_optimizer and not ema:
+            names.remove("best.keras")
+            self._best = (epoch, files, {**self._frozen.arrays, **changed})
         if names and self.cfg.save_optimizer:
             tmp = self._save_temporary(model, epoch)
-        elif names and self._view is None:
+        elif (names or self._best) and self._view is None:
             self._view = inference_view(model)
-        state = {"next_epoch": epoch + 1, "files": [self._frozen.name, f"epoch_{epoch:04d}.npz"],
-                 "stopped": bool(stopped), "finished": False, "history": self.history}
+        state = {"next_epoch": epoch + 1, "files": files, "stopped": bool(stopped), "finished": False,
+                 "history": self.history}
+        if self._best is not None:
+            state["best_pending"] = {"epoch": self._best[0], "files": self._best[1]}
         self._wait()   # the previous epoch's writes: one epoch in flight at most
         self._pending = self._pool.submit(self._write_commit, state, self._frozen, changed, names, tmp, ema)
+
+    def flush_best(self) -> None:
+        """Write the best.keras a phase on cached features deferred (on the writer thread)."""
+        if self._best is None:
+            return
+        (epoch, _, arrays), history = self._best, self.history
+        self._best = None
+        self._wait()
+        self._pending = self._pool.submit(lambda: self._publish(self._save_shadow(arrays, epoch), ["best.keras"],
+                                                                epoch, history))
 
     def end_phase(self, model) -> None:
         """At a phase's end: check that what was written once for the phase did not change. A
@@ -244,6 +270,7 @@ class CheckpointSaver:
         silently wrong; this makes it loud (one host copy of the frozen variables per phase)."""
         if not self.keep_files or self._frozen is None:
             return
+        self.flush_best()
         keyed = keyed_variables(model, model.optimizer)
         moved = [k for k, a in self._frozen.arrays.items()
                  if not np.array_equal(_to_numpy(keyed[k]), a, equal_nan=True)]
@@ -252,10 +279,12 @@ class CheckpointSaver:
                                 f"it: {_few(moved)}; kfine.checkpoint.frozen_keys must count them as changing")
 
     def close(self) -> None:
-        """Wait for the last writes (raising their error, if any) and stop the writer thread."""
+        """Wait for the last writes (raising their error, if any) and stop the writer thread; a
+        best.keras still deferred (training stopped inside a phase, e.g. by Ctrl-C) is written."""
         if self._pool is None:
             return
         try:
+            self.flush_best()
             self._wait()
         finally:
             self._pool.shutdown(wait=True)
@@ -279,8 +308,9 @@ class CheckpointSaver:
             tmp = self._save_shadow({**frozen.arrays, **changed, **ema}, epoch)
         self._publish(tmp, names, epoch, state["history"])
         write_history(self.run_dir / "history.csv", state["history"])
+        keep = set(state["files"]) | set(state.get("best_pending", {}).get("files", ()))
         for old in backup.glob("*.npz"):
-            if old.name not in state["files"]:
+            if old.name not in keep:
                 old.unlink()
 
     def _save_shadow(self, arrays: dict, epoch: int) -> Path:
@@ -345,7 +375,12 @@ class CheckpointSaver:
             return
         write_history(self.run_dir / "history.csv", self.history)
         epoch, ckpt = self.history[-1]["epoch"], self.run_dir / CHECKPOINTS
-        best = read_json(ckpt / "best.json") if (ckpt / "best.json").exists() else {}
+        pending = (read_state(self.run_dir) or {}).get("best_pending")
+        if pending and read_json(ckpt / "best.json", {}).get("epoch") != pending["epoch"]:
+            self._view = self._view or inference_view(model)   # best.keras a cached phase deferred
+            self._publish(self._save_shadow(_read_arrays(self.run_dir, pending["files"]), pending["epoch"]),
+                          ["best.keras"], pending["epoch"], self.history)
+        best = read_json(ckpt / "best.json", {})
         have = {"best.keras": best.get("epoch") == epoch and (ckpt / "best.keras").exists()}
         missing = [n for n in self.due(epoch) if not have.get(n, (ckpt / n).exists())]
         if missing:
@@ -415,12 +450,17 @@ def load_backup(run_dir: Path, model, optimizer) -> dict:
     if state.get("finished"):
         load_weights(run_dir / "model.keras", model)
         return state
-    arrays = {}
-    for name in state["files"]:
-        with np.load(run_dir / BACKUP / name) as data:
-            arrays.update({k: data[k] for k in data.files})
-    assign_by_key(keyed_variables(model, optimizer), arrays, f"the backup in {run_dir / BACKUP}")
+    assign_by_key(keyed_variables(model, optimizer), _read_arrays(run_dir, state["files"]),
+                  f"the backup in {run_dir / BACKUP}")
     return state
+
+
+def _read_arrays(run_dir: Path, files: list) -> dict:
+    arrays = {}
+    for name in files:
+        with np.load(Path(run_dir) / BACKUP / name) as data:
+            arrays.update({k: data[k] for k in data.files})
+    return arrays
 
 
 def load_model(path: Path):
@@ -454,6 +494,7 @@ def finish_backup(run_dir: Path) -> None:
     state = read_state(run_dir)
     if state is None:
         return
+    state = {k: v for k, v in state.items() if k != "best_pending"}   # best.keras is written by now
     write_json(Path(run_dir) / BACKUP / STATE, {**state, "finished": True, "files": []})
     for old in (Path(run_dir) / BACKUP).glob("*.npz"):
         old.unlink()
@@ -548,7 +589,7 @@ def use_best_epoch(cfg: Config, run_dir: Path, model, history: list[dict], resto
               f"the model holds the final epoch's weights", flush=True)
     info_path = run_dir / "run_info.json"
     if writes:
-        info = read_json(info_path) if info_path.exists() else {}
+        info = read_json(info_path, {})
         write_json(info_path, {**info, "model": used})
     return used
 
@@ -557,7 +598,7 @@ def save_shipped_model(cfg: Config, run_dir: Path, model) -> None:
     """model.keras: where the model holds checkpoints/best.keras's weights (use_best_epoch) and that
     file has no optimizer state, a link to it (the same bytes: no second write of the model),
     else the model saved for inference."""
-    info = read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").exists() else {}
+    info = read_json(run_dir / "run_info.json", {})
     best = run_dir / CHECKPOINTS / "best.keras"
     if (info.get("model") or {}).get("weights") == "best" and best.exists() and not cfg.train.checkpoint.save_optimizer:
         link_model(best, run_dir / "model.keras")

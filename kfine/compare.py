@@ -127,7 +127,7 @@ def compare(cfg: Config, resume: Path | None = None, overwrite: bool = False) ->
             if not resume:   # a comparison that stops before its first run leaves no directory behind
                 shutil.rmtree(compare_dir, ignore_errors=True)
             raise
-        progress = _read(compare_dir / "progress.json", {})
+        progress = read_json(compare_dir / "progress.json", {})
         for i, (name, sub) in enumerate(configs.items()):
             if progress.get(name, {}).get("status") == "done":
                 print(f"kfine: compare: {name} finished before; kept", flush=True)
@@ -182,7 +182,7 @@ def _run_set(cfg: Config, run_dir: Path, progress: dict, compare_dir: Path) -> N
 def result_row(name: str, run_dir: Path, progress: dict, reference: dict) -> dict:
     """One set's row of the table, from its run directory (history, phases, metrics)."""
     history = read_history(run_dir / "history.csv")
-    phases, metrics = _read(run_dir / "phases.json", []), _read(run_dir / "metrics.json", {})
+    phases, metrics = read_json(run_dir / "phases.json", []), read_json(run_dir / "metrics.json", {})
     best = best_epoch(history, "val_accuracy", "max")
     return {"set": name,
             "phases": " -> ".join(_describe_phase(p) for p in phases),
@@ -202,12 +202,8 @@ def result_row(name: str, run_dir: Path, progress: dict, reference: dict) -> dic
 def _stage_split(run_dir: Path) -> str:
     """Where the run's time went (run_info.json's timings, kfine.log.stage_split), "" before it ends."""
     from kfine.log import stage_split
-    timings = _read(run_dir / "run_info.json", {}).get("timings")
+    timings = read_json(run_dir / "run_info.json", {}).get("timings")
     return stage_split(timings) if timings else ""
-
-
-def _read(path: Path, default):
-    return read_json(path) if path.exists() else default
 
 
 def _describe_phase(p: dict) -> str:

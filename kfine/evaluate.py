@@ -336,7 +336,7 @@ def evaluate_run(run_dir, model=None, datasets=None, split: str = "test", data_r
     if tta:
         metrics["tta"] = tta_metrics(labels, tta_probs, class_names, tta)
 
-    all_metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    all_metrics = read_json(run_dir / "metrics.json", {})
     all_metrics.update({split: metrics, **(extra or {})})
     write_metrics(run_dir / "metrics.json", all_metrics)
     rows = prediction_rows(probs, class_names, files=files, labels=labels)

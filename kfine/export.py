@@ -522,7 +522,7 @@ def record_litert(path, model, class_names, quantization: str, datasets=None, tr
     write_json(path.with_name("litert.json"), info)
     if run_dir is not None and split is not None:
         metrics_path = Path(run_dir) / "metrics.json"
-        metrics = read_json(metrics_path) if metrics_path.exists() else {}
+        metrics = read_json(metrics_path, {})
         summary = {k: info[k] for k in ("file", "quantization", "bytes", "split", "n", "accuracy",
                                         "keras_accuracy", "agreement", "max_abs_diff")}
         write_json(metrics_path, {**metrics, "export": {**metrics.get("export", {}), "litert": summary}})

@@ -83,7 +83,7 @@ def _fit_phases(model, cfg: Config, datasets, run_dir: Path, start_epoch: int, s
 
     spans = fit.phase_spans(cfg)
     num_classes = len(datasets.class_names)
-    phases_log = read_json(run_dir / "phases.json") if (run_dir / "phases.json").exists() else []
+    phases_log = read_json(run_dir / "phases.json", [])
     cw = fit.class_weights(cfg, datasets.counts, datasets.class_names)
     # A fixed number of steps over a repeated dataset: Keras counts an extra optimizer iteration per
     # epoch on a dataset of unknown size (ours: ignore_errors), which would shift the LR schedule.
@@ -422,7 +422,7 @@ def missing_outputs(cfg: Config, run_dir: Path) -> list[str]:
 def _saved_metrics(run_dir: Path) -> dict:
     """The main evaluation's figures in metrics.json (test, else val; as finish_run sets
     RunResult.metrics), {} when there are none."""
-    saved = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    saved = read_json(run_dir / "metrics.json", {})
     return next((saved[s] for s in ("test", "val") if isinstance(saved.get(s), dict)), {})
 
 
@@ -449,7 +449,7 @@ def finish_run(cfg: Config, run_dir: Path, model, datasets, result: RunResult, t
         split = "test" if datasets.test is not None else "val"
         if getattr(datasets, split) is not None:
             predicted: dict = {}   # the evaluation's probabilities: the heatmaps pick images by them
-            used = read_json(run_dir / "run_info.json").get("model") if (run_dir / "run_info.json").exists() else None
+            used = read_json(run_dir / "run_info.json", {}).get("model")
             with timed("evaluation"):   # which epoch's weights were evaluated (train.restore_best) goes in too
                 result.metrics = evaluate.evaluate_run(run_dir, model=model, datasets=datasets, split=split,
                                                        report=False, predicted=predicted,

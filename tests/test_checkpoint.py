@@ -313,6 +313,48 @@ def test_a_checkpoint_keeps_the_optimizer_when_asked(tmp_path):
     assert any("velocity" in v.path for v in model.optimizer.variables)
 
 
+def test_a_phase_on_cached_features_writes_best_keras_once_and_a_kill_before_loses_nothing(tmp_path, monkeypatch):
+    """A head-only phase on cached features: the monitor (the learning rate, falling under cosine)
+    improves at every epoch, yet best.keras is written once, at the phase's end, holding the best
+    epoch's weights (those of its periodic checkpoint). Until then the commit keeps the best
+    epoch's arrays: the best is epoch 0 (mode max), the run is stopped after epoch 1's commit
+    (Ctrl-C: best.keras is written on the way out) and left as a SIGKILL there leaves it (no
+    best.keras); --resume writes best.keras from the kept arrays."""
+    from kfine.train import main, run
+    published = []
+    publish = CheckpointSaver._publish
+    monkeypatch.setattr(CheckpointSaver, "_publish",
+                        lambda self, tmp, names, epoch, h: published.append((tuple(names), epoch)) or publish(self, tmp, names, epoch, h))
+    head = ["train.epochs=3", "train.phases=[{start_epoch: 0, freeze: {strategy: backbone}}]",
+            "train.schedule={name: cosine, learning_rate: 0.01}", "train.checkpoint.every_epochs=1",
+            "train.checkpoint.keep=3"]
+    rd = run(load_config(None, tiny(tmp_path, *head, "train.checkpoint.monitor=lr", "train.checkpoint.mode=min", "name=every"))).run_dir
+    assert [n for n in published if "best.keras" in n[0]] == [(("best.keras",), 2)]   # once, the phase's end
+    assert read_json(rd / "checkpoints" / "best.json")["epoch"] == 2
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: t\n")
+    args = ["--config", str(cfg_file), *tiny(tmp_path, *head, "train.checkpoint.monitor=lr", "train.checkpoint.mode=max")]
+    with interrupted_after_epoch(monkeypatch, 1):
+        assert main(args) == 130
+    rd, ckpt = tmp_path / "runs" / "t", tmp_path / "runs" / "t" / "checkpoints"
+    state = read_json(rd / "backup" / "state.json")
+    assert state["best_pending"] == {"epoch": 0, "files": [state["files"][0], "epoch_0000.npz"]}
+    assert sorted(p.name for p in (rd / "backup").glob("epoch_*.npz")) == ["epoch_0000.npz", "epoch_0001.npz"]
+    epoch0 = weights_of(ckpt / "epoch_0000.keras")[1]
+    for path, w in weights_of(ckpt / "best.keras")[1].items():   # written on the way out of Ctrl-C
+        np.testing.assert_array_equal(w, epoch0[path], err_msg=path)
+    for name in ("best.keras", "best.json"):   # what a SIGKILL after the commit leaves
+        (ckpt / name).unlink()
+    assert main(["--resume", str(rd)]) == 0
+    assert read_json(ckpt / "best.json")["epoch"] == 0
+    best = weights_of(ckpt / "best.keras")[1]
+    assert any(not np.array_equal(w, epoch0[p]) for p, w in weights_of(ckpt / "epoch_0001.keras")[1].items())
+    for path, w in best.items():
+        np.testing.assert_array_equal(w, epoch0[path], err_msg=path)
+    assert not list((rd / "backup").glob("*.npz"))   # finished: the kept arrays are gone too
+
+
 def test_a_run_interrupted_after_an_epoch_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
     """Stopped right after epoch 1's commit and resumed at epoch 2: the same final weights as the
     run that was never interrupted. Epoch e's order, crops, flips, erasing, MixUp/CutMix draws
