@@ -105,6 +105,7 @@ def _serving_fns(model, class_names, image_size, transform=None):
     model, traced once: the export traces each signature twice (Keras' ExportArchive lists the
     variables, then tf.saved_model.save), and tracing ResNet50 costs about a second each time."""
     import tensorflow as tf
+    from kfine.pipeline import one_pass_options
     h, w = int(image_size[0]), int(image_size[1])
     names = tf.constant(list(class_names), tf.string)
     model_fn = tf.function(lambda images: _probabilities(model, images), autograph=False,
@@ -130,6 +131,7 @@ def _serving_fns(model, class_names, image_size, transform=None):
         ds = tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
         ds = ds.map(lambda i, data: (i, serving_image(data, (h, w), transform))).ignore_errors()
         ds = ds.batch(tf.cast(tf.maximum(n, 1), tf.int64))   # one batch, or none if all failed
+        ds = ds.with_options(one_pass_options())   # no graph rewrite at every call (1.3 s each)
         empty = (tf.zeros([0], tf.int32), tf.zeros([0, h, w, 3], tf.float32))
         index, decoded = ds.reduce(empty, lambda _, batch: batch)
         images = tf.scatter_nd(index[:, None], decoded, [n, h, w, 3])

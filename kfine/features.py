@@ -270,7 +270,7 @@ def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: i
     (kfine.pipeline.pass_order with ``sampling``, data.sampling: a function of the seed and the
     epoch; positions in the file list stand in for cache slots), view ``epoch mod K``."""
     import tensorflow as tf
-    from kfine.pipeline import epoch_stream, pass_order
+    from kfine.pipeline import epoch_stream, one_pass_options, pass_order
     k = feats.train.shape[0]
     labels = tf.constant(feats.train_labels)
 
@@ -286,10 +286,11 @@ def feature_datasets(feats: Features, batch_size: int, seed: int, start_epoch: i
         return (tf.data.Dataset.from_tensor_slices(pass_order(feats.train_labels, seed, e, part, sampling))
                 .batch(batch_size, drop_remainder=drop_remainder).map(lambda idx: gather(e, idx)))
 
-    train = epoch_stream(start_epoch, steps, one_pass).prefetch(tf.data.AUTOTUNE)
+    train = epoch_stream(start_epoch, steps, one_pass).prefetch(tf.data.AUTOTUNE).with_options(one_pass_options())
     val = None
     if feats.val is not None:
         val = tf.data.Dataset.from_tensor_slices((feats.val, feats.val_labels)).batch(batch_size)
+        val = val.with_options(one_pass_options())
     return train, val
 
 

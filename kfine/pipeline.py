@@ -981,7 +981,7 @@ def make_dataset(cache: ImageCache, files: list[tuple[str, int]], cfg, seed: int
         ds = ds.map(graph_fn(lambda s, y: (eval_view(cache.load(s, graph), size, cfg.eval_transform), y)),
                     num_parallel_calls=AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder) if batch else ds
-        return ds.prefetch(AUTOTUNE).with_options(_options(True))
+        return ds.prefetch(AUTOTUNE).with_options(one_pass_options())
 
     recipe = augment.per_image_ops(aug, seed)   # None for the basic recipe
     mix = augment.batch_ops(aug, num_classes, seed, mixing) if batch and num_classes else None
@@ -1063,6 +1063,19 @@ def graph_views(view_path: str) -> bool:
 def _options(deterministic: bool) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = deterministic
+    return options
+
+
+def one_pass_options(deterministic: bool = True) -> tf.data.Options:
+    """Options of a dataset whose iterator is made and dropped at every use: an evaluation, each
+    epoch's validation (Keras makes a new iterator per epoch), a feature pass, a serving call.
+    TensorFlow's autotuning thread makes dropping an iterator wait for it (0.3 to 10 s measured
+    on 2 cores, after the CPU was busy), and its graph rewrite runs at every new iterator (1.3 s
+    of every call of a loaded SavedModel's bytes signature). These pipelines set their
+    parallelism themselves, so neither buys anything here."""
+    options = _options(deterministic)
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
     return options
 
 

@@ -200,6 +200,22 @@ def test_layout_and_signatures(exported):
     assert sigs["serving_tensor"]["inputs"]["image"] == {"dtype": "float32", "shape": [None, *SIZE, 3]}
 
 
+def test_the_bytes_signature_decodes_without_a_graph_rewrite_per_call(exported):
+    """Its tf.data decode pipeline carries options that switch off autotuning and the default
+    graph rewrite, which TensorFlow otherwise ran at every call (1.3 s a call of a 32 px
+    ResNet50 on 2 cores, against 0.11 s without)."""
+    import tensorflow as tf
+    from tensorflow.core.framework import dataset_options_pb2
+    served = tf.saved_model.load(str(exported["run"] / "export" / "saved_model" / "1"))
+    graph = served.signatures["serving_default"].graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    options = [dataset_options_pb2.Options.FromString(n.attr["serialized_options"].s)
+               for n in nodes if n.op == "OptionsDataset"]
+    assert len(options) == 1 and "ReduceDataset" in {n.op for n in nodes}
+    assert options[0].autotune_options.enabled is False
+    assert options[0].optimization_options.apply_default_optimizations is False
+
+
 def test_png_at_the_cache_size_matches_keras_on_its_raw_centre_crop(exported):
     got = np.array(exported["child"]["good"]["probabilities"])[0]
     top = round((CACHE - 32) / 2)

@@ -54,7 +54,12 @@ if [ -z "${KERAS_BACKEND:-}" ] && "$py" -c "import importlib.util, sys; sys.exit
   export KERAS_BACKEND=jax
 fi
 export KERAS_BACKEND=${KERAS_BACKEND:-tensorflow} KFINE_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
-versions='import sys, keras, tensorflow as tf; print(f"gpu_check: KERAS_BACKEND={keras.backend.backend()}, python {sys.version.split()[0]}, keras {keras.__version__}, tensorflow {tf.__version__}")'
+# found without importing them (TensorFlow's import alone takes seconds; bench.py imports them next)
+versions='import os, sys, importlib.util as u, importlib.metadata as m
+assert u.find_spec("tensorflow") and u.find_spec("keras")
+v = {d.metadata["Name"].lower(): d.version for d in m.distributions()}
+print("gpu_check: KERAS_BACKEND=%s, python %s, keras %s, tensorflow %s" % (os.environ["KERAS_BACKEND"],
+      sys.version.split()[0], v.get("keras"), v.get("tensorflow") or v.get("tensorflow-cpu")))'
 if ! "$py" -c "$versions" 2>/dev/null; then
   if [ ! -f "$site/keras/__init__.py" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     if ls /tmp/tfp/part* >/dev/null 2>&1 && ! ls /tmp/tensorflow_cpu-*.whl >/dev/null 2>&1; then
