@@ -609,7 +609,7 @@ def _decoded(keys, cfg) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices(list(keys)).enumerate()
     ds = ds.map(graph_fn(lambda i, k: (i, decode_to_cache(tf.io.read_file(k), cfg.cache_size, cfg.image_size))),
                 num_parallel_calls=AUTOTUNE)
-    return ds.ignore_errors().prefetch(AUTOTUNE)
+    return ds.ignore_errors().prefetch(AUTOTUNE).with_options(one_pass_options())
 
 
 def build_cache(keys: list[str], cfg, info=None, images=None, progress=None) -> tuple[ImageCache, dict[str, str]]:
