@@ -1070,9 +1070,9 @@ def one_pass_options(deterministic: bool = True) -> tf.data.Options:
     """Options of a dataset whose iterator is made and dropped at every use: an evaluation, each
     epoch's validation (Keras makes a new iterator per epoch), a feature pass, a serving call.
     TensorFlow's autotuning thread makes dropping an iterator wait for it (0.3 to 10 s measured
-    on 2 cores, after the CPU was busy), and its graph rewrite runs at every new iterator (1.3 s
-    of every call of a loaded SavedModel's bytes signature). These pipelines set their
-    parallelism themselves, so neither buys anything here."""
+    on 2 cores, after the CPU was busy), and its graph rewrite runs at every new iterator (about
+    0.1 s of every call of the exported SavedModel's bytes signature: tools/bench.py --only
+    serving). These pipelines set their parallelism themselves, so neither buys anything here."""
     options = _options(deterministic)
     options.autotune.enabled = False
     options.experimental_optimization.apply_default_optimizations = False

@@ -202,8 +202,8 @@ def test_layout_and_signatures(exported):
 
 def test_the_bytes_signature_decodes_without_a_graph_rewrite_per_call(exported):
     """Its tf.data decode pipeline carries options that switch off autotuning and the default
-    graph rewrite, which TensorFlow otherwise ran at every call (1.3 s a call of a 32 px
-    ResNet50 on 2 cores, against 0.11 s without)."""
+    graph rewrite, which TensorFlow otherwise ran at every call (about 0.1 s of each call on 2
+    cores: tools/bench.py --only serving)."""
     import tensorflow as tf
     from tensorflow.core.framework import dataset_options_pb2
     served = tf.saved_model.load(str(exported["run"] / "export" / "saved_model" / "1"))

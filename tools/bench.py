@@ -22,7 +22,12 @@ same arithmetic as ImageNet weights, no download):
   command    the whole ``python -m kfine.train`` command (a subprocess) of an 8-epoch head-only run,
              augmentation off, no export, with and without the feature cache: wall times, their ratio,
              each run's seconds per stage (run_info.json's timings), the cached run's fixed cost and
-             its test evaluation's cost per image against the feature pass's.
+             its test evaluation's cost per image against the feature pass's (the two commands in
+             turn --rounds times: each pair's ratio, and the median runs').
+  serving    a call of the exported SavedModel (ResNet50 at --image-size, 4 JPEGs of 640x480):
+             serving_default as kfine exports it against the same export with tf.data's default
+             options (its decode pipeline autotuned and rewritten), and serving_tensor; median
+             seconds per call. Needs no --data.
 
   feed       the training views' CPU cost for both view paths (data.view_path python | graph):
              per-image CPU time of each stage from a single-threaded tf.data run, the share spent
@@ -444,18 +449,27 @@ def _train_command(root: Path, size: int, batch: int, runs: str, name: str, cach
     return {"wall_s": wall, "timings": json.loads((run_dir / "run_info.json").read_text())["timings"], "images": n}
 
 
-def bench_command(root: Path, size: int, batch: int, epochs: int, seed: int, head_epochs: int = 8) -> dict:
+def bench_command(root: Path, size: int, batch: int, epochs: int, seed: int, head_epochs: int = 8,
+                  rounds: int = 1) -> dict:
     """The whole command of a short head-only run (``head_epochs`` epochs, augmentation off, no
-    export), with and without the frozen-feature cache: wall time and where it went (per stage);
-    the cached run's fixed cost (all but features and epochs) and its test evaluation's cost per
-    image against the feature pass's."""
+    export), with and without the frozen-feature cache, in turn ``rounds`` times: wall time and
+    where it went (per stage); the cached run's fixed cost (all but features and epochs) and its
+    test evaluation's cost per image against the feature pass's. ``uncached`` and ``cached``:
+    the run of median wall time (the lower one of an even count); ``ratio``: of those."""
+    import statistics
     import tempfile
-    out = {}
+    out = {"runs": {"uncached": [], "cached": []}}
     with tempfile.TemporaryDirectory() as runs:
-        for cache in ("false", "auto"):
-            key = "cached" if cache == "auto" else "uncached"
-            out[key] = _train_command(root, size, batch, runs, f"command_{key}", cache, head_epochs)
-            print(f"bench: command, feature cache {cache}: {out[key]['wall_s']:.1f} s", flush=True)
+        for r in range(rounds):
+            for cache in ("false", "auto"):
+                key = "cached" if cache == "auto" else "uncached"
+                res = _train_command(root, size, batch, runs, f"command_{key}_{r}", cache, head_epochs)
+                out["runs"][key].append(res)
+                print(f"bench: command, feature cache {cache}: {res['wall_s']:.1f} s", flush=True)
+    for key, done in out["runs"].items():
+        wall = statistics.median_low([d["wall_s"] for d in done])
+        out[key] = next(d for d in done if d["wall_s"] == wall)
+    out["ratios"] = [u["wall_s"] / c["wall_s"] for u, c in zip(out["runs"]["uncached"], out["runs"]["cached"])]
     c = out["cached"]
     t, n = c["timings"], c["images"]
     out["ratio"] = out["uncached"]["wall_s"] / c["wall_s"]
@@ -469,12 +483,72 @@ def bench_command(root: Path, size: int, batch: int, epochs: int, seed: int, hea
 
 def print_command(r: dict) -> None:
     from kfine.log import stage_split
+    if len(r["ratios"]) > 1:
+        print("\nwhole command, head-only, each round: " + ", ".join(
+            f"{u['wall_s']:.1f} s -> {c['wall_s']:.1f} s ({x:.2f}x)"
+            for u, c, x in zip(r["runs"]["uncached"], r["runs"]["cached"], r["ratios"])) + "; the medians:")
     print(f"\nwhole command, head-only: no cache {r['uncached']['wall_s']:.1f} s -> cache {r['cached']['wall_s']:.1f} s "
           f"(**{r['ratio']:.1f}x**); cached run's fixed cost (all but features and epochs) {r['fixed_s']:.1f} s; "
           f"test evaluation {r['evaluation_ms_per_image']:.0f} ms/image = {r['evaluation_vs_features']:.2f}x the "
           f"feature pass's {r['feature_ms_per_image']:.0f} ms/image")
     for key in ("uncached", "cached"):
         print(f"  {key}: {stage_split(r[key]['timings'])} (seconds; total {r[key]['timings']['total']:.1f})")
+# ----------------------------------------------------------------------------- serving
+def bench_serving(root, size: int, batch: int, epochs: int, seed: int, calls: int = 20, images: int = 4) -> dict:
+    """A call of the exported SavedModel's signatures, loaded as a server loads it (ResNet50,
+    weights=null, 3 classes, ``size`` px; ``images`` JPEGs of 640x480 per call): serving_default
+    (bytes: decode, resize, the model) as kfine exports it and as it would with tf.data's default
+    options (autotuning and graph rewrite on), and serving_tensor (decoded images, the model only).
+    Median seconds per call over ``calls`` after a first (tracing) call."""
+    import io
+    import statistics
+    import tempfile
+    from unittest import mock
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+    from kfine import export, pipeline
+    from kfine.config import ModelConfig
+    from kfine.model import build_model
+    rng = np.random.default_rng(seed)
+    jpegs = []
+    for _ in range(images):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (480, 640, 3), np.uint8)).save(buf, "JPEG")
+        jpegs.append(buf.getvalue())
+    model = build_model(ModelConfig(backbone="resnet50", weights=None), 3, (size, size))
+    x_bytes = tf.constant(jpegs)
+    x = tf.constant(rng.uniform(0, 255, (images, size, size, 3)).astype(np.float32))
+
+    def per_call(fn, **inputs):
+        fn(**inputs)
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn(**inputs)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    out = {"images_per_call": images, "calls": calls}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, options in (("kfine", None), ("tf_data_defaults", tf.data.Options)):
+            with mock.patch.object(pipeline, "one_pass_options", options or pipeline.one_pass_options):
+                path = export._write_saved_model(model, ["a", "b", "c"], (size, size), Path(tmp) / key)
+            served = tf.saved_model.load(str(path))
+            out[f"bytes_{key}_s"] = per_call(served.signatures["serving_default"], image_bytes=x_bytes)
+            if key == "kfine":
+                out["tensor_s"] = per_call(served.signatures["serving_tensor"], image=x)
+    out["ratio"] = out["bytes_tf_data_defaults_s"] / out["bytes_kfine_s"]
+    return out
+
+
+def print_serving(r: dict) -> None:
+    print(f"\nSavedModel, {r['images_per_call']} JPEGs a call (median of {r['calls']}): serving_default "
+          f"{1000 * r['bytes_tf_data_defaults_s']:.0f} ms with tf.data's default options -> "
+          f"{1000 * r['bytes_kfine_s']:.0f} ms as kfine exports it (**{r['ratio']:.1f}x**); "
+          f"serving_tensor (decoded images) {1000 * r['tensor_s']:.0f} ms")
+
+
 # ----------------------------------------------------------------------------- feed
 FEED_STAGES = ("order", "box", "crop", "view", "batch")   # each includes the ones before it
 FEED_CORES = (8, 16, 64)
@@ -716,8 +790,8 @@ SECTIONS = {"pipeline": (bench_pipeline, print_pipeline), "head": (bench_head, p
             "search": (bench_search, print_search), "full": (bench_full, print_full),
             "distribute": (bench_distribute, print_distribute),
             "command": (bench_command, print_command),
-            "feed": (bench_feed, print_feed)}
-NO_DATA = {"feed"}   # sections that generate their own input
+            "feed": (bench_feed, print_feed), "serving": (bench_serving, print_serving)}
+NO_DATA = {"feed", "serving"}   # sections that generate their own input
 
 
 def main(argv=None) -> int:
@@ -732,7 +806,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--steps", type=int, default=8, help="full, distribute: training steps an epoch")
-    ap.add_argument("--rounds", type=int, default=2, help="full: plain/kfine fits, feed: python/graph rates, alternated this many times each")
+    ap.add_argument("--rounds", type=int, default=2, help="full: plain/kfine fits, feed: python/graph rates, command: uncached/cached "
+                    "commands, alternated this many times each")
     ap.add_argument("--head-epochs", type=int, default=10)
     ap.add_argument("--head-augment", default="off,on", help="head: augmentation settings to measure (off, on)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -766,7 +841,7 @@ def main(argv=None) -> int:
                **info, "cpus": os.cpu_count(), "precision": cfg.train.precision, "backbone": cfg.model.backbone,
                "overrides": args.set}
     kwargs = {"full": {"steps": args.steps, "rounds": args.rounds}, "distribute": {"steps": args.steps},
-              "feed": {"rounds": args.rounds},
+              "feed": {"rounds": args.rounds}, "command": {"rounds": args.rounds},
               "head": {"head_epochs": args.head_epochs, "augs": tuple(args.head_augment.split(","))}}
     for name in args.only.split(","):
         run, show = SECTIONS[name]
