@@ -1072,9 +1072,13 @@ def one_pass_options(deterministic: bool = True) -> tf.data.Options:
     TensorFlow's autotuning thread makes dropping an iterator wait for it (0.3 to 10 s measured
     on 2 cores, after the CPU was busy), and its graph rewrite runs at every new iterator (about
     0.1 s of every call of the exported SavedModel's bytes signature: tools/bench.py --only
-    serving). These pipelines set their parallelism themselves, so neither buys anything here."""
+    serving). Without autotuning a map of ``num_parallel_calls=AUTOTUNE`` runs at
+    ``initial_parallelism`` (TensorFlow's default: 16, at most the cores): set to every core this
+    process may use, as far as autotuning would have taken it (the data check's decode pass of a
+    large folder on a 64-core machine)."""
     options = _options(deterministic)
     options.autotune.enabled = False
+    options.autotune.initial_parallelism = feeding_cores()
     options.experimental_optimization.apply_default_optimizations = False
     return options
 

@@ -240,6 +240,7 @@ def test_one_pass_datasets_run_untuned_and_training_stays_tuned(tmp_path):
     for d in untuned:
         assert d.options().autotune.enabled is False
         assert d.options().experimental_optimization.apply_default_optimizations is False
+        assert d.options().autotune.initial_parallelism == pipeline.feeding_cores()   # not TF's 16
     assert ds.dataset("train").options().autotune.enabled is not False
 
 
