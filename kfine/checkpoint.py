@@ -232,7 +232,6 @@ class CheckpointSaver:
             return
         keyed = keyed_variables(model, model.optimizer)
         if self._frozen is None or self._frozen.phase != phase:
-            self.flush_best()   # a phase ended without end_phase (it cannot, but never lose a best)
             self._frozen = _Frozen(phase, f"frozen_p{phase:02d}_e{epoch:04d}.npz",
                                    {k: _to_numpy(keyed[k]) for k in frozen_keys(model, keyed)})
         changed = {k: _to_numpy(v) for k, v in keyed.items() if k not in self._frozen.arrays}
@@ -261,8 +260,7 @@ class CheckpointSaver:
         (epoch, _, arrays), history = self._best, self.history
         self._best = None
         self._wait()
-        self._pending = self._pool.submit(lambda: self._publish(self._save_shadow(arrays, epoch), ["best.keras"],
-                                                                epoch, history))
+        self._pending = self._pool.submit(self._write_best, arrays, epoch, history)
 
     def end_phase(self, model) -> None:
         """At a phase's end: check that what was written once for the phase did not change. A
@@ -312,6 +310,9 @@ class CheckpointSaver:
         for old in backup.glob("*.npz"):
             if old.name not in keep:
                 old.unlink()
+
+    def _write_best(self, arrays: dict, epoch: int, history: list[dict]) -> None:
+        self._publish(self._save_shadow(arrays, epoch), ["best.keras"], epoch, history)
 
     def _save_shadow(self, arrays: dict, epoch: int) -> Path:
         """The checkpoint of epoch ``epoch`` from its host copy, through a clone of the model for
@@ -375,17 +376,16 @@ class CheckpointSaver:
             return
         write_history(self.run_dir / "history.csv", self.history)
         epoch, ckpt = self.history[-1]["epoch"], self.run_dir / CHECKPOINTS
-        pending = (read_state(self.run_dir) or {}).get("best_pending")
+        state = read_state(self.run_dir) or {}
+        pending = state.get("best_pending")
         if pending and read_json(ckpt / "best.json", {}).get("epoch") != pending["epoch"]:
             self._view = self._view or inference_view(model)   # best.keras a cached phase deferred
-            self._publish(self._save_shadow(_read_arrays(self.run_dir, pending["files"]), pending["epoch"]),
-                          ["best.keras"], pending["epoch"], self.history)
+            self._write_best(_read_arrays(self.run_dir, pending["files"]), pending["epoch"], self.history)
         best = read_json(ckpt / "best.json", {})
         have = {"best.keras": best.get("epoch") == epoch and (ckpt / "best.keras").exists()}
         missing = [n for n in self.due(epoch) if not have.get(n, (ckpt / n).exists())]
         if missing:
-            finished = (read_state(self.run_dir) or {}).get("finished")
-            tmp = self._save_temporary(model, epoch, optimizer=None if finished else optimizer)
+            tmp = self._save_temporary(model, epoch, optimizer=None if state.get("finished") else optimizer)
             self._publish(tmp, missing, epoch, self.history)
 
 
@@ -433,8 +433,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 # ----------------------------------------------------------------------------- resume
 def read_state(run_dir: Path) -> dict | None:
     """The last commit of ``run_dir`` (backup/state.json), or None if no epoch was committed."""
-    path = Path(run_dir) / BACKUP / STATE
-    return read_json(path) if path.exists() else None
+    return read_json(Path(run_dir) / BACKUP / STATE, None)
 
 
 def load_backup(run_dir: Path, model, optimizer) -> dict:

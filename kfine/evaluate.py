@@ -266,7 +266,7 @@ def write_plots(run_dir: Path, split: str, metrics: dict, class_names, labels, p
                                                  out_dir / f"predictions_{split}.png", n=len(idx)))
     hist = run_dir / "history.csv"
     if hist.exists() and not (out_dir / "history.png").exists():
-        phases = read_json(run_dir / "phases.json") if (run_dir / "phases.json").exists() else None
+        phases = read_json(run_dir / "phases.json", None)
         paths.append(plots.plot_history(hist, out_dir / "history.png", phases=phases))
     return paths
 

@@ -62,7 +62,7 @@ COUNTS_CSV = "images_per_class.csv"
 
 
 def _class_order(run_dir: Path) -> list:
-    names = _read_json(run_dir / "class_names.json")
+    names = read_json(run_dir / "class_names.json", None)
     return names if isinstance(names, list) else []
 
 
@@ -74,7 +74,7 @@ def write_class_tables(run_dir) -> list[Path]:
     run_dir = Path(run_dir)
     order = {c: i for i, c in enumerate(_class_order(run_dir))}
     written = []
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / "metrics.json", None)
     for split, m in (metrics.items() if isinstance(metrics, dict) else []):
         per = m.get("per_class") if isinstance(m, dict) else None
         if isinstance(per, list) and len(per) > MAX_CLASS_ROWS:
@@ -82,7 +82,7 @@ def write_class_tables(run_dir) -> list[Path]:
                 k: r.get(k) for k in ("precision", "recall", "f1", "support")}} for i, r in enumerate(per)]
             write_csv(run_dir / per_class_csv(split), rows, ["class", "label", "precision", "recall", "f1", "support"])
             written.append(run_dir / per_class_csv(split))
-    counts = (_read_json(run_dir / "data_check.json") or {}).get("counts")
+    counts = (read_json(run_dir / "data_check.json", None) or {}).get("counts")
     rows = _count_rows(counts) if isinstance(counts, dict) else []
     if len(rows) > MAX_CLASS_ROWS:
         splits = [s for s, c in counts.items() if isinstance(c, dict)]
@@ -128,10 +128,6 @@ def lowest_classes(per: list[dict], n: int = LOWEST) -> list[dict]:
 
 def highest_classes(per: list[dict], n: int = HIGHEST) -> list[dict]:
     return sorted(per, key=lambda r: (-(r.get("recall") or 0.0), -(r.get("f1") or 0.0), natural_key(r.get("class"))))[:n]
-
-
-def _read_json(path: Path):
-    return read_json(path) if path.exists() else None
 
 
 def _fmt(v) -> str:
@@ -184,7 +180,7 @@ def _size(n: int) -> str:
 
 # ----------------------------------------------------------------------------- sections
 def section_summary(run_dir: Path, shown: set) -> str:
-    metrics = _read_json(run_dir / "metrics.json") or {}
+    metrics = read_json(run_dir / "metrics.json", None) or {}
     cards = []
     for split, m in metrics.items():
         if not isinstance(m, dict) or "accuracy" not in m:
@@ -196,7 +192,7 @@ def section_summary(run_dir: Path, shown: set) -> str:
             cards.append(f'<div class=card><span class=muted>{escape(split)} accuracy with TTA</span>'
                          f'<b>{100 * m["tta"]["accuracy"]:.2f}%</b><span class=muted>'
                          f'{escape(str(m["tta"].get("mode", "")))}, {escape(str(m["tta"].get("views", "")))} views</span></div>')
-    weights = (_read_json(run_dir / "run_info.json") or {}).get("weights")
+    weights = (read_json(run_dir / "run_info.json", None) or {}).get("weights")
     if isinstance(weights, dict) and weights.get("used"):
         fell_back = weights.get("requested") not in (None, weights["used"]) and weights["used"] == "random"
         cards.append(f'<div class=card><span class=muted>backbone weights</span><b{" class=warn" if fell_back else ""}>'
@@ -224,8 +220,8 @@ def model_epoch(run_dir: Path) -> tuple[int, str] | None:
     """(epoch, why) of the weights model.keras holds, evaluation and export used (train.restore_best),
     from metrics.json or run_info.json; None for a run that does not say. The files hold 0-based
     epoch indices (as history.csv); the epoch returned counts from 1, as the training log does."""
-    used = ((_read_json(run_dir / "metrics.json") or {}).get("model")
-            or (_read_json(run_dir / "run_info.json") or {}).get("model"))
+    used = ((read_json(run_dir / "metrics.json", None) or {}).get("model")
+            or (read_json(run_dir / "run_info.json", None) or {}).get("model"))
     if not isinstance(used, dict) or used.get("epoch") is None:
         return None
     if used.get("weights") == "best":
@@ -282,7 +278,7 @@ def _counts_table(counts: dict, run_dir: Path | None = None) -> str:
 
 
 def section_data(run_dir: Path, shown: set) -> str:
-    check = _read_json(run_dir / "data_check.json")
+    check = read_json(run_dir / "data_check.json", None)
     skipped_file = run_dir / "skipped_files.txt"
     samples = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "plots").glob("sample*.png")) \
         if (run_dir / "plots").is_dir() else []
@@ -329,7 +325,7 @@ def section_data(run_dir: Path, shown: set) -> str:
 
 
 def section_phases(run_dir: Path, shown: set) -> str:
-    phases = _read_json(run_dir / "phases.json")
+    phases = read_json(run_dir / "phases.json", None)
     if not isinstance(phases, list) or not phases:
         return ""
     parts = ["<section id=phases><h2>Training phases</h2>"]
@@ -359,7 +355,7 @@ def section_curves(run_dir: Path, shown: set) -> str:
 
 
 def section_metrics(run_dir: Path, shown: set) -> str:
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / "metrics.json", None)
     if not isinstance(metrics, dict) or not metrics:
         return ""
     parts = ["<section id=metrics><h2>Evaluation</h2>"]
@@ -474,7 +470,7 @@ def section_heatmaps(run_dir: Path, shown: set) -> str:
 
 def section_exports(run_dir: Path, shown: set) -> str:
     """Exported files measured against the Keras model (metrics.json "export": the LiteRT file)."""
-    entries = (_read_json(run_dir / "metrics.json") or {}).get("export") or {}
+    entries = (read_json(run_dir / "metrics.json", None) or {}).get("export") or {}
     if not entries:
         return ""
 
@@ -483,7 +479,7 @@ def section_exports(run_dir: Path, shown: set) -> str:
     rows = [[fmt, e.get("file"), e.get("quantization"), _size(e["bytes"]) if e.get("bytes") else "",
              e.get("split"), e.get("n"), pct(e.get("accuracy")), pct(e.get("keras_accuracy")),
              pct(e.get("agreement"))] for fmt, e in sorted(entries.items())]
-    lite = _read_json(run_dir / "export" / "litert.json") or {}
+    lite = read_json(run_dir / "export" / "litert.json", None) or {}
     note = ""
     if lite.get("input"):
         i = lite["input"]
@@ -498,7 +494,7 @@ def section_exports(run_dir: Path, shown: set) -> str:
 
 def _signatures_table(path: Path) -> str:
     """The exported signatures (export/signatures.json, written from the traced functions)."""
-    sigs = _read_json(path)
+    sigs = read_json(path, None)
     if not isinstance(sigs, dict):
         return ""
     def shape(spec):
@@ -541,7 +537,7 @@ def section_compare(run_dir: Path, shown: set) -> str:
 def section_timings(run_dir: Path, shown: set) -> str:
     """Where the run's time went: run_info.json's timings (kfine.log.STAGES), seconds and shares."""
     from kfine.log import STAGE_HELP, STAGES
-    timings = (_read_json(run_dir / "run_info.json") or {}).get("timings")
+    timings = (read_json(run_dir / "run_info.json", None) or {}).get("timings")
     if not isinstance(timings, dict):
         return ""
     total = float(timings.get("total") or sum(float(timings.get(s, 0.0)) for s in STAGES)) or 1.0

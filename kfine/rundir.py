@@ -99,9 +99,12 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
     atomic_write_text(path, json.dumps(obj, indent=indent, default=_jsonable) + "\n")
 
 
-def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+_REQUIRED = object()
+
+
+def read_json(path: str | os.PathLike, default: Any = _REQUIRED) -> Any:
     """The JSON file at ``path``; ``default`` (when given) where there is no such file."""
-    if default is not None and not os.path.exists(path):
+    if default is not _REQUIRED and not os.path.exists(path):
         return default
     with open(path) as f:
         return json.load(f)
