@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,6 +30,22 @@ SLOWEST_FIRST = ("test_distribute.py", "test_checkpoint.py", "test_gpu_path.py",
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):   # pytest-xdist: keep the order below
         config.option.loadscopereorder = False
+    # The suite's JAX processes (tests and the runs they start) share XLA's compiled programs
+    # through JAX's persistent cache, for this session only: a toy_resnet built on JAX compiles
+    # its initialisers alone for about 10 s on this CPU, the same programs in every process. Set
+    # in the controller before xdist starts its workers, which inherit it; the size limit turns
+    # on the cache's file lock (two workers read and write it at once).
+    if not hasattr(config, "workerinput") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        config._kfine_jax_cache = tempfile.mkdtemp(prefix="kfine-tests-jax-cache-")
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=config._kfine_jax_cache,
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                          JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_kfine_jax_cache", None):
+        shutil.rmtree(config._kfine_jax_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import forkserver
 from conftest import interrupted_after_epoch, make_folder
 from kfine import checkpoint
 from kfine.checkpoint import CheckpointSaver, TrainingError, keyed_variables, load_backup, read_history
@@ -405,7 +406,7 @@ def _env(**extra):
 
 
 def _start(args, env, log):
-    return subprocess.Popen([sys.executable, "-m", "kfine.train", *args], cwd=REPO, env=env,
+    return forkserver.Popen([sys.executable, "-m", "kfine.train", *args], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -419,7 +420,7 @@ def _wait_for(condition, proc, what, timeout=300):
 
 
 def _resume(rd):
-    return subprocess.run([sys.executable, "-m", "kfine.train", "--resume", str(rd)], cwd=REPO, env=_env(),
+    return forkserver.run([sys.executable, "-m", "kfine.train", "--resume", str(rd)], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=600)
 
 
