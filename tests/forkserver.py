@@ -11,8 +11,9 @@ test signals, kills and waits for like any other (its exit status is the command
 signal that ended it). What the few real-process smokes check (start-up lines on stderr, an
 installed wheel) stays with subprocess.
 
-One thing is fixed when the server starts and so keys it: the environment that TensorFlow, Keras
-and JAX read at import (KERAS_BACKEND, JAX_*, XLA_*, TF_*). KFINE_TESTS_FORK=0 runs every
+One thing is fixed when the server starts and so keys it: the environment that Keras and JAX read
+at import (KERAS_BACKEND, JAX_*). XLA_FLAGS is read when JAX's runtime starts, in the child.
+TensorFlow's C++ log level is the server's (3: quiet). KFINE_TESTS_FORK=0 runs every
 command as a fresh process instead (subprocess itself), to tell the two apart when a test fails.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ FORK = os.environ.get("KFINE_TESTS_FORK", "1") != "0"
 
 def _key(env: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in env.items()
-                        if k == "KERAS_BACKEND" or k.startswith(("JAX_", "XLA_", "TF_"))))
+                        if k == "KERAS_BACKEND" or k.startswith("JAX_")))
 
 
 def _server(env: dict) -> str:
@@ -46,7 +47,7 @@ def _server(env: dict) -> str:
         folder = tempfile.mkdtemp(prefix="kfine-forkserver-")
         address = os.path.join(folder, "socket")
         with open(os.path.join(folder, "log"), "w") as log:   # TensorFlow's start-up lines
-            proc = subprocess.Popen([sys.executable, __file__, address], env=env, cwd=folder,
+            proc = subprocess.Popen([sys.executable, __file__, address], env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=folder,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not os.path.exists(address + ".ready"):

@@ -4,7 +4,6 @@ the soft-label loss and metrics in a real fit."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ import tensorflow as tf
 
 import keras
 
+import forkserver
 from kfine import augment
 from kfine.config import AugmentConfig, ConfigError, MixConfig, load_config
 
@@ -330,7 +330,7 @@ def test_ops_inside_tf_data_under_the_jax_backend():
     pytest.importorskip("jax")
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
+    p = forkserver.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "randaugment ok" in p.stdout and "augmix ok" in p.stdout and "mix ok" in p.stdout

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import forkserver
 from conftest import make_folder
 from kfine.config import ConfigError, load_config
 
@@ -232,7 +233,7 @@ def _two_devices(tmp_path_factory, backend: str, batch: int) -> dict:
     root = make_folder(tmp / "data", "sketch", per_class=8)            # 24 train, 6 val, 6 test images
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "KFINE_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-c", TWO_DEVICES, backend, str(root), str(tmp / "runs"), str(batch)],
+    p = forkserver.run([sys.executable, "-c", TWO_DEVICES, backend, str(root), str(tmp / "runs"), str(batch)],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return json.loads((tmp / "runs" / "out.json").read_text())
@@ -333,7 +334,7 @@ def _launch(args, tmp_path, tag, extra_env=None):
         env.pop("XLA_FLAGS", None)
         env = {k: v.replace("{i}", str(i)) for k, v in env.items()}
         log = open(tmp_path / f"{tag}{i}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, *[a.replace("{i}", str(i)) for a in args]], env=env,
+        procs.append(forkserver.Popen([sys.executable, *[a.replace("{i}", str(i)) for a in args]], env=env,
                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 

@@ -8,6 +8,7 @@ import pytest
 
 import keras
 
+import forkserver
 from kfine.config import ModelConfig, ScratchConfig
 from kfine.explain import cam_parts, explain_images, gradcam, pick_images
 from kfine.model import build_model, probabilities
@@ -162,7 +163,6 @@ np.save(sys.argv[3], heat)
 def test_jax_backend_gives_the_same_heatmaps(square_model, tmp_path):
     """Under JAX the gradient is jax.grad's: the same heatmaps as tf.GradientTape's."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
     pytest.importorskip("jax")
@@ -171,7 +171,7 @@ def test_jax_backend_gives_the_same_heatmaps(square_model, tmp_path):
     square_model.save(tmp_path / "m.keras")
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    p = subprocess.run([sys.executable, "-c", JAX_CAM, str(tmp_path / "m.keras"), str(tmp_path / "x.npy"),
+    p = forkserver.run([sys.executable, "-c", JAX_CAM, str(tmp_path / "m.keras"), str(tmp_path / "x.npy"),
                         str(tmp_path / "h.npy")], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     heat, _ = gradcam(square_model, x)

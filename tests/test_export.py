@@ -12,7 +12,6 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +28,7 @@ from kfine.export import ExportError, export_model, export_run, onnx_bytes
 from kfine.model import build_model
 from kfine.rundir import write_json
 from test_pipeline import _png_header_only
+import forkserver
 from conftest import eval_reference
 
 SIZE = (32, 32)
@@ -75,7 +75,7 @@ def _calibrate(model, x):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "kfine.export", *args], cwd=cwd,
+    return forkserver.run([sys.executable, "-m", "kfine.export", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
@@ -164,7 +164,7 @@ def exported(tmp_path_factory):
     (work / "child.py").write_text(CHILD)
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(work / "child.py"), str(work), str(run / "export")],
+    proc = forkserver.run([sys.executable, str(work / "child.py"), str(work), str(run / "export")],
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     child = json.loads((work / "out.json").read_text())

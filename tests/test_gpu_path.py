@@ -9,13 +9,13 @@ float32's loss trajectory within a stated tolerance."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import forkserver
 from conftest import make_folder
 from kfine.config import load_config
 from kfine.rundir import read_json
@@ -247,7 +247,7 @@ def test_jax_two_phase_run_interrupted_resumed_and_exported(tmp_path, precision)
     np.save(tmp_path / "x.npy", x)
     args = ["--config", str(tmp_path / "c.yaml"), *gpu_like(tmp_path, f"train.precision={precision}",
                                                            "train.jit_compile=auto")]
-    p = subprocess.run([sys.executable, "-c", INTERRUPT_RESUME_PREDICT, str(rd), str(tmp_path / "x.npy"),
+    p = forkserver.run([sys.executable, "-c", INTERRUPT_RESUME_PREDICT, str(rd), str(tmp_path / "x.npy"),
                         str(tmp_path / "p.npy"), *args], cwd=REPO, env={**os.environ, **JAX_ENV},
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

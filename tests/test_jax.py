@@ -6,13 +6,13 @@ model.keras afresh to predict. Skipped where jax is not installed."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import forkserver
 from conftest import make_folder
 from kfine.train import read_history
 
@@ -35,7 +35,7 @@ np.save(sys.argv[3], keras.ops.convert_to_numpy(kfine.model.probabilities(model,
 def _jax(args, **kw):
     env = {**os.environ, "KERAS_BACKEND": "jax", "KFINE_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
            "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, **kw)
+    p = forkserver.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, **kw)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 

@@ -2,7 +2,6 @@
 model's, the freeze spec's trainable parameters are the real ones, and nothing is trained or written."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 import keras
 
+import forkserver
 from kfine.config import FreezeConfig, ModelConfig, ScratchConfig, load_config
 from kfine.freeze import apply_freeze
 from kfine.layers import describe_model, layer_table
@@ -79,7 +79,7 @@ def test_cli_layers_with_a_strategy(capsys):
     rows = {l.split()[0]: l.split() for l in out.split("\n\n")[1].splitlines()[1:]}
     assert rows["conv4"][1] == "0" and rows["conv5"][2] == "0"     # conv4 frozen, conv5 trains
     # python -m kfine.model layers is kfine.layers' command line (one real process: a usage error)
-    bad = subprocess.run([sys.executable, "-m", "kfine.model", "layers", "--strategy", "nope", "--image-size", "32"],
+    bad = forkserver.run([sys.executable, "-m", "kfine.model", "layers", "--strategy", "nope", "--image-size", "32"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "nope" in bad.stderr
 

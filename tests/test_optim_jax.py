@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import forkserver
 
 pytest.importorskip("jax")
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ print("RESULT" + json.dumps(out))
 
 def test_optimizer_and_bn_modes_on_jax():
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=REPO)
+    p = forkserver.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.split("RESULT", 1)[1])
     # [frozen BN stats moved, frozen gamma moved, trained BN stats moved, trained gamma moved, frozen kernel moved]

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import forkserver
 from kfine import data, pipeline, sources
 from kfine.config import AugmentConfig, DataConfig
 
@@ -467,7 +468,6 @@ def test_two_processes_building_one_disk_cache_read_the_same_right_pixels(tmp_pa
     file: whichever loses the publish race maps the winner's pixels by the winner's index, so
     both keep the same files and read the right pixels for each."""
     import os
-    import subprocess
     import sys
     from conftest import make_folder
     root = make_folder(tmp_path / "d", "single", per_class=8)
@@ -477,7 +477,7 @@ def test_two_processes_building_one_disk_cache_read_the_same_right_pixels(tmp_pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                         os.environ.get("PYTHONPATH", "")])}
     a, b = tmp_path / "a", tmp_path / "b"
-    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(root), str(cache_dir), str(me), str(other),
+    procs = [forkserver.Popen([sys.executable, "-c", RACE_SCRIPT, str(root), str(cache_dir), str(me), str(other),
                                skip, str(tmp_path / f"{me.name}.npz")], env=env)
              for me, other, skip in ((a, b, "-"), (b, a, paths[1]))]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import forkserver
 from conftest import make_folder
 from kfine.config import ConfigError, load_config
 from kfine.train import read_history
@@ -310,7 +311,7 @@ def test_resume_after_sigkill_skips_finished_trials(tmp_path, capsys):
     cmd = [sys.executable, "-m", "kfine.tune", "--config", str(path)]
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = forkserver.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if ended_trials(sd):
@@ -326,7 +327,7 @@ def test_resume_after_sigkill_skips_finished_trials(tmp_path, capsys):
     assert kt_numbers and kt_numbers == [str(int(t) + 1) for t in started_trials(first)], first[-3000:]
     assert not (sd / "results.csv").exists()
 
-    second = subprocess.run([sys.executable, "-m", "kfine.tune", "--resume", str(sd)], cwd=REPO, env=env(),
+    second = forkserver.run([sys.executable, "-m", "kfine.tune", "--resume", str(sd)], cwd=REPO, env=env(),
                             capture_output=True, text=True, timeout=240)
     assert second.returncode == 0, second.stderr[-3000:]
     out = second.stdout
@@ -373,7 +374,7 @@ def test_distributed_chief_and_two_workers_share_one_search(tmp_path):
     for tid in ("chief", "tuner0", "tuner1"):
         log = open(tmp_path / f"{tid}.log", "w")
         args = [sys.executable, "-c", CHIEF, *cmd[3:]] if tid == "chief" else cmd
-        procs[tid] = (subprocess.Popen(args, cwd=REPO, env={**base, "KERASTUNER_TUNER_ID": tid},
+        procs[tid] = (forkserver.Popen(args, cwd=REPO, env={**base, "KERASTUNER_TUNER_ID": tid},
                                        stdout=log, stderr=subprocess.STDOUT), log)
     try:
         for tid, (proc, log) in procs.items():
