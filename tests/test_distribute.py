@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import forkserver
-from conftest import make_folder
+from conftest import XLA_FLAGS, make_folder
 from kfine.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -232,7 +232,7 @@ def _two_devices(tmp_path_factory, backend: str, batch: int) -> dict:
     tmp = tmp_path_factory.mktemp(backend)
     root = make_folder(tmp / "data", "sketch", per_class=8)            # 24 train, 6 val, 6 test images
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "KFINE_OFFLINE": "1"}
+           "XLA_FLAGS": f"{XLA_FLAGS} --xla_force_host_platform_device_count=2", "KFINE_OFFLINE": "1"}
     p = forkserver.run([sys.executable, "-c", TWO_DEVICES, backend, str(root), str(tmp / "runs"), str(batch)],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
@@ -331,7 +331,7 @@ def _launch(args, tmp_path, tag, extra_env=None):
         env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
                "KFINE_OFFLINE": "1", "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
                "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": str(i), **(extra_env or {})}
-        env.pop("XLA_FLAGS", None)
+        env["XLA_FLAGS"] = XLA_FLAGS   # one device each
         env = {k: v.replace("{i}", str(i)) for k, v in env.items()}
         log = open(tmp_path / f"{tag}{i}.log", "w")
         procs.append(forkserver.Popen([sys.executable, *[a.replace("{i}", str(i)) for a in args]], env=env,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import XLA_FLAGS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -24,8 +26,8 @@ def test_gpu_check_smoke_writes_every_figure(tmp_path):
     the JAX backend where jax is installed; the JSON holds a positive number for every figure and
     the backend/device it ran on; peak memory is null on a CPU; the Markdown table is printed."""
     out = tmp_path / "gpu_check.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
-    env.update(PYTHON=sys.executable, KFINE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env.update(PYTHON=sys.executable, KFINE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS)
     done = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--smoke", "--out", str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
