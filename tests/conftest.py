@@ -28,10 +28,10 @@ from PIL import Image
 # longest start first, so that the workers finish together instead of one running a long file
 # alone at the end (xdist would order the files by their number of tests). By each file's
 # measured test time, longest first; the files not listed follow in their usual order.
-SLOWEST_FIRST = ("test_distribute.py", "test_checkpoint.py", "test_gpu_path.py", "test_train.py",
-                 "test_model.py", "test_configs.py", "test_tools.py", "test_tune.py", "test_pipeline.py",
-                 "test_augment.py", "test_jax.py", "test_features.py", "test_data.py", "test_cli.py",
-                 "test_export.py")
+SLOWEST_FIRST = ("test_train.py", "test_checkpoint.py", "test_distribute.py", "test_configs.py",
+                 "test_gpu_path.py", "test_model.py", "test_tune.py", "test_tools.py", "test_augment.py",
+                 "test_pipeline.py", "test_features.py", "test_data.py", "test_cli.py", "test_jax.py",
+                 "test_lora.py", "test_freeze.py")
 
 
 def pytest_configure(config):

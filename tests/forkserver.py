@@ -12,9 +12,10 @@ signal that ended it). What the few real-process smokes check (start-up lines on
 installed wheel) stays with subprocess.
 
 One thing is fixed when the server starts and so keys it: the environment that Keras and JAX read
-at import (KERAS_BACKEND, JAX_*). XLA_FLAGS is read when JAX's runtime starts, in the child.
-TensorFlow's C++ log level is the server's (3: quiet). KFINE_TESTS_FORK=0 runs every
-command as a fresh process instead (subprocess itself), to tell the two apart when a test fails.
+at import (KERAS_BACKEND; JAX_* for the JAX backend). XLA_FLAGS is read when JAX's runtime
+starts, in the child. TensorFlow's C++ log level is the server's (3: quiet). KFINE_TESTS_FORK=0
+runs every command as a fresh process instead (subprocess itself), to tell the two apart when a
+test fails.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,25 +32,24 @@ import tempfile
 import time
 from pathlib import Path
 
+FORK = os.environ.get("KFINE_TESTS_FORK", "1") != "0"
 _SERVERS: dict[tuple, tuple[subprocess.Popen, str]] = {}
 
 
-FORK = os.environ.get("KFINE_TESTS_FORK", "1") != "0"
-
-
 def _key(env: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items()
-                        if k == "KERAS_BACKEND" or k.startswith("JAX_")))
+    backend = env.get("KERAS_BACKEND", "tensorflow")
+    return backend, tuple(sorted((k, v) for k, v in env.items() if backend == "jax" and k.startswith("JAX_")))
 
 
 def _server(env: dict) -> str:
+    """The socket of the server for this environment, started on first use."""
     key = _key(env)
     if key not in _SERVERS:
         folder = tempfile.mkdtemp(prefix="kfine-forkserver-")
         address = os.path.join(folder, "socket")
         with open(os.path.join(folder, "log"), "w") as log:   # TensorFlow's start-up lines
-            proc = subprocess.Popen([sys.executable, __file__, address], env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=folder,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, __file__, address], cwd=folder, stdin=subprocess.DEVNULL,
+                                    env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not os.path.exists(address + ".ready"):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -61,16 +62,9 @@ def _server(env: dict) -> str:
 
 @atexit.register
 def _stop_servers():
-    for proc, _ in _SERVERS.values():
+    for proc, address in _SERVERS.values():
         proc.kill()
-
-
-def _path(stream, tmp: str, name: str) -> str:
-    if stream is None:
-        return os.devnull
-    if stream in (subprocess.PIPE, subprocess.STDOUT):   # STDOUT: the caller shares stdout's file
-        return os.path.join(tmp, name)
-    return stream.name                                 # an open file: the child appends to it too
+        shutil.rmtree(os.path.dirname(address), ignore_errors=True)
 
 
 def Popen(args, **kw):
@@ -78,20 +72,19 @@ def Popen(args, **kw):
 
 
 class _Forked:
-    """subprocess.Popen's args, cwd, env, stdout (None, PIPE or an open file), stderr (the same, or
-    STDOUT) and start_new_session; pid, poll(), wait(timeout), send_signal(), kill(), returncode."""
+    """subprocess.Popen's args, cwd, env, stdout (None or an open file), stderr (None, an open file
+    or STDOUT) and start_new_session; pid, poll(), wait(timeout), send_signal(), kill(), returncode."""
 
     def __init__(self, args, *, cwd=None, env=None, stdout=None, stderr=None, start_new_session=False):
         assert args[0] == sys.executable, args
         self.args, self.returncode, self._buffer = list(args), None, b""
         env = dict(os.environ if env is None else env)
-        tmp = tempfile.mkdtemp(prefix="kfine-forked-")
-        self.stdout_path = _path(stdout, tmp, "stdout")
-        self.stderr_path = self.stdout_path if stderr == subprocess.STDOUT else _path(stderr, tmp, "stderr")
+        out = stdout.name if stdout is not None else os.devnull     # the child appends to the same file
+        err = out if stderr == subprocess.STDOUT else stderr.name if stderr is not None else os.devnull
         self._conn = socket.socket(socket.AF_UNIX)
         self._conn.connect(_server(env))
-        request = {"argv": self.args[1:], "cwd": str(cwd or os.getcwd()), "env": env, "stdout": self.stdout_path,
-                   "stderr": self.stderr_path, "session": start_new_session}
+        request = {"argv": self.args[1:], "cwd": str(cwd or os.getcwd()), "env": env, "stdout": out, "stderr": err,
+                   "session": start_new_session}
         self._conn.sendall(json.dumps(request).encode() + b"\n")
         self.pid = int(self._line(None))
 
@@ -137,15 +130,19 @@ def run(args, *, cwd=None, env=None, capture_output=False, text=False, timeout=N
     if not FORK:
         return subprocess.run(args, cwd=cwd, env=env, capture_output=capture_output, text=text, timeout=timeout,
                               check=check)
-    pipe = subprocess.PIPE if capture_output else None
-    proc = _Forked(args, cwd=cwd, env=env, stdout=pipe, stderr=pipe)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    outs = [Path(p).read_bytes() if capture_output else None for p in (proc.stdout_path, proc.stderr_path)]
+    with tempfile.TemporaryDirectory(prefix="kfine-forked-") as tmp:
+        files = [open(os.path.join(tmp, name), "w+b") if capture_output else None for name in ("stdout", "stderr")]
+        proc = _Forked(args, cwd=cwd, env=env, stdout=files[0], stderr=files[1])
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        outs = [f.read() if f else None for f in files]
+        for f in files:
+            if f:
+                f.close()
     if text and capture_output:
         outs = [o.decode(errors="replace") for o in outs]
     done = subprocess.CompletedProcess(args, proc.returncode, *outs)
@@ -160,6 +157,7 @@ def _child(request: dict):
     import atexit as exits
     import random
     import runpy
+    import threading
     import traceback
     status = 1
     try:
@@ -168,11 +166,11 @@ def _child(request: dict):
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        err = out if request["stderr"] == request["stdout"] else os.open(request["stderr"],
-                                                                          os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        for fd, to in ((null, 0), (out, 1), (err, 2)):
+        def append(path):
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        out = append(request["stdout"])
+        err = out if request["stderr"] == request["stdout"] else append(request["stderr"])
+        for fd, to in ((os.open(os.devnull, os.O_RDONLY), 0), (out, 1), (err, 2)):
             os.dup2(fd, to)
         random.seed()                       # a fresh process's randomness, not the server's
         import numpy as np
@@ -198,8 +196,9 @@ def _child(request: dict):
             print(e.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
-    try:
-        exits._run_exitfuncs()              # kfine's exit_main ends the process from here
+    try:                                    # what an interpreter's exit does: join the threads,
+        threading._shutdown()               # run the atexit handlers (kfine's exit_main ends the
+        exits._run_exitfuncs()              # process from there), flush
         sys.stdout.flush()
         sys.stderr.flush()
     finally:

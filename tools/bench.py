@@ -858,4 +858,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kfine.cli import exit_main
+    exit_main(main)   # without Python's seconds-long teardown of TensorFlow's modules
