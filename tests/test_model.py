@@ -158,35 +158,32 @@ def test_dry_run_sizes_the_head_from_the_class_folders(tmp_path, monkeypatch, ca
 
 # ----------------------------------------------------------------------------- stages
 # One variant per keras.applications family (its smallest) is built in the default run; every other
-# registered backbone in the slow run. Each model is built once per module, at its minimum size.
+# registered backbone in the slow run. Each model is built for its test, at its minimum size.
 SMALLEST = ["convnext_tiny", "densenet121", "efficientnetb0", "efficientnetv2_b0", "inception_resnet_v2",
             "inception_v3", "mobilenet", "mobilenetv2", "mobilenet_v3_small", "nasnet_mobile", "resnet50",
             "resnet50v2", "vgg16", "vgg19", "xception", "scratch_cnn", "toy_resnet"]
 OTHERS = sorted(set(BACKBONES) - set(SMALLEST))
 
 
-@pytest.fixture(scope="module")
-def all_backbones():
-    """Registered backbones, each built on first use (weights=None, its minimum size >= 32 px).
-    ``structure_only``: built in a keras.StatelessScope that never runs the variables' initialisers
-    (EfficientNetV2L builds in 2 s instead of 8.5): layers and their variables, no values, for the
-    tests that read the structure only."""
-    import contextlib
+def backbone(name, structure_only=False):
+    """A registered backbone's model (weights=None, its minimum size >= 32 px), built for the one
+    test that reads it. ``structure_only``: built in a keras.StatelessScope that never runs the
+    variables' initialisers (EfficientNetV2L builds in 2 s instead of 8.5): layers and their
+    variables, no values, for the tests that read the structure only. Keras keeps such variables
+    in a global list that the next StatelessScope to close initialises (any later model build in
+    the worker: 30 s for this module's ~55 models); the list is emptied here."""
     import keras
+    from keras.src.backend.common import global_state
     from kfine.config import ScratchConfig
     from kfine.registry import min_input_size
-    built = {}
-
-    def get(name, structure_only=False):
-        if (name, structure_only) not in built:
-            size = max(32, min_input_size(name))
-            cfg = ModelConfig(backbone=name, weights=None,
-                              scratch=ScratchConfig(filters=(4, 4, 8, 8, 8), batchnorm=True))
-            with keras.StatelessScope(initialize_variables=False) if structure_only else contextlib.nullcontext():
-                built[name, structure_only] = build_model(cfg, 3, (size, size))
-        return built[name, structure_only]
-    yield get
-    built.clear()
+    size = max(32, min_input_size(name))
+    cfg = ModelConfig(backbone=name, weights=None, scratch=ScratchConfig(filters=(4, 4, 8, 8, 8), batchnorm=True))
+    if not structure_only:
+        return build_model(cfg, 3, (size, size))
+    with keras.StatelessScope(initialize_variables=False):
+        model = build_model(cfg, 3, (size, size))
+    global_state.set_global_attribute("uninitialized_variables", [])
+    return model
 
 
 _KERAS_MODULE = {"ConvNeXt": "convnext", "DenseNet": "densenet", "EfficientNetV2": "efficientnet_v2",
@@ -245,14 +242,14 @@ def check_stages(model, name):
 
 
 @pytest.mark.parametrize("name", SMALLEST)
-def test_every_layer_belongs_to_a_real_stage_in_order(all_backbones, name):
-    check_stages(all_backbones(name), name)
+def test_every_layer_belongs_to_a_real_stage_in_order(name):
+    check_stages(backbone(name), name)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OTHERS)
-def test_every_layer_of_every_variant_belongs_to_a_real_stage(all_backbones, name):
-    check_stages(all_backbones(name, structure_only=True), name)
+def test_every_layer_of_every_variant_belongs_to_a_real_stage(name):
+    check_stages(backbone(name, structure_only=True), name)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in BACKBONES if BACKBONES[n]["app"]))
@@ -267,12 +264,12 @@ def test_preprocessing_is_keras_own_for_every_backbone(name):
     np.testing.assert_allclose(ours, np.asarray(ref_fn(x.copy())), atol=1e-4)
 
 
-def test_resnet50v2_post_bn_is_in_conv5_and_gets_its_multiplier(all_backbones):
+def test_resnet50v2_post_bn_is_in_conv5_and_gets_its_multiplier():
     from kfine.config import FreezeConfig
     from kfine.freeze import apply_freeze
     from kfine.model import layer_stages
     from kfine.optim import variable_multipliers
-    model = all_backbones("resnet50v2")
+    model = backbone("resnet50v2")
     bb = get_backbone(model)
     assert layer_stages(bb, "resnet50v2")["post_bn"] == "conv5"
     apply_freeze(model, "resnet50v2", FreezeConfig("stages", trainable_from="conv5"))
