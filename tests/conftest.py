@@ -39,8 +39,9 @@ def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):   # pytest-xdist: keep the order below
         config.option.loadscopereorder = False
     # The suite's JAX processes (tests and the runs they start) share XLA's compiled programs
-    # through JAX's persistent cache, for this session only: a toy_resnet built on JAX compiles
-    # its initialisers alone for about 10 s on this CPU, the same programs in every process. Set
+    # through JAX's persistent cache, for this test run only: a toy_resnet built on JAX compiles
+    # one program per initialiser and shape (10 s at LLVM -O3 on this CPU, 3 s at -O0), the same
+    # programs wherever the same model is built. Set
     # in the controller before xdist starts its workers, which inherit it; the size limit turns
     # on the cache's file lock (two workers read and write it at once).
     if not hasattr(config, "workerinput") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
